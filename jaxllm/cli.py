@@ -1,0 +1,141 @@
+"""The `jaxllm` command: train | generate | data.
+
+Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import Sequence
+
+from jaxllm.config import GenerateConfig, JaxllmError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="jaxllm: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except JaxllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxllm", description="Train, adapt and serve LLMs with JAX.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a YAML config (resumes when run_dir has checkpoints)")
+    t.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 run_dir=runs/x")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a trained run or checkpoint")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="a run directory (its newest checkpoint is used)")
+    src.add_argument("--checkpoint", help="a checkpoint directory: run_dir/checkpoints/STEP")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    g.add_argument("--prompts-file", help="a text file with one prompt per line")
+    defaults = GenerateConfig()
+    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(required=True, metavar="TOOL")
+    tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
+    tt.add_argument("--input", action="append", required=True,
+                    help="a source: file, glob, builtin:kjv, hf:NAME ...; repeat for several")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tt.set_defaults(func=cmd_train_tokenizer)
+    return p
+
+
+def cmd_train(args) -> int:
+    from jaxllm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    import jax
+
+    from jaxllm.infer.generate import generate_text
+    from jaxllm.train.loop import Trainer
+
+    log = logging.getLogger("jaxllm")
+    log.info("devices: %d x %s; run_dir: %s", jax.device_count(), jax.devices()[0].platform, cfg.run_dir)
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    losses = summary["losses"]
+    if losses:
+        first, last = min(losses), max(losses)
+        log.info("steps %d -> %d; loss %.3f (step %d) -> %.3f (step %d)",
+                 summary["start_step"], summary["end_step"], losses[first], first, losses[last], last)
+    if "eval_loss" in summary:
+        log.info("held-out loss %.3f", summary["eval_loss"])
+    if summary["stopped_early"]:
+        log.info("stopped at step %d; run the same command again to resume", summary["end_step"])
+        return 0
+    if cfg.train.sample_prompt and jax.process_index() == 0:
+        gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens)
+        (text,) = generate_text(trainer.graphdef, trainer.state.params, cfg.model, trainer.tokenizer,
+                                [cfg.train.sample_prompt], gen, add_bos=cfg.data.add_bos)
+        print(f"\nsample> {cfg.train.sample_prompt}{text}\n")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jaxllm.infer.generate import generate_text
+    from jaxllm.infer.load import load_model
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise JaxllmError(f"--prompts-file {args.prompts_file} does not exist")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise JaxllmError("give at least one --prompt or a --prompts-file")
+    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    from jaxllm.config import validate, Config
+    validate(dataclasses.replace(Config(), generate=gen))
+    loaded = load_model(args.run_dir or args.checkpoint)
+    texts = generate_text(loaded.graphdef, loaded.params, loaded.config.model, loaded.tokenizer, prompts, gen,
+                          add_bos=loaded.config.data.add_bos)
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}")
+        if len(prompts) > 1:
+            print("---")
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from jaxllm.config import SourceConfig
+    from jaxllm.data.tokenizer import train_sentencepiece
+
+    sources = [SourceConfig(path=p, text_field=args.text_field) for p in args.input]
+    path = train_sentencepiece(sources, args.output, vocab_size=args.vocab_size, model_type=args.model_type)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

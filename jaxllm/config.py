@@ -1,0 +1,415 @@
+"""Typed configuration: dataclasses are the schema, YAML files are instances, `a.b.c=value` overrides.
+
+Validation happens once, at load. Every error is a `ConfigError` whose message names the key, what was
+wrong, and the fix (the closest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class JaxllmError(Exception):
+    """An error a user can act on; the CLI prints its message on one line, without a traceback."""
+
+
+class ConfigError(JaxllmError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `type: llama3` is Llama-3.1's; `linear` divides positions by `factor`."""
+
+    type: Literal["linear", "llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One decoder for the LLaMA/Mistral/Qwen2/GPT-2 families; switches pick the family's parts.
+
+    Frozen (hashable): modules keep it as static data."""
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # None = num_heads (MHA); 1 = MQA; else GQA
+    head_dim: Optional[int] = None  # None = d_model // num_heads
+    mlp_dim: int = 1408
+    max_seq_len: int = 2048
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    positions: Literal["rope", "learned", "none"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    sliding_window: Optional[int] = None  # attend to at most this many previous tokens (incl. self)
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2, GPT-2)
+    output_bias: bool = False  # bias on the attention output and MLP projections (GPT-2)
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True
+    remat: Literal["none", "dots", "dots_with_no_batch_dims", "full"] = "none"
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh. Sizes multiply to the device count; one size may be -1 for "the rest"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Extra or replacement logical-axis rules: [[logical_name, mesh_axis or [axes] or null], ...].
+    rules: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
+class SourceConfig:
+    """One data source. `path`: a file, a glob, a comma-separated list of them, `builtin:NAME`
+    (a corpus shipped with jaxllm), `hf:NAME_OR_DIR` (Hugging Face datasets, streamed) or
+    `tfds:NAME` (TensorFlow Datasets data source)."""
+
+    path: str = "builtin:kjv"
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "tfds"] = "auto"
+    text_field: str = "text"
+    split: str = "train"
+    weight: float = 1.0
+    # For plain text files: what counts as one document.
+    text_unit: Literal["file", "paragraph", "line"] = "paragraph"
+    hf_config: Optional[str] = None  # the `name` argument of datasets.load_dataset
+    data_dir: Optional[str] = None  # TFDS data_dir
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seq_len: int = 256
+    shuffle_window: int = 1024  # documents shuffled within windows of this many; 0 = no shuffle
+    seed: int = 0
+    add_bos: bool = True
+    add_eos: bool = True
+    on_bad_record: Literal["skip", "error"] = "skip"
+    prefetch: int = 4  # batches prepared ahead by a background thread; 0 = none
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss and perplexity, logged as eval_loss / eval_ppl."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # empty = no evaluation
+    every: int = 0  # steps between evaluations; 0 = only at the end of training
+    batches: int = 0  # batches per evaluation; 0 = the whole held-out set once
+
+
+@dataclass
+class TokenizerConfig:
+    # A SentencePiece .model file, a Hugging Face tokenizer directory, or `builtin:NAME`.
+    path: str = "builtin:kjv-sp4k"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 1.0  # global-norm clipping; null = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    log_every: int = 10
+    seed: int = 0
+    z_loss: float = 0.0  # weight of log(Z)^2 regulariser on the softmax normaliser
+    sample_prompt: Optional[str] = "And God said"  # printed sample at the end of training; null = none
+    sample_tokens: int = 40
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps between saves; a final save always happens
+    keep: int = 3  # newest checkpoints kept
+    keep_every: Optional[int] = None  # also keep every checkpoint whose step divides by this
+    async_save: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML file (or the defaults when `path` is None), applies `a.b=value` overrides, validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, found {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Applies one `a.b.c=value` override to the raw nested dict (lists indexed by number: `a.0.b=v`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.steps=100)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            continue
+        child = node.get(part)
+        if child is None:
+            child = [] if parts[i + 1].isdigit() else {}
+            node[part] = child
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else -1
+        if idx == len(node):
+            node.append(value)
+        else:
+            _list_item(node, last, key)
+            node[idx] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    if not part.isdigit():
+        raise ConfigError(f"override key {where}: {part!r} indexes a list, use a number (e.g. data.sources.0.path)")
+    idx = int(part)
+    while len(node) <= idx:
+        node.append({})
+    return node[idx]
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, checking keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            full = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        full = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_describe(value)}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {_describe(value)}")
+    raise TypeError(f"unsupported config type {tp} at {where}")  # a schema bug, not a user error
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuilds a Config saved with `dump_yaml` (e.g. from a run directory or checkpoint)."""
+    cfg = from_dict(Config, yaml.safe_load(text))
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def validate(cfg: Config) -> None:
+    """Checks that do not need devices. Mesh/batch divisibility is checked in `sharding.make_mesh`."""
+    m = cfg.model
+    _positive(m, "model", ["vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"])
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads} "
+            "(each key/value head serves a whole group of query heads)"
+        )
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} does not divide by model.num_heads={m.num_heads}; "
+            "change one of them or set model.head_dim explicitly"
+        )
+    if m.positions == "rope" and m.dim_per_head % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got {m.dim_per_head}; change model.head_dim")
+    if m.sliding_window is not None and m.sliding_window < 1:
+        raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
+    d, t = cfg.data, cfg.train
+    _positive(d, "data", ["seq_len"])
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if not d.sources:
+        raise ConfigError("data.sources is empty; list at least one source (e.g. path: builtin:kjv)")
+    for i, s in enumerate(d.sources):
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources.{i}.weight must be > 0, got {s.weight}")
+    for key in ("shuffle_window", "prefetch"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
+    _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not divide into train.grad_accum={t.grad_accum} "
+            "micro-batches; pick a batch size that is a multiple of grad_accum"
+        )
+    _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
+    if cfg.eval.every < 0 or cfg.eval.batches < 0:
+        raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)}: each must be >= 1, and at most one -1")
+    g = cfg.generate
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+def _positive(section: Any, name: str, keys: list[str]) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if value < 1:
+            raise ConfigError(f"{name}.{key} must be >= 1, got {value}")

@@ -1,0 +1,184 @@
+"""The training data pipeline: documents -> shuffled -> tokens -> packed rows -> batches, resumable exactly.
+
+    sources (mixed by weight) -> window shuffle -> tokenize (+BOS/EOS; inputs = t[:-1], targets = t[1:])
+    -> pack into rows of seq_len (ConcatThenSplit: long documents continue on the next row)
+    -> batch -> background prefetch
+
+Targets are shifted inside each document before packing, so no target ever crosses into another
+document; packing is then free to place documents side by side. Each batch is a dict of numpy arrays
+shaped [batch_size, seq_len]: inputs, targets, segment_ids (1, 2, ... per document in the row,
+0 = padding), positions (0, 1, ... within each segment, also for the part of a document continued
+from the previous row) int32, and loss_mask float32 (1 on real targets, 0 on padding).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import weakref
+from typing import Any, Optional
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset, WindowShuffleIterDataset
+
+from jaxllm.config import DataConfig, JaxllmError
+from jaxllm.data.sources import make_source
+from jaxllm.data.tokenizer import Tokenizer
+
+_STATE_VERSION = 1
+_OPEN_PIPELINES: weakref.WeakSet = weakref.WeakSet()
+
+
+class Pipeline:
+    """An iterator of batches with `get_state()` / `set_state()`; see `make_pipeline`."""
+
+    def __init__(self, dataset: grain.IterDataset, layout: dict[str, Any]):
+        self._iterator = iter(dataset)
+        self._layout = layout
+        _OPEN_PIPELINES.add(self)
+
+    def __iter__(self) -> Pipeline:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise JaxllmError("this data pipeline was closed; make a new one with make_pipeline")
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `set_state` of it makes the next batch the one that followed here."""
+        state = {"version": _STATE_VERSION, "layout": self._layout, "iterator": self._iterator.get_state()}
+        # A JSON round trip gives exactly what a checkpoint will hand back (lists for tuples), and a copy.
+        return json.loads(json.dumps(state))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise JaxllmError(
+                f"data state version {state.get('version')} is not {_STATE_VERSION}: another jaxllm saved it; "
+                "resume with that version, or start the data afresh without its state"
+            )
+        saved, now = state["layout"], self._layout
+        for key in ("sources", "process_index", "process_count"):
+            if saved[key] != now[key]:
+                raise JaxllmError(
+                    f"the data state was saved with {key}={saved[key]}, but this run has {key}={now[key]}; "
+                    "resume with the same data.sources and process count, or start the data afresh without its state"
+                )
+        self._iterator.set_state(_restore_tuples(state["iterator"]))
+
+    def close(self) -> None:
+        """Stops the prefetch thread; the pipeline cannot be used afterwards."""
+        if self._iterator is not None:
+            self._iterator.close()
+            # Dropped now, while Python is whole: grain's prefetch iterator closes again when deleted.
+            self._iterator = None
+        _OPEN_PIPELINES.discard(self)
+
+
+@atexit.register
+def _close_open_pipelines() -> None:
+    # A prefetch thread still inside the tokenizer's C++ code when Python finalises aborts the
+    # process ("terminate called without an active exception"); stop the threads first.
+    for pipeline in list(_OPEN_PIPELINES):
+        pipeline.close()
+
+
+def make_pipeline(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: Optional[int] = None,
+) -> Pipeline:
+    """Batches for this process: dict of [batch_size, seq_len] arrays (see the module docstring).
+
+    `batch_size` is this process's share of the global batch. `num_epochs=None` repeats the sources
+    forever; with a number (e.g. 1 for evaluation) iteration stops when the first source is used up,
+    and the last batch is padded with rows of segment 0.
+    """
+    if batch_size < 1:
+        raise JaxllmError(f"batch_size must be >= 1, got {batch_size}")
+    for flag, token_id in (("add_bos", tokenizer.bos_id), ("add_eos", tokenizer.eos_id)):
+        if getattr(cfg, flag) and token_id is None:
+            raise JaxllmError(
+                f"data.{flag} is true but the tokenizer has no {flag[4:].upper()} token; set data.{flag}=false"
+            )
+    sources = [
+        make_source(
+            source,
+            seed=int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]),
+            on_bad_record=cfg.on_bad_record,
+            process_index=process_index,
+            process_count=process_count,
+            num_epochs=num_epochs,
+        )
+        for i, source in enumerate(cfg.sources)
+    ]
+    ds = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, [s.weight for s in cfg.sources])
+    if cfg.shuffle_window > 0:
+        ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
+    ds = ds.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
+    ds = ds.map(_finish_row).batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
+    if cfg.prefetch > 0:
+        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    layout = {
+        "sources": [s.path for s in cfg.sources],
+        "process_index": process_index,
+        "process_count": process_count,
+        "seq_len": cfg.seq_len,
+        "batch_size": batch_size,
+    }
+    return Pipeline(ds, layout)
+
+
+class _Tokenize:
+    """{"text"} -> {"inputs": t[:-1], "targets": t[1:]} (int32), t = [BOS] + tokens + [EOS] as configured."""
+
+    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+        self._encode = tokenizer.encode
+        self._bos = [tokenizer.bos_id] if add_bos else []
+        self._eos = [tokenizer.eos_id] if add_eos else []
+
+    def __call__(self, doc: dict[str, str]) -> dict[str, np.ndarray]:
+        tokens = np.asarray(self._bos + self._encode(doc["text"]) + self._eos, dtype=np.int32)
+        return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed row (grain's names) -> our batch fields, each [seq_len]."""
+    segment_ids = packed["inputs_segment_ids"]
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "segment_ids": segment_ids,
+        "positions": packed["inputs_positions"],
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+class _Pad:
+    """Pads a short last batch (finite epochs only) with all-zero rows: segment 0, loss_mask 0."""
+
+    def __init__(self, batch_size: int):
+        self._batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = self._batch_size - len(batch["inputs"])
+        if missing == 0:
+            return batch
+        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def _restore_tuples(state: Any) -> Any:
+    """Undoes JSON's tuple -> list for grain's packing state, whose slices are compared with tuples."""
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _restore_tuples(v)
+            for k, v in state.items()
+        }
+    if isinstance(state, list):
+        return [_restore_tuples(v) for v in state]
+    return state

@@ -1,0 +1,253 @@
+"""Document sources: each yields `{"text": str}` for this process only, forever (epoch after epoch).
+
+A source is a grain `IterDataset` whose iterator has small, JSON-serialisable `get_state()` /
+`set_state()` that resume at exactly the next document: (epoch, file, byte offset or row) for
+files, the `datasets` state dict for `hf:`, an index for `tfds:`.
+
+Per-process sharding (no document ever reaches two processes):
+- files, when there are at least `process_count` of them: process i reads files i, i+P, ...;
+- otherwise every process reads every file and keeps the records r (counted over the epoch, bad
+  ones included, so every process counts alike) with r % P == i.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import grain
+import numpy as np
+
+from jaxllm.config import JaxllmError, SourceConfig
+from jaxllm.data import ASSETS, readers
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_CORPORA = {"kjv": "kjv.jsonl.gz", "kjv-valid": "kjv-valid.jsonl.gz"}
+_WARN_FIRST = 10  # bad records logged one by one; after that one line every _WARN_EVERY
+_WARN_EVERY = 1000
+
+
+def make_source(
+    cfg: SourceConfig,
+    *,
+    seed: int = 0,
+    on_bad_record: str = "skip",
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: Optional[int] = None,
+) -> grain.IterDataset:
+    """A grain IterDataset of `{"text": str}` documents of `cfg` for process `process_index` of `process_count`.
+
+    `seed` shuffles the file order of each epoch; `num_epochs=None` repeats forever.
+    """
+    if not 0 <= process_index < process_count:
+        raise JaxllmError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    if on_bad_record not in ("skip", "error"):
+        raise JaxllmError(f"on_bad_record must be skip or error, got {on_bad_record!r}")
+    bad = BadRecordPolicy(on_bad_record)
+    kind, _, rest = cfg.path.partition(":")
+    common = dict(name=cfg.path, process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+    if cfg.format in ("hf", "tfds") or kind in ("hf", "tfds"):
+        from jaxllm.data import hub_sources
+
+        make = hub_sources.HFIterator if (cfg.format == "hf" or kind == "hf") else hub_sources.TfdsIterator
+        target = rest if kind in ("hf", "tfds") else cfg.path
+        return _Source(lambda: make(target, cfg, bad=bad, seed=seed, **common))
+    if kind == "builtin":
+        files, fmt = [str(builtin_path(rest))], "jsonl"
+    else:
+        files = expand_paths(cfg.path)
+        fmt = cfg.format
+    formats = {path: readers.file_format(path, fmt) for path in files}
+    return _Source(lambda: FilesIterator(files, formats, cfg, bad=bad, seed=seed, **common))
+
+
+def builtin_path(name: str) -> Path:
+    """The file of corpus `builtin:NAME` shipped in jaxllm/assets."""
+    if name not in BUILTIN_CORPORA:
+        raise JaxllmError(f"unknown corpus builtin:{name}; the built-in corpora are {', '.join(BUILTIN_CORPORA)}")
+    return ASSETS / BUILTIN_CORPORA[name]
+
+
+def expand_paths(path: str) -> list[str]:
+    """Files named by a file, a glob, or a comma-separated list of them: sorted, without repeats."""
+    found: set[str] = set()
+    for part in (p.strip() for p in path.split(",")):
+        if not part:
+            continue
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            raise JaxllmError(f"data source {part!r} is a directory; name its files, e.g. {part.rstrip('/')}/*.jsonl")
+        matches = [m for m in glob.glob(part, recursive=True) if os.path.isfile(m)]
+        if not matches:
+            raise JaxllmError(
+                f"data source path {part!r} matches no files" + (f" (in {path!r})" if part != path else "")
+                + "; check the path or glob, or use builtin:kjv"
+            )
+        found.update(matches)
+    if not found:
+        raise JaxllmError(f"data source path {path!r} names no files")
+    return sorted(found)
+
+
+class BadRecordPolicy:
+    """Skips a bad record with a rate-limited warning, or raises an error naming file and line."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.count = 0
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.policy == "error":
+            raise JaxllmError(f"{where}: {problem}; fix it or set data.on_bad_record=skip")
+        self.count += 1
+        if self.count <= _WARN_FIRST:
+            more = " (further bad records are counted, not listed)" if self.count == _WARN_FIRST else ""
+            logger.warning("skipping %s: %s%s", where, problem, more)
+        elif self.count % _WARN_EVERY == 0:
+            logger.warning("skipped %d bad records so far; the latest: %s: %s", self.count, where, problem)
+
+
+class _Source(grain.IterDataset):
+    """An IterDataset whose iterator comes from a factory (sources are leaves: no parents)."""
+
+    def __init__(self, make_iterator: Callable[[], grain.DatasetIterator]):
+        super().__init__()
+        self._make_iterator = make_iterator
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return self._make_iterator()
+
+    def __str__(self) -> str:
+        return "jaxllm.Source"
+
+
+class EpochIterator(grain.DatasetIterator):
+    """Repeats a one-pass reader epoch after epoch; fails loudly when a whole pass yields nothing.
+
+    Subclasses implement `_read()` (next document or None at the end of the epoch), `_restart()`
+    (go to the start of epoch `self.epoch`), `_position()` and `_seek(position)`.
+    """
+
+    def __init__(self, name: str, process_index: int, process_count: int, num_epochs: Optional[int]):
+        super().__init__()
+        self.name, self.process_index, self.process_count = name, process_index, process_count
+        self._num_epochs = num_epochs
+        self.epoch = 0
+        self._yielded = False  # any document in this epoch yet? (an all-bad source must not loop forever)
+
+    def __next__(self) -> dict[str, str]:
+        while self._num_epochs is None or self.epoch < self._num_epochs:
+            doc = self._read()
+            if doc is not None:
+                self._yielded = True
+                return doc
+            if not self._yielded:
+                shard = f" for process {self.process_index} of {self.process_count}" if self.process_count > 1 else ""
+                others = ", or another process's" if self.process_count > 1 else ""
+                raise JaxllmError(
+                    f"data source {self.name} yielded no documents in a whole pass{shard}: every record was empty "
+                    f"or bad (see the warnings above){others}; check the path, format and text_field"
+                )
+            self.epoch, self._yielded = self.epoch + 1, False
+            self._restart()
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "yielded": self._yielded, **self._position()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self._yielded = state["epoch"], state["yielded"]
+        self._seek(state)
+
+    def _read(self) -> Optional[dict[str, str]]:
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        raise NotImplementedError
+
+    def _position(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _seek(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class FilesIterator(EpochIterator):
+    """Documents of local files, file after file, in an order shuffled per epoch."""
+
+    def __init__(self, files: list[str], formats: dict[str, str], cfg: SourceConfig, *, bad: BadRecordPolicy,
+                 seed: int, name: str, process_index: int, process_count: int, num_epochs: Optional[int]):  # fmt: skip
+        super().__init__(name, process_index, process_count, num_epochs)
+        self._by_record = len(files) < process_count  # too few files to shard by file: shard by record
+        self._files = files if self._by_record else files[process_index::process_count]
+        self._formats, self._cfg, self._bad, self._seed = formats, cfg, bad, seed
+        self._restart()
+
+    def _restart(self) -> None:
+        self._close()
+        rng = np.random.default_rng([self._seed, self.epoch])
+        self._order = rng.permutation(len(self._files)).tolist()
+        self._file = 0  # index into this epoch's order
+        self._record = 0  # records seen this epoch (sharding by record)
+        self._reader: Any = None
+        self._resume: Optional[dict] = None  # where the next opened reader starts
+
+    def _read(self) -> Optional[dict[str, str]]:
+        while self._file < len(self._files):
+            path = self._files[self._order[self._file]]
+            fmt = self._formats[path]
+            if self._reader is None:
+                try:
+                    self._reader = readers.open_reader(
+                        path, fmt, self._cfg.text_unit, self._cfg.text_field, self._resume
+                    )
+                except readers.BadRecord as e:
+                    self._bad(path, e.problem)
+                    self._file, self._resume = self._file + 1, None
+                    continue
+                except OSError as e:
+                    problem = f"cannot open ({e.strerror or e}); check that it exists and is readable"
+                    raise JaxllmError(f"{path}: {problem}") from None
+            try:
+                record = self._reader.read()
+            except readers.BadRecord as e:  # the rest of the file is unreadable: go on with the next file
+                self._bad(self._reader.locate(e.number), e.problem)
+                record = None
+            if record is None:
+                self._close()
+                self._file += 1
+                continue
+            number, raw = record
+            self._record += 1
+            if self._by_record and (self._record - 1) % self.process_count != self.process_index:
+                continue
+            try:
+                text = readers.parse_record(raw, fmt, self._cfg.text_field, number)
+            except readers.BadRecord as e:
+                self._bad(self._reader.locate(e.number), e.problem)
+                continue
+            if text:
+                return {"text": text}
+        return None
+
+    def _close(self) -> None:
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
+        self._reader, self._resume = None, None
+
+    def _position(self) -> dict[str, Any]:
+        position = self._reader.position if self._reader is not None else self._resume
+        return {"file": self._file, "position": position, "record": self._record}
+
+    def _seek(self, state: dict[str, Any]) -> None:
+        self._restart()  # the order of state["epoch"]
+        self._file, self._record, self._resume = state["file"], state["record"], state["position"]
+
+    def close(self) -> None:
+        self._close()
+        super().close()

@@ -1,0 +1,264 @@
+"""Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json` directories, behind one small class.
+
+`encode` never adds special tokens: the pipeline adds BOS/EOS itself (data.add_bos / data.add_eos),
+so a tokenizer.json whose post-processor would prepend BOS cannot double it. `decode` drops special
+tokens. Ids absent from a tokenizer are None (`bos_id`, `eos_id`); `pad_id` is always an int: the
+tokenizer's pad token, else EOS, else 0 (padded positions are masked out of the loss, so any valid id
+is safe there).
+
+`files()` returns the files that rebuild a tokenizer (`tokenizer.model`, or `tokenizer.json` plus its
+config files) so it can travel inside a checkpoint; `load_tokenizer_from_files` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import sentencepiece as spm
+
+from jaxllm.config import JaxllmError, SourceConfig
+from jaxllm.data import ASSETS
+
+BUILTIN_TOKENIZERS = {"kjv-sp4k": "kjv-sp4k.model"}
+_HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class Tokenizer:
+    """What the rest of jaxllm uses of a tokenizer; see the module docstring for special-token rules."""
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    vocab_size: int
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+
+    @property
+    def pad_id(self) -> int:
+        pad = self._pad_id()
+        return pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def _pad_id(self) -> Optional[int]:
+        return None
+
+    def files(self) -> dict[str, bytes]:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        self.name = name
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_proto)
+        except (RuntimeError, OSError) as e:
+            raise JaxllmError(f"{name} is not a SentencePiece model ({e}); expected a .model file") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=min(4, os.cpu_count() or 1))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return _id_or_none(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return _id_or_none(self._sp.eos_id())
+
+    def _pad_id(self) -> Optional[int]:
+        return _id_or_none(self._sp.pad_id())
+
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self._proto}
+
+
+def _id_or_none(i: int) -> Optional[int]:
+    return i if i >= 0 else None  # SentencePiece says -1 for "no such token"
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus the bos/eos/pad tokens named in tokenizer_config.json or
+    special_tokens_map.json (the latter wins, as in transformers)."""
+
+    def __init__(self, files: dict[str, bytes], name: str = "tokenizer.json"):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.name = name
+        self._files = files
+        try:
+            self._tok = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise JaxllmError(f"{name}: not a Hugging Face tokenizer.json ({e})") from None
+        special: dict[str, object] = {}
+        for config_name in _HF_CONFIG_FILES:
+            if config_name in files:
+                try:
+                    special.update(json.loads(files[config_name]))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise JaxllmError(f"{name}: {config_name} is not valid JSON ({e})") from None
+        self._special = {key: self._token_id(special.get(f"{key}_token")) for key in ("bos", "eos", "pad")}
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+
+    def _token_id(self, token: object) -> Optional[int]:
+        if isinstance(token, dict):  # a serialised AddedToken: {"content": "<s>", ...}
+            token = token.get("content")
+        return self._tok.token_to_id(token) if isinstance(token, str) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self._special["bos"]
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return self._special["eos"]
+
+    def _pad_id(self) -> Optional[int]:
+        return self._special["pad"]
+
+    def files(self) -> dict[str, bytes]:
+        return dict(self._files)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer from `builtin:kjv-sp4k`, a SentencePiece `.model` file, a `tokenizer.json` file, or a
+    directory holding `tokenizer.json` (Hugging Face; preferred) or `tokenizer.model` (SentencePiece)."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name not in BUILTIN_TOKENIZERS:
+            choices = ", ".join(f"builtin:{n}" for n in BUILTIN_TOKENIZERS)
+            raise JaxllmError(f"unknown tokenizer {path}; the built-in tokenizers are {choices}")
+        path = str(ASSETS / BUILTIN_TOKENIZERS[name])
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            files = {f: (p / f).read_bytes() for f in ("tokenizer.json", *_HF_CONFIG_FILES) if (p / f).is_file()}
+            return HFTokenizer(files, name=str(p))
+        if (p / "tokenizer.model").is_file():
+            return SentencePieceTokenizer((p / "tokenizer.model").read_bytes(), name=str(p / "tokenizer.model"))
+        raise JaxllmError(f"tokenizer directory {p} holds neither tokenizer.json nor tokenizer.model")
+    if p.is_file() and p.name.endswith(".json"):
+        return HFTokenizer({"tokenizer.json": p.read_bytes()}, name=str(p))
+    if p.is_file():
+        return SentencePieceTokenizer(p.read_bytes(), name=str(p))
+    raise JaxllmError(
+        f"tokenizer {path} does not exist; expected a SentencePiece .model file, a directory with tokenizer.json "
+        "or tokenizer.model, or builtin:kjv-sp4k"
+    )
+
+
+def load_tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer:
+    """Rebuilds a tokenizer from `Tokenizer.files()` (e.g. as saved in a checkpoint)."""
+    if "tokenizer.json" in files:
+        return HFTokenizer(files, name="tokenizer.json")
+    if "tokenizer.model" in files:
+        return SentencePieceTokenizer(files["tokenizer.model"], name="tokenizer.model")
+    raise JaxllmError(f"no tokenizer among the files {sorted(files)}; expected tokenizer.json or tokenizer.model")
+
+
+def train_sentencepiece(
+    sources: Sequence[Union[SourceConfig, str]],
+    output_prefix: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    input_sentence_size: int = 1_000_000,
+    max_documents: Optional[int] = None,
+    max_sentence_chars: int = 4000,
+    character_coverage: float = 0.9995,
+    seed: int = 0,
+) -> SentencePieceTokenizer:
+    """Trains a SentencePiece model on one pass over `sources` and writes `output_prefix.model`.
+
+    Documents are streamed to the trainer in chunks of whole lines (at most `max_sentence_chars`;
+    newlines kept so the model learns line starts); SentencePiece keeps a random sample of
+    `input_sentence_size` chunks, so a big corpus only costs time (cap it with `max_documents`).
+    Ids: pad=0, unk=1, bos=2, eos=3, then the pieces; byte_fallback spells any character outside
+    the vocabulary as UTF-8 byte pieces, so nothing is ever <unk>. Normalization is `identity` (not
+    nmt_nfkc, which rewrites e.g. ligatures and maps tabs/newlines to spaces) and extra whitespace
+    is kept: decode(encode(text)) == text for any text. Digits are split one per piece.
+    `seed` fixes SentencePiece's sampling, so the same corpus gives the same model.
+    """
+    from jaxllm.data.sources import make_source
+
+    if model_type not in ("bpe", "unigram"):
+        raise JaxllmError(f"model_type must be bpe or unigram, got {model_type!r}")
+    configs = [s if isinstance(s, SourceConfig) else SourceConfig(path=s) for s in sources]
+
+    def sentences():
+        count = 0
+        for cfg in configs:
+            for doc in make_source(cfg, num_epochs=1):
+                yield from _chunks(doc["text"], max_sentence_chars)
+                count += 1
+                if max_documents is not None and count >= max_documents:
+                    return
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()  # only the .model file is written: the .vocab listing is for people, not needed
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        max_sentence_length=4 * max_sentence_chars + 16,  # it counts bytes: 4 per character at most
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )  # fmt: skip
+    path = Path(f"{output_prefix}.model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return SentencePieceTokenizer(model.getvalue(), name=str(path))
+
+
+def _chunks(text: str, limit: int):
+    """Pieces of `text` of at most `limit` characters, cut after newlines (or spaces in a very long line)."""
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit) + 1 or text.rfind(" ", 0, limit) + 1 or limit
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text

@@ -1,0 +1,54 @@
+"""Loading a trained model (config, parameters, tokenizer) from a run directory or checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxllm import models, sharding
+from jaxllm.config import Config, MeshConfig, config_from_yaml_text
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer_from_files
+from jaxllm.train.checkpoint import find_checkpoint
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: Config
+    graphdef: nnx.GraphDef
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+
+def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+    """Restores only the parameters (not the optimizer state) of the newest checkpoint under `path`,
+    sharded fsdp-style over `devices` (default: all)."""
+    checkpointer, step = find_checkpoint(path)
+    meta = checkpointer.restore(step, None)
+    cfg = config_from_yaml_text(meta.config_yaml)
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    graphdef, abstract, logical = models.model_spec(cfg.model)
+    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
+    target = {
+        "params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
+        "step": jax.ShapeDtypeStruct((), np.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+    }
+    # Partial restore: the optimizer state in the checkpoint is never read.
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=restore))
+    return LoadedModel(
+        config=cfg,
+        graphdef=graphdef,
+        params=restored["state"]["params"],
+        tokenizer=load_tokenizer_from_files(meta.tokenizer_files),
+        step=step,
+    )

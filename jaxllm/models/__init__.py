@@ -1,0 +1,57 @@
+"""Models built from a `ModelConfig`, and their parameters as plain nested dicts of arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.transformer import DecodeCache, Decoder, init_cache
+from jaxllm.sharding import Rules, tree_shardings
+
+__all__ = ["Decoder", "DecodeCache", "init_cache", "create_model", "model_spec", "init_params", "bind"]
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """An eagerly initialised, unsharded model (tests, conversion, small experiments)."""
+    with nnx.use_eager_sharding(False):
+        return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def model_spec(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, abstract params, logical axis names) without allocating any parameter.
+
+    Params are a nested dict of arrays (`nnx.to_pure_dict`); the logical names a matching dict of tuples.
+    """
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    abstract = nnx.to_pure_dict(state)
+    specs = nnx.get_partition_spec(state)
+    logical = jax.tree.map(lambda p: tuple(p), nnx.to_pure_dict(specs), is_leaf=lambda x: x is None or isinstance(x, tuple))
+    return graphdef, abstract, logical
+
+
+def init_params(cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int) -> tuple[nnx.GraphDef, Any, Any]:
+    """Initialises parameters directly into their shardings (no host ever holds the whole model).
+
+    Returns (graphdef, params, param_shardings).
+    """
+    graphdef, abstract, logical = model_spec(cfg)
+    shardings = tree_shardings(abstract, logical, mesh, rules)
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            model = Decoder(cfg, nnx.Rngs(params=seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    params = jax.jit(init, out_shardings=shardings)()
+    return graphdef, params, shardings
+
+
+def bind(graphdef: nnx.GraphDef, params: Any) -> Decoder:
+    """The model module for `params` (a pure dict); cheap, used inside jitted functions."""
+    return nnx.merge(graphdef, params)

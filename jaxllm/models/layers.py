@@ -1,0 +1,132 @@
+"""Building blocks: parameters with logical axis names, dense projections, norms, embeddings, MLPs.
+
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used.
+Shape suffixes: B batch, L length, D model, F MLP hidden, V vocab, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
+    """A parameter initialised by `init`, carrying its logical axis `names` for sharding."""
+    assert len(shape) == len(names), (shape, names)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
+
+
+class Dense(nnx.Module):
+    """y = x . W (+ b), contracting the last `len(in_shape)` axes of x with the first axes of W.
+
+    `in_shape`/`out_shape` may be multi-dimensional, e.g. D -> (N, H) for a query projection.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        names: Sequence[str],
+        cfg: ModelConfig,
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+        init_std: float | None = None,
+    ):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.dtype = DTYPES[cfg.dtype]
+        pdtype = DTYPES[cfg.param_dtype]
+        std = cfg.init_std if init_std is None else init_std
+        self.kernel = make_param(
+            rngs, nnx.initializers.normal(std), self.in_shape + self.out_shape, names, pdtype
+        )
+        self.bias = (
+            make_param(rngs, nnx.initializers.zeros, self.out_shape, names[len(self.in_shape):], pdtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.kernel[...].astype(self.dtype)
+        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (LLaMA) or LayerNorm (GPT-2), computed in float32, returned in the compute dtype."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.dtype = DTYPES[cfg.dtype]
+        pdtype = DTYPES[cfg.param_dtype]
+        self.scale = make_param(rngs, nnx.initializers.ones, (dim,), ("norm",), pdtype)
+        self.bias = (
+            make_param(rngs, nnx.initializers.zeros, (dim,), ("norm",), pdtype) if cfg.norm == "layernorm" else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the output projection (tied embeddings)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = DTYPES[cfg.dtype]
+        self.embedding = make_param(
+            rngs,
+            nnx.initializers.normal(cfg.init_std),
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            DTYPES[cfg.param_dtype],
+        )
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        # Gather the table over the parameter-sharding (fsdp) axis first: a lookup into a table sharded
+        # on its embedding dimension forces the compiler into a full rematerialisation.
+        table_VD = constrain(self.embedding[...], ("vocab", "act_embed"))
+        return jnp.take(table_VD, tokens_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        return jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU (LLaMA): down(silu(gate(x)) * up(x)); or GELU (GPT-2): down(gelu(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, bias = cfg.d_model, cfg.mlp_dim, cfg.output_bias
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs, use_bias=bias)
+        self.up = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs, use_bias=bias)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs, use_bias=bias)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
+        else:
+            h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
+        h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
+        return self.down(h_BLF)

@@ -1,0 +1,177 @@
+"""Device mesh, the logical-axis rules table, and helpers that place arrays by logical names.
+
+Parameters and activations are named with logical axes ("embed", "mlp", "batch", ...). The rules
+table maps each logical name to mesh axes. The model never mentions a mesh axis; everything about
+placement is decided here, in one table, overridable from the config (`mesh.rules`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated). First match wins.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_length", None),
+)
+
+Rules = tuple[tuple[str, Any], ...]
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("jaxllm_mesh", default=None)
+
+
+def make_rules(extra: Sequence[Sequence[Any]] = ()) -> Rules:
+    """The default rules with `extra` ([name, axes] pairs from `mesh.rules`) taking precedence."""
+    out = []
+    for i, rule in enumerate(extra):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(f"mesh.rules.{i} must be [logical_name, mesh_axis_or_list_or_null], got {rule!r}")
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, list) else axes
+        for ax in (axes if isinstance(axes, tuple) else (axes,)):
+            if ax is not None and ax not in MESH_AXES:
+                raise ConfigError(f"mesh.rules.{i}: unknown mesh axis {ax!r}; mesh axes are {', '.join(MESH_AXES)}")
+        out.append((name, axes))
+    return tuple(out) + DEFAULT_RULES
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolves the -1 entry and checks the product against the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes multiply to {known}, which does not divide "
+                f"the {num_devices} devices; choose sizes whose product divides {num_devices}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
+            f"{num_devices} devices; make the product {num_devices} or set one size to -1 to take the rest"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+
+    Axes are `Auto`: the compiler (GSPMD/Shardy) propagates shardings from the ones we pin.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(cfg, len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+    """Maps logical axis names to a PartitionSpec. A mesh axis is used at most once per array, and
+    only where it divides the dimension (else that dimension stays replicated: e.g. 4 heads on an
+    8-way tensor axis)."""
+    table = dict(reversed(rules))  # first rule wins
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        chosen = []
+        for ax in axes:
+            size = mesh.shape[ax]
+            if ax in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(ax)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*spec)
+
+
+def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def tree_shardings(abstract: Any, logical: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for a pytree of ShapeDtypeStructs given a matching pytree of logical-name tuples."""
+    return jax.tree.map(
+        lambda a, names: named_sharding(names or (None,) * len(a.shape), a.shape, mesh, rules),
+        abstract,
+        logical,
+        is_leaf=lambda x: isinstance(x, tuple) or x is None,
+    )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `constrain` place activations on `mesh` by `rules` (used while tracing model code)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by logical names; a no-op outside `activate`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
+    table = dict(reversed(rules))
+    axes = table.get("batch")
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    table = dict(reversed(rules))
+    axes = table.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_divides(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+    dp = data_parallel_size(mesh, rules)
+    micro = batch_size // grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"micro-batch of {micro} sequences (train.batch_size={batch_size} / train.grad_accum={grad_accum}) "
+            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp); "
+            f"use a batch size that is a multiple of {dp * grad_accum}"
+        )
+    if batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size={batch_size} does not divide over {jax.process_count()} processes"
+        )

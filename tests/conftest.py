@@ -1,0 +1,26 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported), and small shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxllm.config import ModelConfig  # noqa: E402
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A small LLaMA-style config with non-trivial shapes (GQA, odd vocab)."""
+    base = ModelConfig(
+        vocab_size=101, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=96,
+        max_seq_len=64, init_std=0.1,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def model_cfg() -> ModelConfig:
+    return tiny_model_config()

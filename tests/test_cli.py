@@ -1,0 +1,80 @@
+"""The `jaxllm` command as a user runs it: train, generate, data tools, and one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.data.tokenizer import load_tokenizer
+from tests.train.test_loop import MICRO
+
+TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli_run")
+    code = main(["train", TINY, *MICRO, "train.steps=6", f"run_dir={run_dir}", "eval.every=3", "eval.batches=2"])
+    assert code == 0
+    return run_dir
+
+
+def test_train_prints_a_sample_and_writes_the_run(trained_run, capsys):
+    assert (trained_run / "metrics.jsonl").is_file()
+    assert (trained_run / "checkpoints" / "6").is_dir()
+    import json
+
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert "eval_loss" in rows[2] and "eval_ppl" in rows[5] and "eval_loss" not in rows[3]
+
+
+def test_generate_from_run_dir_and_checkpoint(trained_run, capsys):
+    code = main(["generate", "--run-dir", str(trained_run), "--prompt", "And God", "--prompt", "In the",
+                 "--max-new-tokens", "5", "--temperature", "0"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("And God") and out[2].startswith("In the") and out[1] == "---"
+    code = main(["generate", "--checkpoint", str(trained_run / "checkpoints" / "6"), "--prompt", "And God",
+                 "--max-new-tokens", "5", "--temperature", "0"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0] == out[0]  # greedy: the same continuation
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", TINY, "trian.steps=3"], "error: unknown config key 'trian'; did you mean 'train'?"),
+        (["train", TINY, "data.sources.0.path=/no/such/*.jsonl", "run_dir=RUN"], "/no/such/*.jsonl"),
+        (["train", TINY, "train.batch_size=12", "mesh.data=8", "run_dir=RUN"], "multiple of 8"),
+        (["generate", "--run-dir", "/no/such/run", "--prompt", "x"], "error: checkpoint path /no/such/run does not exist"),
+        (["train", "no_such.yaml"], "error: config file no_such.yaml does not exist"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys, tmp_path):
+    argv = [a.replace("RUN", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_console_script_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.cli", "train", TINY, "model.d_modle=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: unknown config key 'model.d_modle'; did you mean 'd_model'?"
+    assert "Traceback" not in proc.stderr
+
+
+def test_data_train_tokenizer(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(300)))
+    code = main(["data", "train-tokenizer", "--input", str(corpus), "--vocab-size", "300",
+                 "--output", str(tmp_path / "tok")])
+    assert code == 0
+    tok = load_tokenizer(str(tmp_path / "tok.model"))
+    assert tok.vocab_size == 300
+    text = "the lazy dog jumps"
+    assert tok.decode(tok.encode(text)) == text

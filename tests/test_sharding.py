@@ -1,0 +1,66 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import models, sharding
+from jaxllm.config import ConfigError, MeshConfig
+from tests.conftest import tiny_model_config
+
+
+def test_mesh_fills_the_rest():
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (MeshConfig(data=3, fsdp=1, tensor=1), "= 3, but there are 8 devices"),
+        (MeshConfig(data=-1, fsdp=3, tensor=1), "does not divide the 8 devices"),
+    ],
+)
+def test_impossible_mesh_is_a_clear_error(mesh, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.make_mesh(mesh)
+
+
+def test_batch_must_divide_over_data_parallel_devices():
+    mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        sharding.check_batch_divides(12, 1, mesh, sharding.make_rules())
+    sharding.check_batch_divides(16, 2, mesh, sharding.make_rules())
+
+
+def test_logical_rules_and_divisibility_fallback():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = sharding.make_rules()
+    assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh, rules) == P("fsdp", "tensor")
+    # 3 heads do not divide over tensor=2: that dimension stays replicated instead of failing.
+    assert sharding.logical_to_spec(("embed", "heads", "head_dim"), (64, 3, 16), mesh, rules) == P("fsdp", None, None)
+    assert sharding.logical_to_spec(("batch", "length"), (8, 5), mesh, rules) == P(("data", "fsdp"), None)
+    override = sharding.make_rules([["embed", None], ["mlp", ["fsdp", "tensor"]]])
+    assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh, override) == P(None, ("fsdp", "tensor"))
+    with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+        sharding.make_rules([["embed", "model"]])
+
+
+def test_params_are_born_sharded():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = tiny_model_config()
+    _, params, _ = models.init_params(cfg, mesh, sharding.make_rules(), seed=0)
+    q = params["layers"]["attn"]["q"]["kernel"]  # [layers, embed, heads, head_dim]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    emb = params["embed"]["embedding"]  # vocab 101 is odd: only the embed dim is sharded
+    assert emb.sharding.spec == P(None, "fsdp")
+
+
+def test_sharded_init_equals_unsharded_init():
+    cfg = tiny_model_config()
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    _, sharded, _ = models.init_params(cfg, mesh, sharding.make_rules(), seed=5)
+    one = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    _, single, _ = models.init_params(cfg, one, sharding.make_rules(), seed=5)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
