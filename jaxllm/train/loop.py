@@ -25,7 +25,7 @@ from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.metrics import MetricsWriter
+from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 from jaxllm.train.step import TrainState, eval_step, jit_train_step
 from jaxllm.utils import atomic_write_text
@@ -81,6 +81,7 @@ class Trainer:
             self.state = TrainState(**restored.state)
             if restored.data_state is not None:
                 self.data.set_state(restored.data_state)
+            truncate_metrics(self.run_dir, resume_step)
             log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
         else:
             _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)

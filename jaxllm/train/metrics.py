@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from jaxllm.utils import atomic_write_text
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
@@ -50,6 +52,18 @@ def _to_python(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf
     return v
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
+    """Drops rows logged after `last_step` (by a run that died after its last checkpoint), so a resumed
+    run logs each step once."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
