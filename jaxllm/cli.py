@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=defaults.seed)
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
+    csub = c.add_subparsers(required=True, metavar="DIRECTION")
+    h2j = csub.add_parser("hf-to-jaxllm", help="a Hugging Face model directory -> a jaxllm run directory")
+    h2j.add_argument("src", help="directory with config.json and model.safetensors (or a sharded index)")
+    h2j.add_argument("out", help="run directory to create (usable by generate --run-dir and train.init_from)")
+    h2j.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    h2j.set_defaults(func=cmd_convert_hf_to_jaxllm)
+    j2h = csub.add_parser("jaxllm-to-hf", help="a jaxllm run directory or checkpoint -> a Hugging Face directory")
+    j2h.add_argument("checkpoint", help="run directory or run_dir/checkpoints/STEP")
+    j2h.add_argument("out", help="output directory (config.json, safetensors, tokenizer files)")
+    j2h.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the parameters')")
+    j2h.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors files above this size")
+    j2h.set_defaults(func=cmd_convert_jaxllm_to_hf)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
     tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
@@ -126,6 +140,22 @@ def cmd_generate(args) -> int:
         print(f"{prompt}{text}")
         if len(prompts) > 1:
             print("---")
+    return 0
+
+
+def cmd_convert_hf_to_jaxllm(args) -> int:
+    from jaxllm.convert.hf import hf_to_jaxllm
+
+    out = hf_to_jaxllm(args.src, args.out, param_dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_jaxllm_to_hf(args) -> int:
+    from jaxllm.convert.hf import jaxllm_to_hf
+
+    out = jaxllm_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out}")
     return 0
 
 

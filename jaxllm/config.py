@@ -41,28 +41,47 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One decoder for the LLaMA/Mistral/Qwen2/GPT-2 families; switches pick the family's parts.
+    """One transformer with switches that pick each family's parts (see configs/ for the families):
+    decoder-only (LLaMA, Mistral, Qwen2, GPT-2, BLOOM), encoder (BERT, RoBERTa, ALBERT, ELECTRA),
+    encoder-decoder (T5, BART).
 
     Frozen (hashable): modules keep it as static data."""
 
+    arch: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    family: Optional[str] = None  # the Hugging Face model_type this mirrors (llama, gpt2, bert, t5, ...)
     vocab_size: int = 32000
     d_model: int = 512
-    num_layers: int = 8
+    num_layers: int = 8  # encoder-decoder: encoder layers
+    num_decoder_layers: Optional[int] = None  # encoder-decoder: decoder layers (None = num_layers)
     num_heads: int = 8
     num_kv_heads: Optional[int] = None  # None = num_heads (MHA); 1 = MQA; else GQA
     head_dim: Optional[int] = None  # None = d_model // num_heads
     mlp_dim: int = 1408
     max_seq_len: int = 2048
+    # silu-gated (LLaMA), gelu_tanh-gated (T5 v1.1), gelu_tanh (GPT-2, BLOOM), erf gelu (BERT, BART), relu
+    mlp: Literal["swiglu", "geglu", "gelu", "gelu_exact", "relu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    positions: Literal["rope", "learned", "none"] = "rope"
+    norm_position: Literal["pre", "post"] = "pre"  # post: x = norm(x + f(x)) (BERT, BART); no final norm
+    positions: Literal["rope", "learned", "alibi", "relative", "none"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
+    relative_buckets: int = 32  # T5 relative position buckets
+    relative_max_distance: int = 128
     sliding_window: Optional[int] = None  # attend to at most this many previous tokens (incl. self)
-    attention_bias: bool = False  # biases on q/k/v projections (Qwen2, GPT-2)
-    output_bias: bool = False  # bias on the attention output and MLP projections (GPT-2)
+    scale_attention: bool = True  # q.k / sqrt(head_dim); T5 folds the scale into its initialisation
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2, GPT-2, BERT)
+    output_bias: bool = False  # biases on the attention output and MLP projections (GPT-2, BERT)
+    embed_dim: Optional[int] = None  # factorised embeddings (ALBERT, ELECTRA): size E, projected to d_model
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BLOOM, BART)
+    embed_scale: bool = False  # embeddings times sqrt(d_model) (BART's scale_embedding)
+    type_vocab_size: int = 0  # token-type (sentence A/B) embeddings (BERT)
+    share_layers: bool = False  # one layer's weights applied num_layers times (ALBERT)
+    # Encoder heads: BERT's masked LM, ELECTRA's discriminator, or none (hidden states, e.g. embeddings).
+    head: Literal["lm", "mlm", "discriminator", "none"] = "lm"
     tie_embeddings: bool = False
+    logits_bias: bool = False  # a bias on the output logits (BERT's MLM decoder, BART's final_logits_bias)
+    scale_decoder_output: bool = False  # T5 v1.0: hidden * d_model**-0.5 before the output projection
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -77,6 +96,14 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embed_dim or self.d_model
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
 
 
 @dataclass
@@ -131,7 +158,8 @@ class EvalConfig:
 @dataclass
 class TokenizerConfig:
     # A SentencePiece .model file, a Hugging Face tokenizer directory, or `builtin:NAME`.
-    path: str = "builtin:kjv-sp4k"
+    # null: the tokenizer of train.init_from's checkpoint when it has one, else builtin:kjv-sp4k.
+    path: Optional[str] = None
 
 
 @dataclass
@@ -150,6 +178,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # A run directory or checkpoint (ours, or converted from Hugging Face) whose parameters start this
+    # run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
+    # model.dtype, model.remat and model.attention_impl of this config apply.
+    init_from: Optional[str] = None
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
@@ -374,6 +406,10 @@ def validate(cfg: Config) -> None:
         )
     if m.positions == "rope" and m.dim_per_head % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got {m.dim_per_head}; change model.head_dim")
+    if m.head != "lm" and m.arch != "encoder":
+        raise ConfigError(f"model.head={m.head} belongs to encoders; set model.arch=encoder or model.head=lm")
+    if m.arch == "encoder" and m.head == "lm":
+        raise ConfigError("an encoder needs model.head=mlm (masked LM), discriminator (ELECTRA) or none")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
     d, t = cfg.data, cfg.train

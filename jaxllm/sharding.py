@@ -31,6 +31,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("relative_buckets", None),
+    ("embed_factor", None),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

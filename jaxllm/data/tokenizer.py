@@ -112,6 +112,10 @@ class HFTokenizer(Tokenizer):
             self._tok = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise JaxllmError(f"{name}: not a Hugging Face tokenizer.json ({e})") from None
+        # A tokenizer.json may switch on padding/truncation (e.g. to 128); the pipeline packs and
+        # pads itself, so encode must return exactly the text's tokens.
+        self._tok.no_padding()
+        self._tok.no_truncation()
         special: dict[str, object] = {}
         for config_name in _HF_CONFIG_FILES:
             if config_name in files:

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxllm import models, sharding
@@ -22,7 +20,8 @@ class LoadedModel:
     config: Config
     graphdef: nnx.GraphDef
     params: Any
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when the checkpoint carries no tokenizer files
+    tokenizer_files: dict[str, bytes]
     step: int
 
 
@@ -36,19 +35,12 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None) ->
     rules = sharding.make_rules(cfg.mesh.rules)
     graphdef, abstract, logical = models.model_spec(cfg.model)
     shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
-    target = {
-        "params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
-        "step": jax.ShapeDtypeStruct((), np.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-    }
-    # Partial restore: the optimizer state in the checkpoint is never read.
-    restore = ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-    )
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=restore))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return LoadedModel(
         config=cfg,
         graphdef=graphdef,
-        params=restored["state"]["params"],
-        tokenizer=load_tokenizer_from_files(meta.tokenizer_files),
+        params=checkpointer.restore_params(step, target),
+        tokenizer=load_tokenizer_from_files(meta.tokenizer_files) if meta.tokenizer_files else None,
+        tokenizer_files=meta.tokenizer_files,
         step=step,
     )

@@ -1,8 +1,9 @@
-"""Multi-head attention with grouped/multi-query heads, masks from segment ids and positions, and a KV cache.
+"""Multi-head attention (MHA/GQA/MQA, self or cross), the mask rule, and KV-cache writes.
 
 One mask rule serves packing, padding, causality, sliding windows and cached decoding: a query attends
-to a key when both belong to the same (non-zero) segment, the key is not later than the query, and
-(with a window) the key lies fewer than `sliding_window` positions back.
+to a key when both belong to the same (non-zero) segment, the key is not later than the query (causal
+stacks), and (with a window) the key lies fewer than `sliding_window` positions back. Masks and
+position biases are computed once per stack and shared by its layers.
 """
 
 from __future__ import annotations
@@ -19,19 +20,12 @@ from jaxllm.models.positions import apply_rope, rope_inv_freq
 from jaxllm.sharding import constrain
 
 
-class CacheView(NamedTuple):
-    """One layer's view of the KV cache during decoding.
-
-    k_BSKH, v_BSKH: this layer's cached keys/values (S = cache length).
-    index: where the current L new tokens are written (same for every row).
-    segment_ids_BS, positions_BS: of every cache slot, already including the new tokens.
-    """
+class LayerCache(NamedTuple):
+    """One layer's cached keys/values [B, S, K, H] and where the current tokens are written."""
 
     k_BSKH: jax.Array
     v_BSKH: jax.Array
     index: jax.Array
-    segment_ids_BS: jax.Array
-    positions_BS: jax.Array
 
 
 def attention_mask(
@@ -41,34 +35,36 @@ def attention_mask(
     kv_segment_BS: jax.Array,
     kv_pos_BS: jax.Array,
     kv_index_S: jax.Array,
-    sliding_window: int | None,
+    causal: bool = True,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Boolean mask_BLS: True where query l may attend to key s."""
-    same = (q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
-    causal = q_index_L[:, None] >= kv_index_S[None, :]
-    mask = same & causal[None]
+    mask = (q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
+    if causal:
+        mask &= (q_index_L[:, None] >= kv_index_S[None, :])[None]
     if sliding_window is not None:
         mask &= (q_pos_BL[:, :, None] - kv_pos_BS[:, None, :]) < sliding_window
     return mask
 
 
-def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, impl: str) -> jax.Array:
-    """softmax(q.k / sqrt(H) masked) . v, with K kv heads shared by groups of N/K query heads."""
+def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, bias_BNLS, scale: float, impl: str) -> jax.Array:
+    """softmax(scale * q.k + bias, masked) . v, with K kv heads shared by groups of N/K query heads."""
     implementation = None if impl == "auto" else impl
+    if bias_BNLS is not None:
+        bias_BNLS = bias_BNLS.astype(q_BLNH.dtype)
     return jax.nn.dot_product_attention(
-        q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None, :, :], implementation=implementation
+        q_BLNH, k_BSKH, v_BSKH, bias=bias_BNLS, mask=mask_BLS[:, None, :, :], scale=scale, implementation=implementation
     )
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross: bool = False):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-        self.sliding_window = cfg.sliding_window
         self.impl = cfg.attention_impl
-        self.use_rope = cfg.positions == "rope"
-        # A tuple of floats: static (hashable) module data, turned into a constant when traced.
-        self.inv_freq = tuple(rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling).tolist()) if self.use_rope else None
+        self.scale = h**-0.5 if cfg.scale_attention else 1.0
+        # RoPE rotates self-attention only. A tuple of floats: static, hashable module data.
+        use_rope = cfg.positions == "rope" and not cross
+        self.inv_freq = tuple(rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling).tolist()) if use_rope else None
         bias = cfg.attention_bias
         self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, rngs, use_bias=bias)
         self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, rngs, use_bias=bias)
@@ -79,41 +75,29 @@ class Attention(nnx.Module):
         self,
         x_BLD: jax.Array,
         positions_BL: jax.Array,
-        segment_ids_BL: jax.Array,
-        cache: CacheView | None = None,
+        mask_BLS: jax.Array,
+        bias_BNLS: jax.Array | None = None,
+        cache: LayerCache | None = None,
+        memory_BSD: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Returns the attention output [B, L, D] and, when decoding, this layer's updated (k, v) cache."""
+        """Attention output [B, L, D] and, with a cache, this layer's updated (k, v).
+
+        Self-attention reads keys/values from x (and the cache); cross-attention from memory_BSD.
+        """
+        source_BSD = x_BLD if memory_BSD is None else memory_BSD
         q_BLNH = constrain(self.q(x_BLD), ("batch", "length", "act_heads", None))
-        k_BLKH = constrain(self.k(x_BLD), ("batch", "length", "act_kv_heads", None))
-        v_BLKH = constrain(self.v(x_BLD), ("batch", "length", "act_kv_heads", None))
-        if self.use_rope:
+        k_BSKH = constrain(self.k(source_BSD), ("batch", "length", "act_kv_heads", None))
+        v_BSKH = constrain(self.v(source_BSD), ("batch", "length", "act_kv_heads", None))
+        if self.inv_freq is not None:
             q_BLNH = apply_rope(q_BLNH, positions_BL, self.inv_freq)
-            k_BLKH = apply_rope(k_BLKH, positions_BL, self.inv_freq)
-        L = x_BLD.shape[1]
-        if cache is None:
-            index_L = jnp.arange(L)
-            mask = attention_mask(
-                segment_ids_BL, positions_BL, index_L, segment_ids_BL, positions_BL, index_L, self.sliding_window
-            )
-            out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask, self.impl)
-            new_cache = None
-        else:
+            k_BSKH = apply_rope(k_BSKH, positions_BL, self.inv_freq)
+        new_cache = None
+        if cache is not None:
             start = (0, cache.index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(cache.k_BSKH, k_BLKH.astype(cache.k_BSKH.dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BLKH.astype(cache.v_BSKH.dtype), start)
-            S = k_BSKH.shape[1]
-            mask = attention_mask(
-                segment_ids_BL,
-                positions_BL,
-                cache.index + jnp.arange(L),
-                cache.segment_ids_BS,
-                cache.positions_BS,
-                jnp.arange(S),
-                self.sliding_window,
-            )
-            out_BLNH = dot_product_attention(
-                q_BLNH, k_BSKH.astype(q_BLNH.dtype), v_BSKH.astype(q_BLNH.dtype), mask, self.impl
-            )
+            k_BSKH = jax.lax.dynamic_update_slice(cache.k_BSKH, k_BSKH.astype(cache.k_BSKH.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start)
             new_cache = (k_BSKH, v_BSKH)
+            k_BSKH, v_BSKH = k_BSKH.astype(q_BLNH.dtype), v_BSKH.astype(q_BLNH.dtype)
+        out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, bias_BNLS, self.scale, self.impl)
         out_BLNH = constrain(out_BLNH, ("batch", "length", "act_heads", None))
         return self.o(out_BLNH), new_cache

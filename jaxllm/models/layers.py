@@ -6,6 +6,7 @@ Shape suffixes: B batch, L length, D model, F MLP hidden, V vocab, N heads, H he
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -90,14 +91,14 @@ class Norm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [V, D]; `attend` reuses it as the output projection (tied embeddings)."""
+    """Token embedding table [V, E]; `attend` reuses it as the output projection (tied embeddings)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.dtype = DTYPES[cfg.dtype]
         self.embedding = make_param(
             rngs,
             nnx.initializers.normal(cfg.init_std),
-            (cfg.vocab_size, cfg.d_model),
+            (cfg.vocab_size, cfg.embedding_dim),
             ("vocab", "embed"),
             DTYPES[cfg.param_dtype],
         )
@@ -105,28 +106,39 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         # Gather the table over the parameter-sharding (fsdp) axis first: a lookup into a table sharded
         # on its embedding dimension forces the compiler into a full rematerialisation.
-        table_VD = constrain(self.embedding[...], ("vocab", "act_embed"))
-        return jnp.take(table_VD, tokens_BL, axis=0).astype(self.dtype)
+        table_VE = constrain(self.embedding[...], ("vocab", "act_embed"))
+        return jnp.take(table_VE, tokens_BL, axis=0).astype(self.dtype)
 
-    def attend(self, x_BLD: jax.Array) -> jax.Array:
-        return jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(self.dtype))
+    def attend(self, x_BLE: jax.Array) -> jax.Array:
+        return jnp.einsum("ble,ve->blv", x_BLE, self.embedding[...].astype(self.dtype))
+
+
+ACTIVATIONS = {
+    "swiglu": jax.nn.silu,
+    "geglu": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
+GATED = ("swiglu", "geglu")
 
 
 class MLP(nnx.Module):
-    """SwiGLU (LLaMA): down(silu(gate(x)) * up(x)); or GELU (GPT-2): down(gelu(up(x)))."""
+    """Gated: down(act(gate(x)) * up(x)) (LLaMA's SwiGLU, T5's GeGLU); else down(act(up(x))) (GPT-2, BERT)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, bias = cfg.d_model, cfg.mlp_dim, cfg.output_bias
         self.kind = cfg.mlp
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in GATED:
             self.gate = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs, use_bias=bias)
         self.up = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs, use_bias=bias)
         self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs, use_bias=bias)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        if self.kind == "swiglu":
-            h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
+        act = ACTIVATIONS[self.kind]
+        if self.kind in GATED:
+            h_BLF = act(self.gate(x_BLD)) * self.up(x_BLD)
         else:
-            h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
+            h_BLF = act(self.up(x_BLD))
         h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
         return self.down(h_BLF)

@@ -51,10 +51,68 @@ class LearnedPositions(nnx.Module):
         self.embedding = make_param(
             rngs,
             nnx.initializers.normal(cfg.init_std),
-            (cfg.max_seq_len, cfg.d_model),
+            (cfg.max_seq_len, cfg.embedding_dim),
             ("length", "embed"),
             DTYPES[cfg.param_dtype],
         )
 
     def __call__(self, positions_BL: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], positions_BL, axis=0).astype(self.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi head slopes (BLOOM's `build_alibi_tensor`): a geometric sequence 2^(-8i/n) for the largest
+    power of two n <= num_heads, then every other slope of the sequence for 2n."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = base ** np.arange(1, closest + 1)
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 2 * remaining + 1, 2)])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(slopes, q_pos_BL: jax.Array, kv_pos_BS: jax.Array) -> jax.Array:
+    """bias_BNLS = slope_n * (key_pos - query_pos): a linear penalty on distance, per head."""
+    distance_BLS = (kv_pos_BS[:, None, :] - q_pos_BL[:, :, None]).astype(jnp.float32)
+    return jnp.asarray(slopes, jnp.float32)[None, :, None, None] * distance_BLS[:, None]
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucketing of (key_pos - query_pos): exact buckets for small distances, logarithmic ones up to
+    max_distance; bidirectional splits the buckets between keys before and after the query."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned bias per (bucket of relative position, head), shared by all layers of a stack."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.embedding = make_param(
+            rngs,
+            nnx.initializers.normal(cfg.init_std),
+            (cfg.relative_buckets, cfg.num_heads),
+            ("relative_buckets", "heads"),
+            DTYPES[cfg.param_dtype],
+        )
+
+    def __call__(self, q_pos_BL: jax.Array, kv_pos_BS: jax.Array) -> jax.Array:
+        relative_BLS = kv_pos_BS[:, None, :] - q_pos_BL[:, :, None]
+        bucket_BLS = relative_position_bucket(relative_BLS, self.bidirectional, self.num_buckets, self.max_distance)
+        bias_BLSN = jnp.take(self.embedding[...].astype(jnp.float32), bucket_BLS, axis=0)
+        return jnp.transpose(bias_BLSN, (0, 3, 1, 2))

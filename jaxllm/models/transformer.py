@@ -1,150 +1,172 @@
-"""The decoder-only transformer (LLaMA, Mistral, Qwen2, GPT-2 are configurations of it)."""
+"""The three model shapes built from one `ModelConfig`:
+
+- `Decoder`: causal LM (LLaMA, Mistral, Qwen2, GPT-2, BLOOM).
+- `Encoder`: bidirectional, with a masked-LM or replaced-token-detection head (BERT, RoBERTa, ALBERT, ELECTRA).
+- `EncoderDecoder`: encoder + causal decoder with cross-attention (T5, BART).
+
+All logits are float32. Shape suffixes: B batch, L/S lengths, D model, E embedding, V vocab.
+"""
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import Attention, CacheView
-from jaxllm.models.layers import DTYPES, MLP, Dense, Embed, Norm
-from jaxllm.models.positions import LearnedPositions
+from jaxllm.models.blocks import Memory, Stack, StackCache, init_stack_cache
+from jaxllm.models.layers import ACTIVATIONS, DTYPES, Dense, Embed, Norm, make_param
 from jaxllm.sharding import constrain
 
-REMAT_POLICIES = {
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
+DecodeCache = StackCache
 
 
-class DecodeCache(NamedTuple):
-    """KV cache of all layers. k, v: [layers, B, S, K, H]; segment_ids, positions: [B, S] of each slot
-    (segment 0 = empty or padding); index: the next slot to write."""
-
-    k: jax.Array
-    v: jax.Array
-    segment_ids: jax.Array
-    positions: jax.Array
-    index: jax.Array
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
-    shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
-    dtype = DTYPES[cfg.dtype]
-    return DecodeCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        segment_ids=jnp.zeros((batch, length), jnp.int32),
-        positions=jnp.zeros((batch, length), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-    )
+def _defaults(tokens_BL, positions_BL, segment_ids_BL):
+    """positions default to 0..L-1 and segment ids to all ones (one unpadded sequence per row)."""
+    B, L = tokens_BL.shape
+    if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    return positions_BL, segment_ids_BL
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class LMHead(nnx.Module):
+    """Hidden [B, L, in_dim] -> logits [B, L, V]: the tied embedding table or its own kernel, plus an
+    optional bias (BERT's decoder bias, BART's final_logits_bias)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.d_model, cfg, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: CacheView | None = None):
-        h_BLD, new_cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache)
-        x_BLD = constrain(x_BLD + h_BLD, ("batch", "length", "act_embed"))
-        x_BLD = constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ("batch", "length", "act_embed"))
-        return x_BLD, new_cache
-
-
-class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.embed = Embed(cfg, rngs)
-        self.pos_embed = LearnedPositions(cfg, rngs) if cfg.positions == "learned" else None
-        if cfg.scan_layers:
-            # One stacked Block whose parameters have a leading "layers" axis, applied with lax.scan.
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_stack(rngs):
-                return Block(cfg, rngs)
-
-            self.layers = make_stack(rngs)
-        else:
-            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg.d_model, cfg, rngs)
-        self.lm_head = (
-            None if cfg.tie_embeddings else Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs)
+    def __init__(self, cfg: ModelConfig, in_dim: int, rngs: nnx.Rngs):
+        self.scale = cfg.d_model**-0.5 if cfg.scale_decoder_output else None
+        self.dtype = DTYPES[cfg.dtype]
+        self.kernel = (
+            None
+            if cfg.tie_embeddings
+            else make_param(rngs, nnx.initializers.normal(cfg.init_std), (in_dim, cfg.vocab_size),
+                            ("embed", "vocab"), DTYPES[cfg.param_dtype])
+        )
+        self.bias = (
+            make_param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), DTYPES[cfg.param_dtype])
+            if cfg.logits_bias
+            else None
         )
 
-    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: DecodeCache | None = None):
-        """Logits [B, L, V] in float32, and the updated cache when one is given."""
+    def __call__(self, x_BLE: jax.Array, embed: Embed) -> jax.Array:
+        if self.scale is not None:
+            x_BLE = x_BLE * self.scale
+        if self.kernel is None:
+            logits_BLV = embed.attend(x_BLE)
+        else:
+            logits_BLV = jnp.einsum("ble,ev->blv", x_BLE.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        logits_BLV = logits_BLV.astype(jnp.float32)
+        if self.bias is not None:
+            logits_BLV = logits_BLV + self.bias[...].astype(jnp.float32)
+        return constrain(logits_BLV, ("batch", "length", "act_vocab"))
+
+
+class Decoder(Stack):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs, cfg.num_layers, causal=True)
+        self.embed = Embed(cfg, rngs)
+        self.lm_head = LMHead(cfg, cfg.d_model, rngs)
+
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
+        """Logits [B, L, V] and the updated cache when one is given."""
         x_BLD, cache = self.hidden(tokens_BL, positions_BL, segment_ids_BL, cache)
         return self.logits(x_BLD), cache
 
+    def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
+        """Final hidden states [B, L, D] (before the output projection) and the updated cache."""
+        positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
+        return self.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache)
+
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            logits_BLV = self.embed.attend(x_BLD)
-        else:
-            logits_BLV = self.lm_head(x_BLD)
-        return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return self.lm_head(x_BLD, self.embed)
 
-    def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: DecodeCache | None = None):
-        """Final-norm hidden states [B, L, D] (before the output projection) and the updated cache.
 
-        positions_BL default to 0..L-1 and segment_ids_BL to all ones (one unpadded sequence per row).
-        With a cache, the L tokens are written at cache.index and attend to everything cached before.
-        """
-        B, L = tokens_BL.shape
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones((B, L), jnp.int32)
-        x_BLD = self.embed(tokens_BL)
-        if self.pos_embed is not None:
-            x_BLD = x_BLD + self.pos_embed(positions_BL)
-        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
-        if cache is not None:
-            start = (0, cache.index)
-            cache = cache._replace(
-                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL.astype(jnp.int32), start),
-                positions=jax.lax.dynamic_update_slice(cache.positions, positions_BL.astype(jnp.int32), start),
-            )
-        x_BLD, new_kv = self._run_layers(x_BLD, positions_BL, segment_ids_BL, cache)
-        if cache is not None:
-            cache = cache._replace(k=new_kv[0], v=new_kv[1], index=cache.index + L)
-        return self.final_norm(x_BLD), cache
+class MLMHead(nnx.Module):
+    """BERT's masked-LM head: dense D -> E, activation, norm, then the (tied) output projection."""
 
-    def _run_layers(self, x_BLD, positions_BL, segment_ids_BL, cache: DecodeCache | None):
-        cfg = self.cfg
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e = cfg.embedding_dim
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.dense = Dense((cfg.d_model,), (e,), ("embed", "embed_factor"), cfg, rngs, use_bias=True)
+        self.norm = Norm(e, cfg, rngs)
+        self.out = LMHead(cfg, e, rngs)
 
-        def apply_block(block_state, x_BLD, layer_kv):
-            block = nnx.merge(graphdef, block_state)
-            view = None if layer_kv is None else CacheView(*layer_kv, cache.index, cache.segment_ids, cache.positions)
-            return block(x_BLD, positions_BL, segment_ids_BL, view)
+    def __call__(self, x_BLD: jax.Array, embed: Embed) -> jax.Array:
+        return self.out(self.norm(self.act(self.dense(x_BLD))), embed)
 
-        if cfg.remat != "none" and cache is None:
-            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-        if cfg.scan_layers:
-            graphdef, stacked = nnx.split(self.layers)
-            kv = None if cache is None else (cache.k, cache.v)
+class DiscriminatorHead(nnx.Module):
+    """ELECTRA's replaced-token detector: dense D -> D, activation, dense D -> 1: a logit per token."""
 
-            def body(x_BLD, xs):
-                block_state, layer_kv = xs
-                return apply_block(block_state, x_BLD, layer_kv)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.dense = Dense((d,), (d,), ("embed", "mlp"), cfg, rngs, use_bias=True)
+        self.out = Dense((d,), (1,), ("mlp", None), cfg, rngs, use_bias=True)
 
-            return jax.lax.scan(body, x_BLD, (stacked, kv))
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        return self.out(self.act(self.dense(x_BLD)))[..., 0].astype(jnp.float32)
 
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            graphdef, block_state = nnx.split(block)
-            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BLD, out_kv = apply_block(block_state, x_BLD, layer_kv)
-            if out_kv is not None:
-                new_k.append(out_kv[0])
-                new_v.append(out_kv[1])
-        return x_BLD, (None if cache is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+class Encoder(Stack):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs, cfg.num_layers, causal=False)
+        self.embed = Embed(cfg, rngs)
+        self.mlm_head = MLMHead(cfg, rngs) if cfg.head == "mlm" else None
+        self.disc_head = DiscriminatorHead(cfg, rngs) if cfg.head == "discriminator" else None
+
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, token_types_BL=None):
+        """MLM head: logits [B, L, V]; discriminator head: one logit per token [B, L] ("replaced");
+        no head: the hidden states [B, L, D]."""
+        x_BLD = self.hidden(tokens_BL, positions_BL, segment_ids_BL, token_types_BL)
+        if self.mlm_head is not None:
+            return self.mlm_head(x_BLD, self.embed)
+        if self.disc_head is not None:
+            return self.disc_head(x_BLD)
+        return x_BLD
+
+    def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, token_types_BL=None):
+        positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
+        return self.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, token_types_BL)[0]
+
+    def hidden_from_embeddings(self, x_BLE, positions_BL, segment_ids_BL, token_types_BL=None):
+        """The stack applied to given token vectors (ELECTRA shares its generator's table)."""
+        return self.run(x_BLE, positions_BL, segment_ids_BL, token_types_BL)[0]
+
+
+class EncoderDecoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)  # shared by encoder, decoder and (when tied) the output
+        self.encoder = Stack(cfg, rngs, cfg.num_layers, causal=False)
+        self.decoder = Stack(cfg, rngs, cfg.decoder_layers, causal=True, cross_attention=True)
+        self.lm_head = LMHead(cfg, cfg.d_model, rngs)
+
+    def __call__(self, enc_tokens_BS, dec_tokens_BL, enc_positions_BS=None, enc_segment_ids_BS=None,
+                 dec_positions_BL=None, dec_segment_ids_BL=None):
+        """Decoder logits [B, L, V] for decoder inputs given the encoder inputs (teacher forcing)."""
+        memory = self.encode(enc_tokens_BS, enc_positions_BS, enc_segment_ids_BS)
+        return self.decode(memory, dec_tokens_BL, dec_positions_BL, dec_segment_ids_BL)[0]
+
+    def encode(self, tokens_BS, positions_BS=None, segment_ids_BS=None) -> Memory:
+        positions_BS, segment_ids_BS = _defaults(tokens_BS, positions_BS, segment_ids_BS)
+        x_BSD, _ = self.encoder.run(self.embed(tokens_BS), positions_BS, segment_ids_BS)
+        return Memory(x_BSD, segment_ids_BS)
+
+    def decode(self, memory: Memory, tokens_BL, positions_BL=None, segment_ids_BL=None,
+               cache: StackCache | None = None):
+        """Logits [B, L, V] of the decoder and its updated self-attention cache."""
+        positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
+        x_BLD, cache = self.decoder.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache, memory=memory)
+        return self.lm_head(x_BLD, self.embed), cache
+
+
+MODEL_CLASSES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> StackCache:
+    """An empty KV cache for the (decoder) self-attention layers of a decoder or encoder-decoder."""
+    layers = cfg.decoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers
+    return init_stack_cache(cfg, layers, batch, length)

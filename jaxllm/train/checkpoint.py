@@ -141,6 +141,15 @@ class Checkpointer:
             tokenizer_files=out["tokenizer"],
         )
 
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only the parameters of `step` (never reading the optimizer state), into `target`:
+        ShapeDtypeStructs carrying the shardings they should have."""
+        item = {"params": target}
+        restore = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

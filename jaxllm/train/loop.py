@@ -21,20 +21,30 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import models, sharding
-from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml
+from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml, validate
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
-from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 from jaxllm.train.step import TrainState, eval_step, jit_train_step
 from jaxllm.utils import atomic_write_text
 
 log = logging.getLogger("jaxllm")
+DEFAULT_TOKENIZER = "builtin:kjv-sp4k"
 
 
 class Trainer:
     def __init__(self, cfg: Config, devices: Sequence[jax.Device] | None = None):
+        init = None
+        if cfg.train.init_from:
+            # The starting checkpoint decides the architecture (see TrainConfig.init_from).
+            init_checkpointer, init_step = find_checkpoint(cfg.train.init_from)
+            init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None))
+            saved = config_from_yaml_text(init[2].config_yaml).model
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl))
+            validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -52,8 +62,10 @@ class Trainer:
         if restored_meta is not None:
             _check_same_model(cfg, restored_meta.config_yaml, self.run_dir)
             self.tokenizer = load_tokenizer_from_files(restored_meta.tokenizer_files)
+        elif cfg.tokenizer.path is None and init is not None and init[2].tokenizer_files:
+            self.tokenizer = load_tokenizer_from_files(init[2].tokenizer_files)
         else:
-            self.tokenizer = load_tokenizer(cfg.tokenizer.path)
+            self.tokenizer = load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
         _check_vocab(self.tokenizer, cfg)
 
         # Model, optimizer and their shardings, all derived from abstract shapes.
@@ -84,7 +96,13 @@ class Trainer:
             truncate_metrics(self.run_dir, resume_step)
             log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
         else:
-            _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
+            if init is not None:
+                target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract_params, param_shardings)
+                params = init[0].restore_params(init[1], target)
+                log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
+            else:
+                _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
             step = jax.device_put(np.int32(0), replicated)
             self.state = TrainState(step=step, params=params, opt_state=opt_state)

@@ -147,3 +147,22 @@ def test_train_sentencepiece_on_a_small_corpus(tmp_path):
     assert again.files() == tok.files()  # seeded: the same corpus gives the same model
     bpe = train_sentencepiece(sources[:1], str(tmp_path / "bpe"), vocab_size=400, max_documents=4)
     assert bpe.vocab_size == 400 and bpe.decode(bpe.encode(docs[0])) == docs[0]
+
+
+def test_hf_tokenizer_ignores_padding_and_truncation_in_the_file(tmp_path):
+    """A tokenizer.json that pads to a fixed length (sentence-transformers models do) must still
+    encode a text to exactly its tokens."""
+    import json
+
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers
+
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    tok = RustTokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=2)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.encode("a b a") == [2, 3, 2]

@@ -1,0 +1,1 @@
+"""Checkpoint conversion to and from Hugging Face `transformers` (safetensors + config.json)."""

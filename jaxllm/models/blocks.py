@@ -1,0 +1,209 @@
+"""Embedding layers, transformer blocks, and `Stack`: the embeddings -> layers -> final norm pipeline
+shared by decoders, encoders and both halves of encoder-decoders."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import Attention, LayerCache, attention_mask
+from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, make_param
+from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
+from jaxllm.sharding import constrain
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class StackCache(NamedTuple):
+    """KV cache of a stack. k, v: [layers, B, S, K, H]; segment_ids, positions: [B, S] of each slot
+    (segment 0 = empty or padding); index: the next slot to write."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+class Memory(NamedTuple):
+    """Encoder output that a decoder stack cross-attends to."""
+
+    x_BSD: jax.Array
+    segment_ids_BS: jax.Array
+
+
+class Embeddings(nnx.Module):
+    """Everything added to token vectors before the layers: learned positions, token types, the
+    sqrt(d) scale, a norm, and the factorised-embedding projection E -> D (ALBERT, ELECTRA)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, pdtype = cfg.embedding_dim, DTYPES[cfg.param_dtype]
+        self.scale = cfg.d_model**0.5 if cfg.embed_scale else None
+        self.positions = LearnedPositions(cfg, rngs) if cfg.positions == "learned" else None
+        self.token_types = (
+            make_param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.type_vocab_size, e), ("vocab", "embed"), pdtype)
+            if cfg.type_vocab_size
+            else None
+        )
+        self.norm = Norm(e, cfg, rngs) if cfg.embed_norm else None
+        self.project = Dense((e,), (cfg.d_model,), ("embed_factor", "embed"), cfg, rngs, use_bias=True) if cfg.embed_dim else None
+
+    def __call__(self, x_BLE, positions_BL, token_types_BL=None) -> jax.Array:
+        if self.scale is not None:
+            x_BLE = x_BLE * self.scale
+        if self.positions is not None:
+            x_BLE = x_BLE + self.positions(positions_BL)
+        if self.token_types is not None:
+            types_BL = jnp.zeros_like(positions_BL) if token_types_BL is None else token_types_BL
+            x_BLE = x_BLE + jnp.take(self.token_types[...], types_BL, axis=0).astype(x_BLE.dtype)
+        if self.norm is not None:
+            x_BLE = self.norm(x_BLE)
+        if self.project is not None:
+            x_BLE = self.project(x_BLE)
+        return x_BLE
+
+
+class Block(nnx.Module):
+    """Self-attention, optional cross-attention, MLP; each as pre-norm `x + f(norm(x))` or post-norm
+    `norm(x + f(x))`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool = False):
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = Norm(cfg.d_model, cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.cross_norm = Norm(cfg.d_model, cfg, rngs) if cross_attention else None
+        self.cross = Attention(cfg, rngs, cross=True) if cross_attention else None
+        self.mlp_norm = Norm(cfg.d_model, cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def _residual(self, norm, f, x_BLD):
+        out = x_BLD + f(norm(x_BLD)) if self.pre_norm else norm(x_BLD + f(x_BLD))
+        return constrain(out, ("batch", "length", "act_embed"))
+
+    def __call__(self, x_BLD, positions_BL, mask_BLS, bias_BNLS, cache=None, memory=None, memory_mask_BLS=None):
+        new_cache = None
+
+        def self_attention(h_BLD):
+            nonlocal new_cache
+            out, new_cache = self.attn(h_BLD, positions_BL, mask_BLS, bias_BNLS, cache)
+            return out
+
+        x_BLD = self._residual(self.attn_norm, self_attention, x_BLD)
+        if self.cross is not None:
+            x_BLD = self._residual(
+                self.cross_norm, lambda h: self.cross(h, positions_BL, memory_mask_BLS, memory_BSD=memory)[0], x_BLD
+            )
+        x_BLD = self._residual(self.mlp_norm, self.mlp, x_BLD)
+        return x_BLD, new_cache
+
+
+class Stack(nnx.Module):
+    """Embeddings (beyond the token table), a stack of blocks, the final norm (pre-norm models) and the
+    position biases (ALiBi, T5 relative) the blocks share."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int, causal: bool, cross_attention: bool = False):
+        self.cfg = cfg
+        self.num_layers, self.causal = num_layers, causal
+        self.embeddings = Embeddings(cfg, rngs)
+        if cfg.share_layers:
+            self.layers = Block(cfg, rngs, cross_attention)  # ALBERT: one block applied num_layers times
+        elif cfg.scan_layers:
+            # One stacked Block whose parameters have a leading "layers" axis, applied with lax.scan.
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stack(rngs):
+                return Block(cfg, rngs, cross_attention)
+
+            self.layers = make_stack(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs, cross_attention) for _ in range(num_layers)])
+        self.final_norm = Norm(cfg.d_model, cfg, rngs) if cfg.norm_position == "pre" else None
+        self.relative_bias = RelativePositionBias(cfg, not causal, rngs) if cfg.positions == "relative" else None
+        self.alibi = tuple(alibi_slopes(cfg.num_heads).tolist()) if cfg.positions == "alibi" else None
+
+    def run(self, x_BLE, positions_BL, segment_ids_BL, token_types_BL=None, cache: StackCache | None = None,
+            memory: Memory | None = None):
+        """Hidden states [B, L, D] after the stack (and the updated cache when one is given).
+
+        With a cache, the L tokens are written at cache.index and attend to every slot cached before.
+        """
+        L = x_BLE.shape[1]
+        x_BLD = constrain(self.embeddings(x_BLE, positions_BL, token_types_BL), ("batch", "length", "act_embed"))
+        q_index_L = jnp.arange(L)
+        kv_segments_BS, kv_positions_BS, kv_index_S = segment_ids_BL, positions_BL, q_index_L
+        if cache is not None:
+            start = (0, cache.index)
+            cache = cache._replace(
+                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL.astype(jnp.int32), start),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions_BL.astype(jnp.int32), start),
+            )
+            q_index_L = cache.index + q_index_L
+            kv_segments_BS, kv_positions_BS = cache.segment_ids, cache.positions
+            kv_index_S = jnp.arange(cache.segment_ids.shape[1])
+        mask_BLS = attention_mask(segment_ids_BL, positions_BL, q_index_L, kv_segments_BS, kv_positions_BS,
+                                  kv_index_S, self.causal, self.cfg.sliding_window)
+        bias_BNLS = None
+        if self.relative_bias is not None:
+            bias_BNLS = self.relative_bias(positions_BL, kv_positions_BS)
+        elif self.alibi is not None:
+            bias_BNLS = alibi_bias(self.alibi, positions_BL, kv_positions_BS)
+        memory_mask_BLS = None
+        if memory is not None:
+            memory_mask_BLS = (segment_ids_BL[:, :, None] == memory.segment_ids_BS[:, None, :]) & (
+                memory.segment_ids_BS[:, None, :] != 0
+            )
+
+        def apply_block(block_state, x_BLD, layer_kv):
+            block = nnx.merge(graphdef, block_state)
+            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
+            return block(x_BLD, positions_BL, mask_BLS, bias_BNLS, layer_cache,
+                         None if memory is None else memory.x_BSD, memory_mask_BLS)
+
+        if self.cfg.remat != "none" and cache is None:
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],
+                                         prevent_cse=not self.cfg.scan_layers)
+        kv = None if cache is None else (cache.k, cache.v)
+        if self.cfg.share_layers or self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            if self.cfg.share_layers:  # the same weights every step; the cache still has one slot per layer
+                def body(x_BLD, layer_kv):
+                    return apply_block(state, x_BLD, layer_kv)
+
+                x_BLD, new_kv = jax.lax.scan(body, x_BLD, kv, length=self.num_layers)
+            else:
+                def body(x_BLD, xs):
+                    return apply_block(xs[0], x_BLD, xs[1])
+
+                x_BLD, new_kv = jax.lax.scan(body, x_BLD, (state, kv))
+        else:
+            outs = []
+            for i, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                x_BLD, out_kv = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]))
+                outs.append(out_kv)
+            new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+        if cache is not None:
+            cache = cache._replace(k=new_kv[0], v=new_kv[1], index=cache.index + L)
+        if self.final_norm is not None:
+            x_BLD = self.final_norm(x_BLD)
+        return x_BLD, cache
+
+
+def init_stack_cache(cfg: ModelConfig, num_layers: int, batch: int, length: int) -> StackCache:
+    shape = (num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    dtype = DTYPES[cfg.dtype]
+    return StackCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch, length), jnp.int32),
+        positions=jnp.zeros((batch, length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
