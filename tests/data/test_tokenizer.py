@@ -147,3 +147,13 @@ def test_train_sentencepiece_on_a_small_corpus(tmp_path):
     assert again.files() == tok.files()  # seeded: the same corpus gives the same model
     bpe = train_sentencepiece(sources[:1], str(tmp_path / "bpe"), vocab_size=400, max_documents=4)
     assert bpe.vocab_size == 400 and bpe.decode(bpe.encode(docs[0])) == docs[0]
+
+
+def test_token_lookup_and_special_ids(kjv_tokenizer, tmp_path):
+    # Objectives look up mask and sentinel pieces, and never draw special ids as random tokens.
+    assert kjv_tokenizer.token_to_id("▁God") == kjv_tokenizer.encode("God")[0]
+    assert kjv_tokenizer.token_to_id("<mask>") is None and kjv_tokenizer.token_to_id("<extra_id_0>") is None
+    assert kjv_tokenizer.special_ids() == {0, 1, 2, 3}  # pad, unk, bos, eos
+    hf = load_tokenizer(str(_hf_directory(tmp_path)))
+    assert (hf.token_to_id("</s>"), hf.token_to_id("<mask>")) == (2, None)
+    assert hf.special_ids() == {0, 1, 2, 3}  # <pad> <s> </s> <unk>, special tokens of the tokenizer.json
