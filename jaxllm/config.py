@@ -135,15 +135,72 @@ class SourceConfig:
 
 
 @dataclass
+class DenoiserConfig:
+    """One denoiser of a UL2 mixture: T5 span corruption with its own span length and density, or a
+    prefix LM (the S-denoiser). Its mode token is prepended to the encoder input."""
+
+    kind: Literal["span", "prefix_lm"] = "span"
+    mean_span_length: float = 3.0  # span: mean length of a corrupted span, in tokens
+    noise_density: float = 0.15  # span: fraction of tokens corrupted
+    weight: float = 1.0  # relative probability of choosing this denoiser for an example
+    mode_token: str = "[R]"  # the tokenizer's own piece if it has one, else an id above its vocabulary
+
+
+def _ul2_denoisers() -> list[DenoiserConfig]:
+    # UL2's three paradigms: R (regular T5 spans), X (extreme: long spans or dense corruption), S (prefix LM),
+    # chosen with equal probability.
+    return [
+        DenoiserConfig("span", 3.0, 0.15, 1.0, "[R]"),
+        DenoiserConfig("span", 32.0, 0.15, 1.0, "[X]"),
+        DenoiserConfig("span", 3.0, 0.5, 1.0, "[X]"),
+        DenoiserConfig("prefix_lm", weight=1.0, mode_token="[S]"),
+    ]
+
+
+@dataclass
+class ObjectiveConfig:
+    """The pretraining objective: how the pipeline turns documents into batches (docs/objectives.md).
+
+    clm: next-token prediction (decoder). mlm: BERT masking, new masks every epoch (encoder; also the
+    ELECTRA generator's batch). span: T5 span corruption. bart: BART text infilling + sentence
+    permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives."""
+
+    name: Literal["clm", "mlm", "span", "bart", "ul2"] = "clm"
+    # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8  # the mask token
+    random_token_prob: float = 0.1  # a random ordinary token; the rest (0.1) stays as it is
+    # span (T5): fraction of tokens corrupted and the mean length of a corrupted span.
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    # Encoder-decoder lengths. encoder_len: null = data.seq_len. decoder_len: null = the longest target
+    # the objective makes from a chunk that fills the encoder (span: T5's random_spans_helper, 114 for
+    # 512); bart, ul2: the encoder length. Documents are cut into chunks that always fit both.
+    encoder_len: Optional[int] = None
+    decoder_len: Optional[int] = None
+    # First decoder input of each example; null = the objective's own (span, ul2: pad as T5; bart: EOS).
+    decoder_start_id: Optional[int] = None
+    # bart: span lengths ~ Poisson(poisson_lambda) covering mask_ratio of the tokens, each span one mask
+    # token; permute_sentences shuffles the sentences (lines, or text ending in . ! ?) first.
+    poisson_lambda: float = 3.0
+    mask_ratio: float = 0.3
+    permute_sentences: bool = True
+    # ul2: the mixture; each example gets one denoiser, chosen by weight.
+    denoisers: list[DenoiserConfig] = field(default_factory=_ul2_denoisers)
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     seq_len: int = 256
     shuffle_window: int = 1024  # documents shuffled within windows of this many; 0 = no shuffle
     seed: int = 0
+    # BOS/EOS around each document, for clm and mlm; span, bart and ul2 frame examples as their papers do.
     add_bos: bool = True
     add_eos: bool = True
     on_bad_record: Literal["skip", "error"] = "skip"
     prefetch: int = 4  # batches prepared ahead by a background thread; 0 = none
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 @dataclass
@@ -427,6 +484,7 @@ def validate(cfg: Config) -> None:
     for key in ("shuffle_window", "prefetch"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
+    _validate_objective(d.objective, m.max_seq_len)
     _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
     if t.batch_size % t.grad_accum:
         raise ConfigError(
@@ -442,6 +500,53 @@ def validate(cfg: Config) -> None:
     g = cfg.generate
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+def _validate_objective(o: ObjectiveConfig, max_seq_len: int) -> None:
+    """Ranges only; whether data.seq_len leaves room for an example is checked when the pipeline is built."""
+    where = "data.objective"
+    _fraction(o.mask_prob, f"{where}.mask_prob", low_open=True)
+    _fraction(o.mask_token_prob, f"{where}.mask_token_prob")
+    _fraction(o.random_token_prob, f"{where}.random_token_prob")
+    if o.mask_token_prob + o.random_token_prob > 1:
+        raise ConfigError(
+            f"{where}.mask_token_prob + random_token_prob = {o.mask_token_prob + o.random_token_prob} is more "
+            "than 1: they share the selected tokens with those kept as they are (BERT: 0.8 + 0.1, 0.1 kept)"
+        )
+    _span_params(o.noise_density, o.mean_span_length, where)
+    for key in ("encoder_len", "decoder_len"):
+        value = getattr(o, key)
+        if value is not None and not 1 <= value <= max_seq_len:
+            raise ConfigError(
+                f"{where}.{key}={value} must be between 1 and model.max_seq_len={max_seq_len} (or null for the default)"
+            )
+    if o.decoder_start_id is not None and o.decoder_start_id < 0:
+        raise ConfigError(f"{where}.decoder_start_id must be a token id >= 0 or null, got {o.decoder_start_id}")
+    if o.poisson_lambda <= 0:
+        raise ConfigError(f"{where}.poisson_lambda must be > 0 (BART: 3), got {o.poisson_lambda}")
+    _fraction(o.mask_ratio, f"{where}.mask_ratio", high_open=True)
+    if o.name == "ul2" and not o.denoisers:
+        raise ConfigError(f"{where}.denoisers is empty; list at least one (see the defaults in jaxllm/config.py)")
+    for i, dn in enumerate(o.denoisers):
+        if dn.weight <= 0:
+            raise ConfigError(f"{where}.denoisers.{i}.weight must be > 0, got {dn.weight}")
+        if not dn.mode_token:
+            raise ConfigError(f"{where}.denoisers.{i}.mode_token is empty; name a token such as [R], [X] or [S]")
+        if dn.kind == "span":
+            _span_params(dn.noise_density, dn.mean_span_length, f"{where}.denoisers.{i}")
+
+
+def _span_params(noise_density: float, mean_span_length: float, where: str) -> None:
+    if not 0 < noise_density < 1:
+        raise ConfigError(f"{where}.noise_density must be in (0, 1) (T5: 0.15), got {noise_density}")
+    if mean_span_length < 1:
+        raise ConfigError(f"{where}.mean_span_length must be >= 1 token (T5: 3), got {mean_span_length}")
+
+
+def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:
+    if (value <= 0 if low_open else value < 0) or (value >= 1 if high_open else value > 1):
+        bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ConfigError(f"{where} must be in {bounds}, got {value}")
 
 
 def _positive(section: Any, name: str, keys: list[str]) -> None:

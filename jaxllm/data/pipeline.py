@@ -4,6 +4,10 @@
     -> pack into rows of seq_len (ConcatThenSplit: long documents continue on the next row)
     -> batch -> background prefetch
 
+That is the clm objective's path, described below. The other objectives (data.objective: mlm, span,
+bart, ul2) replace tokenizing and packing with their own stages and batch fields: objectives.py and
+docs/objectives.md.
+
 Targets are shifted inside each document before packing, so no target ever crosses into another
 document; packing is then free to place documents side by side. Each batch is a dict of numpy arrays
 shaped [batch_size, seq_len]: inputs, targets, segment_ids (1, 2, ... per document in the row,
@@ -23,6 +27,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from jaxllm.config import DataConfig, JaxllmError
+from jaxllm.data.objectives import objective_rows
 from jaxllm.data.sources import make_source
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -58,12 +63,13 @@ class Pipeline:
                 f"data state version {state.get('version')} is not {_STATE_VERSION}: another jaxllm saved it; "
                 "resume with that version, or start the data afresh without its state"
             )
-        saved, now = state["layout"], self._layout
-        for key in ("sources", "process_index", "process_count"):
+        saved, now = {"objective": "clm", **state["layout"]}, self._layout  # states before objectives were clm's
+        for key in ("objective", "sources", "process_index", "process_count"):
             if saved[key] != now[key]:
                 raise JaxllmError(
                     f"the data state was saved with {key}={saved[key]}, but this run has {key}={now[key]}; "
-                    "resume with the same data.sources and process count, or start the data afresh without its state"
+                    "resume with the same data.sources, objective and process count, "
+                    "or start the data afresh without its state"
                 )
         self._iterator.set_state(_restore_tuples(state["iterator"]))
 
@@ -92,7 +98,8 @@ def make_pipeline(
     process_count: int = 1,
     num_epochs: Optional[int] = None,
 ) -> Pipeline:
-    """Batches for this process: dict of [batch_size, seq_len] arrays (see the module docstring).
+    """Batches for this process: dict of [batch_size, seq_len] arrays (see the module docstring), or the
+    arrays of `cfg.objective` (`objectives.batch_spec` gives their shapes).
 
     `batch_size` is this process's share of the global batch. `num_epochs=None` repeats the sources
     forever; with a number (e.g. 1 for evaluation) iteration stops when the first source is used up,
@@ -119,12 +126,17 @@ def make_pipeline(
     ds = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, [s.weight for s in cfg.sources])
     if cfg.shuffle_window > 0:
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
-    ds = ds.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
-    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
-    ds = ds.map(_finish_row).batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
+    if cfg.objective.name == "clm":
+        ds = ds.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
+        ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
+        ds = ds.map(_finish_row)
+    else:
+        ds = objective_rows(ds, cfg, tokenizer, batch_size, process_index)
+    ds = ds.batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
     if cfg.prefetch > 0:
         ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
     layout = {
+        "objective": cfg.objective.name,
         "sources": [s.path for s in cfg.sources],
         "process_index": process_index,
         "process_count": process_count,
@@ -166,7 +178,7 @@ class _Pad:
         self._batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = self._batch_size - len(batch["inputs"])
+        missing = self._batch_size - len(next(iter(batch.values())))
         if missing == 0:
             return batch
         return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}

@@ -51,6 +51,14 @@ class Tokenizer:
     def _pad_id(self) -> Optional[int]:
         return None
 
+    def token_to_id(self, token: str) -> Optional[int]:
+        """The id of `token` when the vocabulary has it as one piece (e.g. `<mask>`), else None."""
+        return None
+
+    def special_ids(self) -> set[int]:
+        """Ids that never stand for text (BOS, EOS, pad, control tokens): objectives never draw them at random."""
+        return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
     def files(self) -> dict[str, bytes]:
         raise NotImplementedError
 
@@ -90,6 +98,14 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _pad_id(self) -> Optional[int]:
         return _id_or_none(self._sp.pad_id())
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        i = self._sp.piece_to_id(token)  # the unknown id when absent
+        return i if self._sp.id_to_piece(i) == token and not self._sp.is_unknown(i) else None
+
+    def special_ids(self) -> set[int]:
+        sp = self._sp
+        return {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
 
     def files(self) -> dict[str, bytes]:
         return {"tokenizer.model": self._proto}
@@ -154,6 +170,13 @@ class HFTokenizer(Tokenizer):
 
     def _pad_id(self) -> Optional[int]:
         return self._special["pad"]
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    def special_ids(self) -> set[int]:
+        added = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return added | super().special_ids()
 
     def files(self) -> dict[str, bytes]:
         return dict(self._files)

@@ -166,3 +166,13 @@ def test_hf_tokenizer_ignores_padding_and_truncation_in_the_file(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.encode("a b a") == [2, 3, 2]
+
+
+def test_token_lookup_and_special_ids(kjv_tokenizer, tmp_path):
+    # Objectives look up mask and sentinel pieces, and never draw special ids as random tokens.
+    assert kjv_tokenizer.token_to_id("▁God") == kjv_tokenizer.encode("God")[0]
+    assert kjv_tokenizer.token_to_id("<mask>") is None and kjv_tokenizer.token_to_id("<extra_id_0>") is None
+    assert kjv_tokenizer.special_ids() == {0, 1, 2, 3}  # pad, unk, bos, eos
+    hf = load_tokenizer(str(_hf_directory(tmp_path)))
+    assert (hf.token_to_id("</s>"), hf.token_to_id("<mask>")) == (2, None)
+    assert hf.special_ids() == {0, 1, 2, 3}  # <pad> <s> </s> <unk>, special tokens of the tokenizer.json
