@@ -107,10 +107,10 @@ def cmd_train(args) -> int:
     if summary["stopped_early"]:
         log.info("stopped at step %d; run the same command again to resume", summary["end_step"])
         return 0
-    if cfg.train.sample_prompt:
+    if cfg.train.sample_prompt and trainer.cfg.model.arch == "decoder":
         # Every process takes part (the parameters are global arrays); process 0 prints.
         gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens)
-        (text,) = generate_text(trainer.graphdef, trainer.state.params, cfg.model, trainer.tokenizer,
+        (text,) = generate_text(trainer.graphdef, trainer.state.params, trainer.cfg.model, trainer.tokenizer,
                                 [cfg.train.sample_prompt], gen, add_bos=cfg.data.add_bos)
         if jax.process_index() == 0:
             print(f"\nsample> {cfg.train.sample_prompt}{text}\n")

@@ -40,6 +40,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class ElectraGenerator:
+    """ELECTRA pre-training: a small masked-LM generator trained with the discriminator (model.*),
+    sharing its token, position and token-type embeddings. Sizes default to a quarter of the
+    discriminator's width with the same depth."""
+
+    d_model: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    discriminator_weight: float = 50.0  # loss = mlm + weight * replaced-token detection
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One transformer with switches that pick each family's parts (see configs/ for the families):
     decoder-only (LLaMA, Mistral, Qwen2, GPT-2, BLOOM), encoder (BERT, RoBERTa, ALBERT, ELECTRA),
@@ -79,6 +92,7 @@ class ModelConfig:
     share_layers: bool = False  # one layer's weights applied num_layers times (ALBERT)
     # Encoder heads: BERT's masked LM, ELECTRA's discriminator, or none (hidden states, e.g. embeddings).
     head: Literal["lm", "mlm", "discriminator", "none"] = "lm"
+    electra_generator: Optional[ElectraGenerator] = None  # with head=discriminator: ELECTRA pre-training
     tie_embeddings: bool = False
     logits_bias: bool = False  # a bias on the output logits (BERT's MLM decoder, BART's final_logits_bias)
     scale_decoder_output: bool = False  # T5 v1.0: hidden * d_model**-0.5 before the output projection
@@ -467,6 +481,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.head={m.head} belongs to encoders; set model.arch=encoder or model.head=lm")
     if m.arch == "encoder" and m.head == "lm":
         raise ConfigError("an encoder needs model.head=mlm (masked LM), discriminator (ELECTRA) or none")
+    if m.electra_generator is not None and m.head != "discriminator":
+        raise ConfigError("model.electra_generator needs model.head=discriminator (ELECTRA trains a discriminator)")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
     d, t = cfg.data, cfg.train

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml, validate
+from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import make_pipeline
-from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
+from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
@@ -66,7 +67,8 @@ class Trainer:
             self.tokenizer = load_tokenizer_from_files(init[2].tokenizer_files)
         else:
             self.tokenizer = load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
-        _check_vocab(self.tokenizer, cfg)
+        _check_trainable(cfg)
+        check_vocab_size(cfg.model.vocab_size, cfg.data, self.tokenizer)
 
         # Model, optimizer and their shardings, all derived from abstract shapes.
         self.graphdef, abstract_params, logical = models.model_spec(cfg.model)
@@ -109,6 +111,7 @@ class Trainer:
         self.data_state = self.data.get_state()
 
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
+        self.batch_spec = batch_spec(cfg.data, cfg.train.batch_size)  # global shapes and dtypes
         with sharding.activate(self.mesh, self.rules):
             self._step_fn = jit_train_step(
                 self.graphdef,
@@ -116,6 +119,7 @@ class Trainer:
                 self.schedule,
                 cfg.train.grad_accum,
                 cfg.train.z_loss,
+                cfg.train.seed,
                 self.state_shardings,
                 self.batch_sharding,
             )
@@ -135,9 +139,11 @@ class Trainer:
         """The next global batch, assembled from this process's share of the data."""
         local = next(self.data)
         self.data_state = self.data.get_state()
-        global_shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
+        return self._global_batch(local)
+
+    def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v), global_shape)
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v), self.batch_spec[k][0])
             for k, v in local.items()
         }
 
@@ -153,7 +159,6 @@ class Trainer:
         per_process = cfg.train.batch_size // jax.process_count()
         pipeline = make_pipeline(data_cfg, self.tokenizer, per_process, jax.process_index(), jax.process_count(),
                                  num_epochs=1)
-        global_shape = (cfg.train.batch_size, cfg.data.seq_len)
         nll, tokens, count = 0.0, 0.0, 0
         try:
             while cfg.eval.batches == 0 or count < cfg.eval.batches:
@@ -162,10 +167,8 @@ class Trainer:
                     if cfg.eval.batches == 0:
                         break
                     # Every process must run the same number of steps: pad with batches that carry no loss.
-                    local = {k: np.zeros((per_process, cfg.data.seq_len), np.float32 if k == "loss_mask" else np.int32)
-                             for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-                batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v, global_shape)
-                         for k, v in local.items()}
+                    local = {k: np.zeros((per_process, *shape[1:]), dtype) for k, (shape, dtype) in self.batch_spec.items()}
+                batch = self._global_batch(local)
                 with sharding.activate(self.mesh, self.rules):
                     out = jax.device_get(self._eval_fn(self.state.params, batch))
                 nll, tokens, count = nll + float(out["nll_sum"]), tokens + float(out["tokens"]), count + 1
@@ -200,7 +203,8 @@ class Trainer:
             disable=not cfg.train.progress_bar or jax.process_index() != 0, dynamic_ncols=True,
         )
         summary: dict[str, Any] = {"start_step": start, "losses": {}}
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        tokens_per_step = sum(  # input tokens a step reads (encoder and decoder for seq2seq)
+            int(np.prod(shape)) for k, (shape, _) in self.batch_spec.items() if k.endswith("inputs"))
         t_last, since_log, step = time.perf_counter(), 0, start
         try:
             while step < end and not self._stop.is_set():
@@ -265,11 +269,24 @@ def _check_same_model(cfg: Config, saved_yaml: str, run_dir: Path) -> None:
         )
 
 
-def _check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+OBJECTIVE_ARCH = {"clm": "decoder", "mlm": "encoder", "span": "encoder_decoder", "bart": "encoder_decoder",
+                  "ul2": "encoder_decoder"}
+
+
+def _check_trainable(cfg: Config) -> None:
+    """The objective must fit the model: next-token for decoders, masked LM for encoders, denoising for
+    encoder-decoders."""
+    objective, arch = cfg.data.objective.name, cfg.model.arch
+    if OBJECTIVE_ARCH[objective] != arch:
+        fits = [name for name, a in OBJECTIVE_ARCH.items() if a == arch]
         raise JaxllmError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-            f"set model.vocab_size >= {tokenizer.vocab_size} or use the model's own tokenizer"
+            f"data.objective.name={objective} trains a model.arch={OBJECTIVE_ARCH[objective]}, but this model is "
+            f"arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind under configs/"
+        )
+    if arch == "encoder" and cfg.model.head != "mlm" and cfg.model.electra_generator is None:
+        raise JaxllmError(
+            f"an encoder with model.head={cfg.model.head} cannot be pre-trained: use head=mlm, or head=discriminator "
+            "with model.electra_generator (ELECTRA)"
         )
 
 

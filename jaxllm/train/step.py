@@ -1,7 +1,12 @@
-"""The loss and the train step: pure functions of (state, batch), jitted with explicit shardings.
+"""The losses and the train step: pure functions of (state, batch), jitted with explicit shardings.
 
-A batch is a dict of [B, L] arrays: inputs, targets (int32), segment_ids, positions (int32) and
-loss_mask (float32; 0 on padding and wherever the target is not the document's next token).
+Batches (see jaxllm.data.objectives.batch_spec): clm and mlm give [B, L] inputs, targets,
+segment_ids, positions, loss_mask; span, bart and ul2 give encoder_* [B, Le] and decoder_* [B, Ld].
+The loss follows the model: a Decoder predicts next tokens, an Encoder the masked ones, an
+EncoderDecoder the decoder targets, and Electra adds replaced-token detection.
+
+Every loss is a sum over tokens divided by the *whole batch's* token count, computed before the
+batch is split into micro-batches: gradient accumulation then sums exact contributions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import optax
 from flax import nnx, struct
 
 from jaxllm.models import bind
+from jaxllm.models.electra import Electra
+from jaxllm.models.transformer import Encoder, EncoderDecoder
 
 
 @struct.dataclass
@@ -37,13 +44,54 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Arr
     return nll, zl
 
 
-def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], z_loss: float):
-    """Sum of token losses (to be divided by the token count by the caller) and metrics sums."""
+def loss_mask(batch: dict[str, jax.Array]) -> jax.Array:
+    return batch["decoder_loss_mask"] if "decoder_loss_mask" in batch else batch["loss_mask"]
+
+
+def normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Token counts of the whole batch: predicted tokens, and real (non-padding) input positions."""
+    segments = batch.get("segment_ids", batch.get("encoder_segment_ids"))
+    return {
+        "tokens": jnp.maximum(jnp.sum(loss_mask(batch).astype(jnp.float32)), 1.0),
+        "positions": jnp.maximum(jnp.sum((segments > 0).astype(jnp.float32)), 1.0),
+    }
+
+
+def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],
+            z_loss: float, key: jax.Array):
+    """(objective to minimise, metrics): both already divided by the batch's counts in `norms`."""
     model = bind(graphdef, params)
-    logits_BLV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    nll, zl = cross_entropy(logits_BLV, batch["targets"], mask, z_loss)
-    return nll + zl, {"nll_sum": nll, "tokens": jnp.sum(mask)}
+    mask = loss_mask(batch).astype(jnp.float32)
+    if isinstance(model, Electra):
+        return _electra_loss(model, batch, mask, norms, z_loss, key)
+    if isinstance(model, EncoderDecoder):
+        logits = model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_positions"],
+                       batch["encoder_segment_ids"], batch["decoder_positions"], batch["decoder_segment_ids"])
+        nll, zl = cross_entropy(logits, batch["decoder_targets"], mask, z_loss)
+        return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
+    if isinstance(model, Encoder):  # masked LM
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
+        return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
+    return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
+
+
+def _electra_loss(model, batch, mask, norms, z_loss, key):
+    gen_logits, corrupted, disc_logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], mask, key)
+    nll, zl = cross_entropy(gen_logits, batch["targets"], mask, z_loss)
+    real = (batch["segment_ids"] > 0).astype(jnp.float32)
+    replaced = (corrupted != batch["targets"]).astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(disc_logits.astype(jnp.float32), replaced)
+    disc = jnp.sum(bce * real) / norms["positions"]
+    correct = jnp.sum(((disc_logits > 0) == (replaced > 0)) * real) / norms["positions"]
+    mlm = nll / norms["tokens"]
+    weight = model.discriminator_weight
+    metrics = {"loss": mlm + weight * disc, "mlm_loss": mlm, "disc_loss": disc, "disc_accuracy": correct,
+               "replaced_fraction": jnp.sum(replaced * real) / norms["positions"],
+               "masked_fraction": jnp.sum(mask * real) / norms["positions"]}
+    return mlm + zl / norms["tokens"] + weight * disc, metrics
 
 
 def train_step(
@@ -55,50 +103,50 @@ def train_step(
     schedule: Callable,
     grad_accum: int,
     z_loss: float,
+    seed: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on the mean token loss of the whole batch.
+    """One optimizer update on the whole batch's mean token loss.
 
-    With grad_accum > 1 the batch is split into micro-batches scanned in sequence; gradients are summed
-    and divided by the batch's total token count, so the update equals the one-shot update.
+    With grad_accum > 1 the batch is split into micro-batches scanned in sequence; their normalised
+    gradients add up to the one-shot gradient. Random draws (ELECTRA's generator samples) come from
+    (seed, step, micro-batch), so a resumed run draws the same.
     """
+    norms = normalizers(batch)
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.grad(loss_fn, has_aux=True)
-
     if grad_accum == 1:
-        grads, aux = grad_fn(state.params, graphdef, batch, z_loss)
+        grads, metrics = grad_fn(state.params, graphdef, batch, norms, z_loss, key)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        shapes = jax.eval_shape(grad_fn, state.params, graphdef, jax.tree.map(lambda x: x[0], micro), norms,
+                                z_loss, key)
 
-        def accumulate(carry, micro_batch):
-            grads, aux = grad_fn(state.params, graphdef, micro_batch, z_loss)
-            return jax.tree.map(jnp.add, carry, (grads, aux)), None
+        def accumulate(carry, xs):
+            micro_batch, index = xs
+            out = grad_fn(state.params, graphdef, micro_batch, norms, z_loss, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, out), None
 
-        scalar = jnp.zeros((), jnp.float32)
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), {"nll_sum": scalar, "tokens": scalar})
-        (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
-    tokens = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": aux["nll_sum"] / tokens,
-        "grad_norm": grad_norm,
-        "lr": schedule(state.step),
-        "tokens": aux["tokens"],
-    }
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), tokens=norms["tokens"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """Summed token loss and token count of a batch (for perplexity over many batches)."""
-    _, aux = loss_fn(params, graphdef, batch, 0.0)
-    return aux
+    """Summed token loss ("nll_sum") and token count of a batch (for perplexity over many batches)."""
+    ones = {"tokens": jnp.float32(1.0), "positions": jnp.float32(1.0)}
+    _, metrics = loss_fn(params, graphdef, batch, ones, 0.0, jax.random.key(0))
+    tokens = jnp.sum(loss_mask(batch).astype(jnp.float32))
+    return {"nll_sum": metrics.get("mlm_loss", metrics["loss"]), "tokens": tokens}
 
 
-def jit_train_step(graphdef, tx, schedule, grad_accum, z_loss, state_shardings, batch_shardings):
+def jit_train_step(graphdef, tx, schedule, grad_accum, z_loss, seed, state_shardings, batch_shardings):
     step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum, z_loss=z_loss
+        train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum, z_loss=z_loss, seed=seed
     )
     return jax.jit(
         step,
