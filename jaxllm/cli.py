@@ -107,11 +107,11 @@ def cmd_train(args) -> int:
     if summary["stopped_early"]:
         log.info("stopped at step %d; run the same command again to resume", summary["end_step"])
         return 0
-    if cfg.train.sample_prompt and trainer.cfg.model.arch == "decoder":
+    if cfg.train.sample_prompt and trainer.cfg.model.arch != "encoder":
         # Every process takes part (the parameters are global arrays); process 0 prints.
         gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens)
-        (text,) = generate_text(trainer.graphdef, trainer.state.params, trainer.cfg.model, trainer.tokenizer,
-                                [cfg.train.sample_prompt], gen, add_bos=cfg.data.add_bos)
+        (text,) = generate_text(trainer.graphdef, trainer.state.params, trainer.cfg, trainer.tokenizer,
+                                [cfg.train.sample_prompt], gen)
         if jax.process_index() == 0:
             print(f"\nsample> {cfg.train.sample_prompt}{text}\n")
     return 0
@@ -134,8 +134,9 @@ def cmd_generate(args) -> int:
     from jaxllm.config import validate, Config
     validate(dataclasses.replace(Config(), generate=gen))
     loaded = load_model(args.run_dir or args.checkpoint)
-    texts = generate_text(loaded.graphdef, loaded.params, loaded.config.model, loaded.tokenizer, prompts, gen,
-                          add_bos=loaded.config.data.add_bos)
+    if loaded.tokenizer is None:
+        raise JaxllmError(f"{args.run_dir or args.checkpoint} carries no tokenizer; convert it with its tokenizer files")
+    texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen)
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}")
         if len(prompts) > 1:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import GenerateConfig, JaxllmError, ModelConfig
+from jaxllm.config import Config, GenerateConfig, JaxllmError, ModelConfig
 from jaxllm.infer.sampling import sample_logits
 from jaxllm.models import bind, init_cache
 
@@ -34,13 +34,24 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
 def _generate(
-    params, tokens_BP, mask_BP, key, eos_id, pad_id, *, graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p
+    params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, *,
+    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p
 ):
+    """Decoder-only: tokens_BP is the prompt. Encoder-decoder: the encoder reads encoder_tokens_BS once
+    and tokens_BP holds the decoder's start token."""
     model = bind(graphdef, params)
+    if encoder_tokens_BS is None:
+        step = model
+    else:
+        memory = model.encode(encoder_tokens_BS, _positions(encoder_mask_BS), encoder_mask_BS)
+
+        def step(tokens, positions, segment_ids, cache):
+            return model.decode(memory, tokens, positions, segment_ids, cache)
+
     B, P = tokens_BP.shape
     cache = init_cache(model_cfg, B, P + max_new_tokens)
-    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
-    logits_BPV, cache = model(tokens_BP, positions_BP, mask_BP, cache)
+    positions_BP = _positions(mask_BP)
+    logits_BPV, cache = step(tokens_BP, positions_BP, mask_BP, cache)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     key, sub = jax.random.split(key)
     first_B = sample(logits_BPV[:, -1], sub)
@@ -59,7 +70,7 @@ def _generate(
         return (s["t"] < max_new_tokens) & ~jnp.all(s["done_B"])
 
     def body(s):
-        logits_B1V, cache = model(s["last_B"][:, None], s["pos_B"][:, None], jnp.ones((B, 1), jnp.int32), s["cache"])
+        logits_B1V, cache = step(s["last_B"][:, None], s["pos_B"][:, None], jnp.ones((B, 1), jnp.int32), s["cache"])
         key, sub = jax.random.split(s["key"])
         next_B = sample(logits_B1V[:, 0], sub)
         next_B = jnp.where(s["done_B"], pad_id, next_B)
@@ -76,6 +87,11 @@ def _generate(
     return jax.lax.while_loop(cond, body, state)["out_BT"]
 
 
+def _positions(mask_BP: jax.Array) -> jax.Array:
+    """0, 1, ... over the real tokens of left-padded rows (padding gets 0, and segment 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
+
+
 def generate(
     graphdef: nnx.GraphDef,
     params: Any,
@@ -84,15 +100,32 @@ def generate(
     gen: GenerateConfig,
     eos_id: int | None,
     pad_id: int,
+    decoder_start_id: int | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (token-id lists), cut before the first EOS."""
+    """New tokens for each prompt (token-id lists), cut before the first EOS.
+
+    For an encoder-decoder the prompts are the encoder's input and decoding starts from
+    `decoder_start_id` (T5: pad, BART: EOS).
+    """
     tokens, mask = left_pad(prompts, pad_id)
-    total = tokens.shape[1] + gen.max_new_tokens
-    if total > model_cfg.max_seq_len:
+    seq2seq = model_cfg.arch == "encoder_decoder"
+    if model_cfg.arch == "encoder":
+        raise JaxllmError("an encoder model does not generate text; use a decoder or encoder-decoder checkpoint")
+    longest = gen.max_new_tokens + (1 if seq2seq else tokens.shape[1])
+    if max(longest, tokens.shape[1]) > model_cfg.max_seq_len:
+        what = "the prompt" if seq2seq and tokens.shape[1] > model_cfg.max_seq_len else (
+            f"prompt of {tokens.shape[1]} tokens + {gen.max_new_tokens} new tokens = {longest}")
         raise JaxllmError(
-            f"prompt of {tokens.shape[1]} tokens + {gen.max_new_tokens} new tokens = {total} exceeds the model's "
-            f"context of {model_cfg.max_seq_len}; shorten the prompt or lower generate.max_new_tokens"
+            f"{what} exceeds the model's context of {model_cfg.max_seq_len}; shorten the prompt or lower "
+            "generate.max_new_tokens"
         )
+    encoder = {}
+    if seq2seq:
+        if decoder_start_id is None:
+            raise JaxllmError("an encoder-decoder needs decoder_start_id (T5: the pad id, BART: the EOS id)")
+        encoder = {"encoder_tokens_BS": jnp.asarray(tokens), "encoder_mask_BS": jnp.asarray(mask)}
+        tokens = np.full((len(prompts), 1), decoder_start_id, np.int32)
+        mask = np.ones_like(tokens)
     out = _generate(
         params,
         jnp.asarray(tokens),
@@ -100,6 +133,7 @@ def generate(
         jax.random.key(gen.seed),
         jnp.int32(-1 if eos_id is None else eos_id),
         jnp.int32(pad_id),
+        **encoder,
         graphdef=graphdef,
         model_cfg=model_cfg,
         max_new_tokens=gen.max_new_tokens,
@@ -118,20 +152,39 @@ def generate(
 def generate_text(
     graphdef: nnx.GraphDef,
     params: Any,
-    model_cfg: ModelConfig,
+    cfg: Config,
     tokenizer,
     prompts: Sequence[str],
     gen: GenerateConfig,
-    add_bos: bool = True,
 ) -> list[str]:
-    """Continuations of text prompts (the prompt itself is not repeated)."""
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    encoded = [bos + tokenizer.encode(p) for p in prompts]
+    """Continuations of text prompts (the prompt itself is not repeated).
+
+    Decoders continue [BOS] + prompt. Encoder-decoders read the prompt framed as in training (T5:
+    prompt + EOS; BART: BOS + prompt + EOS; UL2: the [S] mode token first) and write an answer.
+    """
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    outputs = generate(graphdef, params, model_cfg, encoded, gen, tokenizer.eos_id, pad)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    start = None
+    if cfg.model.arch == "encoder_decoder":
+        from jaxllm.data.objectives import special_ids
+
+        ids = special_ids(cfg.data, tokenizer)
+        start = ids.decoder_start
+        prefix = bos if cfg.data.objective.name == "bart" else []
+        if cfg.data.objective.name == "ul2":
+            prefix = [ids.modes[d.mode_token] for d in cfg.data.objective.denoisers if d.kind == "prefix_lm"][:1]
+        encoded = [prefix + tokenizer.encode(p) + eos for p in prompts]
+    else:
+        encoded = [(bos if cfg.data.add_bos else []) + tokenizer.encode(p) for p in prompts]
+    outputs = generate(graphdef, params, cfg.model, encoded, gen, tokenizer.eos_id, pad, start)
     texts = []
     for prompt_ids, new_ids in zip(encoded, outputs):
+        new_ids = [i for i in new_ids if i < tokenizer.vocab_size]  # objective ids (sentinels) have no text
+        if cfg.model.arch == "encoder_decoder":
+            texts.append(tokenizer.decode(new_ids))
+            continue
         # Decode prompt and continuation together: a token's leading space only survives in context.
-        prefix, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
-        texts.append(full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(new_ids))
+        prefix_text, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+        texts.append(full[len(prefix_text):] if full.startswith(prefix_text) else tokenizer.decode(new_ids))
     return texts
