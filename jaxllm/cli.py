@@ -68,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     j2h.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors files above this size")
     j2h.set_defaults(func=cmd_convert_jaxllm_to_hf)
 
+    b = sub.add_parser("bench", help="measure tokens/s, MFU and memory, side by side with transformers")
+    b.add_argument("config", help="YAML config, e.g. configs/bench-1b.yaml")
+    b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=8")
+    b.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--peer", choices=["none", "eager", "compile", "both"], default="both",
+                   help="transformers on torch: eager, torch.compile, or both")
+    b.add_argument("--data", action="store_true", help="also measure the data pipeline alone")
+    b.add_argument("--generate", action="store_true", help="also measure prefill and decode tokens/s")
+    b.add_argument("--out", help="write the results as JSON here")
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
     tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
@@ -157,6 +169,48 @@ def cmd_convert_jaxllm_to_hf(args) -> int:
 
     out = jaxllm_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import jax
+
+    from jaxllm import bench
+    from jaxllm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    results: dict = {"config": args.config, "overrides": args.overrides, "platform": jax.devices()[0].platform,
+                     "date": __import__("datetime").date.today().isoformat()}
+    results["jaxllm"] = bench.bench_train(cfg, args.warmup, args.steps)
+    peers = {"none": [], "eager": [False], "compile": [True], "both": [False, True]}[args.peer]
+    for compiled in peers:
+        from jaxllm.bench_peer import bench_transformers
+
+        name = "transformers+torch.compile" if compiled else "transformers (eager)"
+        try:
+            results[name] = bench_transformers(cfg, compiled, args.warmup, args.steps)
+        except Exception as e:  # a peer that fails (e.g. no compiler for torch.compile) is reported, not fatal
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if args.data:
+        results["data pipeline"] = bench.bench_data(cfg)
+    if args.generate:
+        results["generate (jaxllm)"] = bench.bench_generate(cfg)
+        if args.peer != "none":
+            from jaxllm.bench_peer import bench_transformers_generate
+
+            results["generate (transformers)"] = bench_transformers_generate(cfg)
+    bench.write_report(results, args.out)
+    ours = results["jaxllm"]
+    print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "
+          f"batch {cfg.train.batch_size} x {cfg.data.seq_len}, {ours['devices']} x {ours['device_kind']}, "
+          f"model FLOPs/token {ours['flops_per_token']:.3g}, peak {ours['peak_flops_per_device']:.3g} FLOP/s "
+          f"({ours['peak_source']}), compile {ours['compile_s']:.1f} s")
+    print(bench.format_table(results))
+    for name, r in results.items():
+        if isinstance(r, dict) and "error" in r:
+            print(f"{name}: {r['error']}")
+        if isinstance(r, dict) and ("prefill_tokens_per_sec" in r or name == "data pipeline"):
+            print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     return 0
 
 

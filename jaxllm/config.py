@@ -259,6 +259,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     z_loss: float = 0.0  # weight of log(Z)^2 regulariser on the softmax normaliser
+    # Cross-entropy over this many sequence positions at a time (logits recomputed in the backward pass),
+    # so [batch, seq, vocab] logits never exist whole; 0 = all at once.
+    loss_chunk: int = 512
     sample_prompt: Optional[str] = "And God said"  # printed sample at the end of training; null = none
     sample_tokens: int = 40
     progress_bar: bool = True

@@ -20,6 +20,20 @@ from jaxllm.models.positions import apply_rope, rope_inv_freq
 from jaxllm.sharding import constrain
 
 
+class Masking(NamedTuple):
+    """What decides who attends to whom, computed once per stack and shared by its layers.
+
+    dense_BLS: the boolean mask (built for the XLA kernel; None when the kernel builds its own).
+    The segment ids and the causal/window settings feed kernels that take them directly (cuDNN).
+    """
+
+    dense_BLS: jax.Array | None
+    q_segment_BL: jax.Array
+    kv_segment_BS: jax.Array
+    causal: bool
+    sliding_window: int | None
+
+
 class LayerCache(NamedTuple):
     """One layer's cached keys/values [B, S, K, H] and where the current tokens are written."""
 
@@ -38,7 +52,7 @@ def attention_mask(
     causal: bool = True,
     sliding_window: int | None = None,
 ) -> jax.Array:
-    """Boolean mask_BLS: True where query l may attend to key s."""
+    """Boolean mask_BLS: True where query l may attend to key s (the XLA kernel's input)."""
     mask = (q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
     if causal:
         mask &= (q_index_L[:, None] >= kv_index_S[None, :])[None]
@@ -47,13 +61,56 @@ def attention_mask(
     return mask
 
 
-def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, bias_BNLS, scale: float, impl: str) -> jax.Array:
+def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool) -> str:
+    """The kernel for this call: "auto" picks cuDNN flash attention on GPUs for bf16/fp16 training
+    and prefill without a position bias, XLA otherwise."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not has_bias \
+            and not decoding:
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, scale: float, impl: str) -> jax.Array:
     """softmax(scale * q.k + bias, masked) . v, with K kv heads shared by groups of N/K query heads."""
-    implementation = None if impl == "auto" else impl
+    if impl == "cudnn":
+        return _cudnn_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, scale)
     if bias_BNLS is not None:
         bias_BNLS = bias_BNLS.astype(q_BLNH.dtype)
     return jax.nn.dot_product_attention(
-        q_BLNH, k_BSKH, v_BSKH, bias=bias_BNLS, mask=mask_BLS[:, None, :, :], scale=scale, implementation=implementation
+        q_BLNH, k_BSKH, v_BSKH, bias=bias_BNLS, mask=masking.dense_BLS[:, None, :, :], scale=scale,
+        implementation="xla",
+    )
+
+
+def segment_offsets(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout of a row of contiguous segments (ids 1, 2, ..., padding 0 at the end):
+    offsets [B, L+1] (start of each segment, -1 after the last) and lengths [B, L] (-1 after the last).
+    L slots always suffice: a row never holds more than L segments."""
+    B, L = segment_ids_BL.shape
+    previous = jnp.pad(segment_ids_BL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    is_start = (segment_ids_BL != previous) & (segment_ids_BL != 0)
+    starts_BM = jax.vmap(lambda row: jnp.nonzero(row, size=L, fill_value=-1)[0])(is_start).astype(jnp.int32)
+    real_B = jnp.sum(segment_ids_BL != 0, axis=1).astype(jnp.int32)
+    following = jnp.concatenate([starts_BM[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    ends_BM = jnp.where(following >= 0, following, real_B[:, None])
+    lengths_BM = jnp.where(starts_BM >= 0, ends_BM - starts_BM, -1)
+    offsets_BM1 = jnp.concatenate([starts_BM, jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    return offsets_BM1, lengths_BM
+
+
+def _cudnn_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, scale: float) -> jax.Array:
+    """cuDNN fused (flash) attention. Packed rows use its segment layout (offsets and lengths per
+    segment), so no [L, S] mask is ever built; self-attention only (query and key rows align)."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_dpa
+
+    offsets, lengths = segment_offsets(masking.q_segment_BL)
+    mask_type = MaskType.PADDING_CAUSAL if masking.causal else MaskType.PADDING
+    return cudnn_dpa(
+        q_BLNH, k_BSKH, v_BSKH, bias=None if bias_BNLS is None else bias_BNLS.astype(q_BLNH.dtype),
+        q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+        mask_type=mask_type, qkv_layout="BTNH", sliding_window_length=masking.sliding_window,
     )
 
 
@@ -75,7 +132,7 @@ class Attention(nnx.Module):
         self,
         x_BLD: jax.Array,
         positions_BL: jax.Array,
-        mask_BLS: jax.Array,
+        masking: Masking,
         bias_BNLS: jax.Array | None = None,
         cache: LayerCache | None = None,
         memory_BSD: jax.Array | None = None,
@@ -98,6 +155,9 @@ class Attention(nnx.Module):
             v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start)
             new_cache = (k_BSKH, v_BSKH)
             k_BSKH, v_BSKH = k_BSKH.astype(q_BLNH.dtype), v_BSKH.astype(q_BLNH.dtype)
-        out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, bias_BNLS, self.scale, self.impl)
+        impl = resolve_impl(self.impl, q_BLNH.dtype, bias_BNLS is not None, cache is not None)
+        if impl == "cudnn" and (cache is not None or memory_BSD is not None):
+            impl = "xla"  # the packed cuDNN layout needs aligned query/key rows: training self-attention
+        out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, self.scale, impl)
         out_BLNH = constrain(out_BLNH, ("batch", "length", "act_heads", None))
         return self.o(out_BLNH), new_cache

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import Attention, LayerCache, attention_mask
+from jaxllm.models.attention import Attention, LayerCache, Masking, attention_mask, resolve_impl
 from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, make_param
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
 from jaxllm.sharding import constrain
@@ -88,18 +88,18 @@ class Block(nnx.Module):
         out = x_BLD + f(norm(x_BLD)) if self.pre_norm else norm(x_BLD + f(x_BLD))
         return constrain(out, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BLD, positions_BL, mask_BLS, bias_BNLS, cache=None, memory=None, memory_mask_BLS=None):
+    def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None):
         new_cache = None
 
         def self_attention(h_BLD):
             nonlocal new_cache
-            out, new_cache = self.attn(h_BLD, positions_BL, mask_BLS, bias_BNLS, cache)
+            out, new_cache = self.attn(h_BLD, positions_BL, masking, bias_BNLS, cache)
             return out
 
         x_BLD = self._residual(self.attn_norm, self_attention, x_BLD)
         if self.cross is not None:
             x_BLD = self._residual(
-                self.cross_norm, lambda h: self.cross(h, positions_BL, memory_mask_BLS, memory_BSD=memory)[0], x_BLD
+                self.cross_norm, lambda h: self.cross(h, positions_BL, memory_masking, memory_BSD=memory)[0], x_BLD
             )
         x_BLD = self._residual(self.mlp_norm, self.mlp, x_BLD)
         return x_BLD, new_cache
@@ -148,24 +148,29 @@ class Stack(nnx.Module):
             q_index_L = cache.index + q_index_L
             kv_segments_BS, kv_positions_BS = cache.segment_ids, cache.positions
             kv_index_S = jnp.arange(cache.segment_ids.shape[1])
-        mask_BLS = attention_mask(segment_ids_BL, positions_BL, q_index_L, kv_segments_BS, kv_positions_BS,
-                                  kv_index_S, self.causal, self.cfg.sliding_window)
         bias_BNLS = None
         if self.relative_bias is not None:
             bias_BNLS = self.relative_bias(positions_BL, kv_positions_BS)
         elif self.alibi is not None:
             bias_BNLS = alibi_bias(self.alibi, positions_BL, kv_positions_BS)
-        memory_mask_BLS = None
+        impl = resolve_impl(self.cfg.attention_impl, x_BLD.dtype, bias_BNLS is not None, cache is not None)
+        dense = None
+        if impl != "cudnn" or cache is not None:  # cuDNN builds its mask from the segment ids
+            dense = attention_mask(segment_ids_BL, positions_BL, q_index_L, kv_segments_BS, kv_positions_BS,
+                                   kv_index_S, self.causal, self.cfg.sliding_window)
+        masking = Masking(dense, segment_ids_BL, kv_segments_BS, self.causal, self.cfg.sliding_window)
+        memory_masking = None
         if memory is not None:
-            memory_mask_BLS = (segment_ids_BL[:, :, None] == memory.segment_ids_BS[:, None, :]) & (
+            cross_BLS = (segment_ids_BL[:, :, None] == memory.segment_ids_BS[:, None, :]) & (
                 memory.segment_ids_BS[:, None, :] != 0
             )
+            memory_masking = Masking(cross_BLS, segment_ids_BL, memory.segment_ids_BS, False, None)
 
         def apply_block(block_state, x_BLD, layer_kv):
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
-            return block(x_BLD, positions_BL, mask_BLS, bias_BNLS, layer_cache,
-                         None if memory is None else memory.x_BSD, memory_mask_BLS)
+            return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache,
+                         None if memory is None else memory.x_BSD, memory_masking)
 
         if self.cfg.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],

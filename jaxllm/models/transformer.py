@@ -122,18 +122,18 @@ class Encoder(Stack):
         no head: the hidden states [B, L, D]."""
         x_BLD = self.hidden(tokens_BL, positions_BL, segment_ids_BL, token_types_BL)
         if self.mlm_head is not None:
-            return self.mlm_head(x_BLD, self.embed)
+            return self.logits(x_BLD)
         if self.disc_head is not None:
             return self.disc_head(x_BLD)
         return x_BLD
 
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """The masked-LM head on hidden states (the loss applies it chunk by chunk)."""
+        return self.mlm_head(x_BLD, self.embed)
+
     def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, token_types_BL=None):
         positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
         return self.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, token_types_BL)[0]
-
-    def hidden_from_embeddings(self, x_BLE, positions_BL, segment_ids_BL, token_types_BL=None):
-        """The stack applied to given token vectors (ELECTRA shares its generator's table)."""
-        return self.run(x_BLE, positions_BL, segment_ids_BL, token_types_BL)[0]
 
 
 class EncoderDecoder(nnx.Module):
@@ -158,9 +158,16 @@ class EncoderDecoder(nnx.Module):
     def decode(self, memory: Memory, tokens_BL, positions_BL=None, segment_ids_BL=None,
                cache: StackCache | None = None):
         """Logits [B, L, V] of the decoder and its updated self-attention cache."""
+        x_BLD, cache = self.decode_hidden(memory, tokens_BL, positions_BL, segment_ids_BL, cache)
+        return self.logits(x_BLD), cache
+
+    def decode_hidden(self, memory: Memory, tokens_BL, positions_BL=None, segment_ids_BL=None,
+                      cache: StackCache | None = None):
         positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
-        x_BLD, cache = self.decoder.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache, memory=memory)
-        return self.lm_head(x_BLD, self.embed), cache
+        return self.decoder.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache, memory=memory)
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        return self.lm_head(x_BLD, self.embed)
 
 
 MODEL_CLASSES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}

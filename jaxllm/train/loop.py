@@ -122,9 +122,10 @@ class Trainer:
                 cfg.train.seed,
                 self.state_shardings,
                 self.batch_sharding,
+                cfg.train.loss_chunk,
             )
         self._eval_fn = jax.jit(
-            functools.partial(eval_step, graphdef=self.graphdef),
+            functools.partial(eval_step, graphdef=self.graphdef, loss_chunk=cfg.train.loss_chunk),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
         )
         if jax.process_index() == 0:

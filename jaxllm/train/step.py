@@ -57,24 +57,55 @@ def normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
+def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Array], targets_BL: jax.Array,
+                          mask_BL: jax.Array, z_loss: float, chunk: int):
+    """`cross_entropy(head(x_BLD), ...)` computed `chunk` positions of the sequence at a time.
+
+    Only a [B, chunk, V] slice of the logits exists at once, and it is recomputed in the backward
+    pass (jax.checkpoint), so memory no longer grows with B x L x V. chunk <= 0 or >= L: one piece.
+    """
+    L = x_BLD.shape[1]
+    if chunk <= 0 or chunk >= L:
+        return cross_entropy(head(x_BLD), targets_BL, mask_BL, z_loss)
+    pad = -L % chunk
+    if pad:  # padded positions carry mask 0
+        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+        targets_BL, mask_BL = jnp.pad(targets_BL, ((0, 0), (0, pad))), jnp.pad(mask_BL, ((0, 0), (0, pad)))
+    n = x_BLD.shape[1] // chunk
+
+    def split(a):  # [B, n*chunk, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def piece(carry, xs):
+        x_BCD, t_BC, m_BC = xs
+        nll, zl = cross_entropy(head(x_BCD), t_BC, m_BC, z_loss)
+        return (carry[0] + nll, carry[1] + zl), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, zl), _ = jax.lax.scan(piece, (zero, zero), (split(x_BLD), split(targets_BL), split(mask_BL)))
+    return nll, zl
+
+
 def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],
-            z_loss: float, key: jax.Array):
+            z_loss: float, key: jax.Array, loss_chunk: int = 0):
     """(objective to minimise, metrics): both already divided by the batch's counts in `norms`."""
     model = bind(graphdef, params)
     mask = loss_mask(batch).astype(jnp.float32)
     if isinstance(model, Electra):
         return _electra_loss(model, batch, mask, norms, z_loss, key)
     if isinstance(model, EncoderDecoder):
-        logits = model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_positions"],
-                       batch["encoder_segment_ids"], batch["decoder_positions"], batch["decoder_segment_ids"])
-        nll, zl = cross_entropy(logits, batch["decoder_targets"], mask, z_loss)
-        return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
-    if isinstance(model, Encoder):  # masked LM
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
-        return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
+        memory = model.encode(batch["encoder_inputs"], batch["encoder_positions"], batch["encoder_segment_ids"])
+        x_BLD, _ = model.decode_hidden(memory, batch["decoder_inputs"], batch["decoder_positions"],
+                                       batch["decoder_segment_ids"])
+        targets = batch["decoder_targets"]
+    elif isinstance(model, Encoder):  # masked LM
+        x_BLD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        targets = batch["targets"]
+    else:
+        x_BLD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        targets = batch["targets"]
+    nll, zl = chunked_cross_entropy(x_BLD, model.logits, targets, mask, z_loss, loss_chunk)
     return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
 
 
@@ -104,6 +135,7 @@ def train_step(
     grad_accum: int,
     z_loss: float,
     seed: int = 0,
+    loss_chunk: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the whole batch's mean token loss.
 
@@ -113,17 +145,20 @@ def train_step(
     """
     norms = normalizers(batch)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = jax.grad(
+        functools.partial(loss_fn, graphdef=graphdef, z_loss=z_loss, loss_chunk=loss_chunk), has_aux=True
+    )
     if grad_accum == 1:
-        grads, metrics = grad_fn(state.params, graphdef, batch, norms, z_loss, key)
+        grads, metrics = grad_fn(state.params, batch=batch, norms=norms, key=key)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-        shapes = jax.eval_shape(grad_fn, state.params, graphdef, jax.tree.map(lambda x: x[0], micro), norms,
-                                z_loss, key)
+        shapes = jax.eval_shape(
+            lambda p, b: grad_fn(p, batch=b, norms=norms, key=key), state.params, jax.tree.map(lambda x: x[0], micro)
+        )
 
         def accumulate(carry, xs):
             micro_batch, index = xs
-            out = grad_fn(state.params, graphdef, micro_batch, norms, z_loss, jax.random.fold_in(key, index))
+            out = grad_fn(state.params, batch=micro_batch, norms=norms, key=jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, carry, out), None
 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -136,17 +171,20 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+              ) -> dict[str, jax.Array]:
     """Summed token loss ("nll_sum") and token count of a batch (for perplexity over many batches)."""
     ones = {"tokens": jnp.float32(1.0), "positions": jnp.float32(1.0)}
-    _, metrics = loss_fn(params, graphdef, batch, ones, 0.0, jax.random.key(0))
+    _, metrics = loss_fn(params, graphdef, batch, ones, 0.0, jax.random.key(0), loss_chunk)
     tokens = jnp.sum(loss_mask(batch).astype(jnp.float32))
     return {"nll_sum": metrics.get("mlm_loss", metrics["loss"]), "tokens": tokens}
 
 
-def jit_train_step(graphdef, tx, schedule, grad_accum, z_loss, seed, state_shardings, batch_shardings):
+def jit_train_step(graphdef, tx, schedule, grad_accum, z_loss, seed, state_shardings, batch_shardings,
+                   loss_chunk: int = 0):
     step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum, z_loss=z_loss, seed=seed
+        train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum, z_loss=z_loss, seed=seed,
+        loss_chunk=loss_chunk,
     )
     return jax.jit(
         step,

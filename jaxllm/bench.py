@@ -1,0 +1,226 @@
+"""Benchmarks: training throughput and MFU, the same model in Hugging Face `transformers` side by side,
+the data pipeline alone, and generation (prefill and decode).
+
+`jaxllm bench CONFIG [overrides]` or `python tools/bench.py CONFIG`. Prints a table and writes JSON.
+Speed is measured here, never in the test suite. The formulas are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import models, sharding
+from jaxllm.config import Config, ModelConfig
+
+# bf16 dense matrix peak per chip, FLOP/s (vendor datasheets; H100/H200 SXM without sparsity).
+PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+    "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """total parameters; `matmul`: those that multiply every token (all but the input embedding
+    lookups; a tied output projection counts once more, since it is a matmul of every token)."""
+    _, abstract, _ = models.model_spec(cfg)
+    flat = {"/".join(str(k.key) for k in path): math.prod(a.shape)
+            for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    total = sum(flat.values())
+    lookups = sum(n for p, n in flat.items() if p.endswith("embedding") and "relative_bias" not in p)
+    matmul = total - lookups + (cfg.vocab_size * cfg.embedding_dim if cfg.tie_embeddings else 0)
+    return {"total": total, "matmul": matmul}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_matmul (forward 2N, backward 4N) plus the attention scores and
+    values, 12 * layers * d_attn * seq (PaLM's convention: the full, not the causal half). An MoE counts
+    its active parameters only (N over the experts a token visits)."""
+    n = param_counts(cfg)["matmul"]
+    layers = cfg.num_layers + (cfg.decoder_layers if cfg.arch == "encoder_decoder" else 0)
+    d_attn = cfg.num_heads * cfg.dim_per_head
+    return 6.0 * n + 12.0 * layers * d_attn * seq_len
+
+
+def device_peak_flops(device: jax.Device) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for one device; CPUs are measured."""
+    kind = device.device_kind.lower()
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak, f"datasheet ({device.device_kind}, bf16)"
+    if device.platform == "cpu":
+        return measure_matmul_peak(), "measured (float32 matmul on this CPU)"
+    return float("nan"), f"unknown device kind {device.device_kind!r}"
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n x n float32 matmul on this host's devices (the CPU ceiling for MFU)."""
+    a = jnp.ones((n, n), jnp.float32) * 0.5
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
+
+
+def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
+    med = statistics.median(times)
+    p90 = sorted(times)[max(int(math.ceil(0.9 * len(times))) - 1, 0)]
+    return {"step_time_median": med, "step_time_p90": p90, "tokens_per_sec": tokens_per_step / med}
+
+
+def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One unpacked document per row of random tokens (a decoder's CLM batch)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    return {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
+
+
+def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
+    """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
+    from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
+    from jaxllm.train.step import TrainState, jit_train_step
+
+    m = cfg.model
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    graphdef, params, param_shardings = models.init_params(m, mesh, rules, seed=0)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps), make_schedule(cfg.optim, cfg.train.steps)
+    _, abstract, _ = models.model_spec(m)
+    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, abstract), abstract, param_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh)
+    state = TrainState(jax.device_put(np.int32(0), replicated), params, jax.jit(tx.init, out_shardings=opt_sh)(params))
+    batch_sh = sharding.batch_sharding(mesh, rules, 2)
+    batch = {k: jax.device_put(v, batch_sh)
+             for k, v in synthetic_batch(m, cfg.train.batch_size, cfg.data.seq_len).items()}
+    with sharding.activate(mesh, rules):
+        step_fn = jit_train_step(graphdef, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, 0, state_sh, batch_sh,
+                                 cfg.train.loss_chunk)
+        t = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    times = _timed(run, warmup, steps)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    out = _summary(times, tokens)
+    devices = mesh.devices.flatten()
+    peak, peak_source = device_peak_flops(devices[0])
+    fpt = flops_per_token(m, cfg.data.seq_len)
+    out.update(
+        compile_s=compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
+        peak_flops_per_device=peak, peak_source=peak_source,
+        mfu=fpt * out["tokens_per_sec"] / (peak * len(devices)), params=param_counts(m),
+        peak_memory_bytes=_peak_memory(devices[0], compiled), final_loss=float(run()),
+    )
+    return out
+
+
+def _peak_memory(device: jax.Device, compiled) -> dict[str, Any]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_bytes_in_use": stats["peak_bytes_in_use"], "source": "device allocator"}
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {"source": "unavailable"}
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return {"peak_bytes_in_use": int(total), "temp_bytes": int(mem.temp_size_in_bytes),
+            "source": "compiled memory analysis (arguments + outputs + temporaries - donated)"}
+
+
+def bench_data(cfg: Config, batches: int = 50) -> dict[str, Any]:
+    """Tokens/s the data pipeline alone produces (tokenize, pack, shuffle, batch) on this host."""
+    from jaxllm.data.pipeline import make_pipeline
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer.path or "builtin:kjv-sp4k")
+    pipeline = make_pipeline(cfg.data, tokenizer, cfg.train.batch_size)
+    try:
+        next(pipeline)
+        t = time.perf_counter()
+        for _ in range(batches):
+            next(pipeline)
+        elapsed = time.perf_counter() - t
+    finally:
+        pipeline.close()
+    return {"tokens_per_sec": batches * cfg.train.batch_size * cfg.data.seq_len / elapsed, "batches": batches}
+
+
+def bench_generate(cfg: Config, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64) -> dict[str, Any]:
+    """Prefill tokens/s and decode tokens/s of KV-cache generation (greedy, random init)."""
+    from jaxllm.config import GenerateConfig
+    from jaxllm.infer.generate import generate
+
+    m = cfg.model
+    mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1))
+    graphdef, params, _ = models.init_params(m, mesh, sharding.make_rules(), seed=0)
+    prompts = np.random.default_rng(0).integers(0, m.vocab_size, (batch, prompt_len)).tolist()
+
+    def run(n):
+        gen = GenerateConfig(max_new_tokens=n, temperature=0.0)
+        return generate(graphdef, params, m, prompts, gen, eos_id=None, pad_id=0)
+
+    prefill = statistics.median(_timed(lambda: run(1), 1, 3))
+    full = statistics.median(_timed(lambda: run(new_tokens), 1, 3))
+    return {"prefill_tokens_per_sec": batch * prompt_len / prefill,
+            "decode_tokens_per_sec": batch * (new_tokens - 1) / max(full - prefill, 1e-9),
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+def write_report(results: dict[str, Any], path: str | Path | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2, default=float))
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU", "peak memory", "vs jaxllm")]
+    ours = results.get("jaxllm", {})
+    for name, r in results.items():
+        if not isinstance(r, dict) or "step_time_median" not in r:
+            continue
+        mem = r.get("peak_memory_bytes", {}).get("peak_bytes_in_use")
+        ratio = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"] if name != "jaxllm" else 1.0
+        rows.append((
+            name, f"{r['tokens_per_sec']:,.0f}",
+            f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}" if "step_time_median" in r else "-",
+            f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+            f"{mem / 2**30:.2f} GiB" if mem else "-",
+            f"{ratio:.2f}x" if name != "jaxllm" else "-",
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
+
