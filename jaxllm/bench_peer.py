@@ -78,6 +78,8 @@ def bench_transformers(cfg: Config, compiled: bool, warmup: int = 3, steps: int 
     out.update(first_step_s=first_step_s, final_loss=loss.item(), torch=torch.__version__)
     if torch_device == "cuda":
         out["peak_memory_bytes"] = {"peak_bytes_in_use": torch.cuda.max_memory_allocated(), "source": "torch.cuda"}
+        del model, step_model, opt
+        torch.cuda.empty_cache()
     return out
 
 
@@ -105,6 +107,9 @@ def bench_transformers_generate(cfg: Config, batch: int = 1, prompt_len: int = 1
         return statistics.median(ts)
 
     prefill, full = timed(1), timed(new_tokens)
+    if torch_device == "cuda":
+        del model
+        torch.cuda.empty_cache()
     return {"prefill_tokens_per_sec": batch * prompt_len / prefill,
             "decode_tokens_per_sec": batch * (new_tokens - 1) / max(full - prefill, 1e-9)}
 

@@ -181,7 +181,7 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     results: dict = {"config": args.config, "overrides": args.overrides, "platform": jax.devices()[0].platform,
                      "date": __import__("datetime").date.today().isoformat()}
-    results["jaxllm"] = bench.bench_train(cfg, args.warmup, args.steps)
+    # The peer runs first: JAX's allocator keeps GPU memory once it has it; torch returns its own.
     peers = {"none": [], "eager": [False], "compile": [True], "both": [False, True]}[args.peer]
     for compiled in peers:
         from jaxllm.bench_peer import bench_transformers
@@ -191,14 +191,15 @@ def cmd_bench(args) -> int:
             results[name] = bench_transformers(cfg, compiled, args.warmup, args.steps)
         except Exception as e:  # a peer that fails (e.g. no compiler for torch.compile) is reported, not fatal
             results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if args.generate and args.peer != "none":
+        from jaxllm.bench_peer import bench_transformers_generate
+
+        results["generate (transformers)"] = bench_transformers_generate(cfg)
+    results = {"jaxllm": bench.bench_train(cfg, args.warmup, args.steps), **results}
     if args.data:
         results["data pipeline"] = bench.bench_data(cfg)
     if args.generate:
         results["generate (jaxllm)"] = bench.bench_generate(cfg)
-        if args.peer != "none":
-            from jaxllm.bench_peer import bench_transformers_generate
-
-            results["generate (transformers)"] = bench_transformers_generate(cfg)
     bench.write_report(results, args.out)
     ours = results["jaxllm"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "

@@ -84,14 +84,20 @@ def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, s
     )
 
 
-def segment_offsets(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+# cuDNN's packed layout takes a fixed number of segment slots per row, and its workspace grows with it;
+# the trainer checks every batch against this bound (a row with more documents is an error, never
+# silently wrong attention).
+MAX_SEGMENTS = 16
+
+
+def segment_offsets(segment_ids_BL: jax.Array, max_segments: int = MAX_SEGMENTS) -> tuple[jax.Array, jax.Array]:
     """cuDNN's packed layout of a row of contiguous segments (ids 1, 2, ..., padding 0 at the end):
-    offsets [B, L+1] (start of each segment, -1 after the last) and lengths [B, L] (-1 after the last).
-    L slots always suffice: a row never holds more than L segments."""
+    offsets [B, M+1] (start of each segment, -1 after the last) and lengths [B, M] (-1 after the last)."""
     B, L = segment_ids_BL.shape
+    M = min(max_segments, L)
     previous = jnp.pad(segment_ids_BL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
     is_start = (segment_ids_BL != previous) & (segment_ids_BL != 0)
-    starts_BM = jax.vmap(lambda row: jnp.nonzero(row, size=L, fill_value=-1)[0])(is_start).astype(jnp.int32)
+    starts_BM = jax.vmap(lambda row: jnp.nonzero(row, size=M, fill_value=-1)[0])(is_start).astype(jnp.int32)
     real_B = jnp.sum(segment_ids_BL != 0, axis=1).astype(jnp.int32)
     following = jnp.concatenate([starts_BM[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
     ends_BM = jnp.where(following >= 0, following, real_B[:, None])

@@ -21,6 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import models, sharding
+from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
+from jaxllm.models.layers import DTYPES
 from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml, validate
 from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import make_pipeline
@@ -112,6 +114,9 @@ class Trainer:
 
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
         self.batch_spec = batch_spec(cfg.data, cfg.train.batch_size)  # global shapes and dtypes
+        # cuDNN's packed attention holds a fixed number of documents per row (see attention.MAX_SEGMENTS).
+        uses_cudnn = resolve_impl(cfg.model.attention_impl, DTYPES[cfg.model.dtype], False, False) == "cudnn"
+        self._segment_limit = MAX_SEGMENTS if uses_cudnn and cfg.model.positions not in ("alibi", "relative") else None
         with sharding.activate(self.mesh, self.rules):
             self._step_fn = jit_train_step(
                 self.graphdef,
@@ -140,6 +145,8 @@ class Trainer:
         """The next global batch, assembled from this process's share of the data."""
         local = next(self.data)
         self.data_state = self.data.get_state()
+        if self._segment_limit is not None:
+            _check_segments(local, self._segment_limit)
         return self._global_batch(local)
 
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -267,6 +274,16 @@ def _check_same_model(cfg: Config, saved_yaml: str, run_dir: Path) -> None:
         raise JaxllmError(
             f"run_dir {run_dir} holds checkpoints of a different model ({'; '.join(diffs)}); "
             "use a new run_dir or the original model settings"
+        )
+
+
+def _check_segments(batch: dict[str, np.ndarray], limit: int) -> None:
+    segments = batch.get("segment_ids", batch.get("encoder_segment_ids"))
+    most = int(segments.max()) if segments.size else 0
+    if most > limit:
+        raise JaxllmError(
+            f"a packed row holds {most} documents, more than the {limit} cuDNN's packed attention takes; "
+            "lower data.seq_len, or set model.attention_impl=xla"
         )
 
 

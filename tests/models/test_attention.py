@@ -1,0 +1,45 @@
+"""Attention kernels against an einsum reference, and the cuDNN packed-segment layout.
+
+The cuDNN kernel itself runs only on NVIDIA GPUs: tools/check_attention.py compares it with the
+XLA kernel there (docs/performance.md has the numbers)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.models.attention import Masking, attention_mask, dot_product_attention, segment_offsets
+
+
+def reference(q, k, v, mask, bias, scale):
+    """Plain einsum attention in float64-like precision: GQA by repeating kv heads."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("blnh,bsnh->bnls", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    logits = jnp.where(mask[:, None], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask[:, None].any(-1, keepdims=True), probs, 0.0)  # rows with no key output 0
+    return jnp.einsum("bnls,bsnh->blnh", probs, v)
+
+
+def test_xla_kernel_matches_reference_with_packing_gqa_window_and_bias():
+    B, L, N, K, H = 2, 12, 6, 2, 8
+    kq, kk, kv, kb = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(x, (B, L, n, H)) for x, n in ((kq, N), (kk, K), (kv, K)))
+    seg = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    pos = jnp.array([list(range(5)) * 2 + [0, 0], list(range(12))])
+    idx = jnp.arange(L)
+    mask = attention_mask(seg, pos, idx, seg, pos, idx, True, 4)
+    bias = jax.random.normal(kb, (B, N, L, L))
+    out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 4), bias, H**-0.5, "xla")
+    ref = reference(q, k, v, mask, bias, H**-0.5)
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
+
+
+def test_segment_offsets_describe_each_document():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    offsets, lengths = segment_offsets(seg, max_segments=4)
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
