@@ -150,6 +150,23 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, mesh, rules))
 
 
+def shard_map_by_names(fn, in_names, out_names):
+    """`fn` applied per device under the active mesh (`activate`), its inputs and outputs split by
+    logical names; outside a mesh, `fn` itself. For kernels the compiler cannot partition (Pallas)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn
+    mesh, rules = active
+
+    def wrapped(*args):
+        shapes = tuple(a.shape for a in args)
+        in_specs = tuple(logical_to_spec(n, s, mesh, rules) for n, s in zip(in_names, shapes))
+        out_spec = logical_to_spec(out_names, shapes[0], mesh, rules)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+    return wrapped
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
     table = dict(reversed(rules))

@@ -61,14 +61,19 @@ def attention_mask(
     return mask
 
 
-def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool) -> str:
-    """The kernel for this call: "auto" picks cuDNN flash attention on GPUs for bf16/fp16 training
-    and prefill without a position bias, XLA otherwise."""
+def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool, length: int | None = None) -> str:
+    """The kernel for this call. "auto": cuDNN flash attention on GPUs (bf16/fp16), Pallas splash
+    attention on TPUs (sequences a multiple of 128), for training and prefill without a position bias;
+    XLA otherwise (decoding, ALiBi/T5 biases, CPUs)."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not has_bias \
-            and not decoding:
+    if has_bias or decoding:
+        return "xla"
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if backend == "tpu" and (length is None or length % 128 == 0):
+        return "splash"
     return "xla"
 
 
@@ -76,6 +81,10 @@ def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, s
     """softmax(scale * q.k + bias, masked) . v, with K kv heads shared by groups of N/K query heads."""
     if impl == "cudnn":
         return _cudnn_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, scale)
+    if impl in ("splash", "splash_interpret"):
+        if bias_BNLS is not None:
+            raise ValueError("splash attention takes no position bias; use attention_impl=xla")
+        return splash_attention(q_BLNH, k_BSKH, v_BSKH, masking, scale, interpret=impl == "splash_interpret")
     if bias_BNLS is not None:
         bias_BNLS = bias_BNLS.astype(q_BLNH.dtype)
     return jax.nn.dot_product_attention(
@@ -120,6 +129,47 @@ def _cudnn_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, scale:
     )
 
 
+def splash_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, scale: float, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU): block-sparse flash attention with segment ids, so packed rows
+    need no [L, S] mask. GQA runs the multi-query kernel once per kv head. The kernel is per device:
+    under a mesh it runs inside shard_map over the batch and kv-head shards. `interpret` runs the
+    kernel in the Pallas interpreter (any backend; used by the CPU tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    from jaxllm.sharding import shard_map_by_names
+
+    B, L, N, H = q_BLNH.shape
+    K = k_BSKH.shape[2]
+    G = N // K
+    if masking.sliding_window is not None:
+        mask = masks.LocalMask((L, L), window_size=(masking.sliding_window - 1, 0 if masking.causal else None), offset=0)
+    else:
+        mask = masks.CausalMask((L, L)) if masking.causal else masks.FullMask((L, L))
+    block = min(512, L)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def per_device(q_BLKGH, k_BSKH, v_BSKH, seg_BL):
+        kernel = splash.make_splash_mqa(masks.MultiHeadMask([mask] * G), block_sizes=sizes, head_shards=1,
+                                        q_seq_shards=1, interpret=interpret)
+        q_BKGLH = (q_BLKGH * scale).transpose(0, 2, 3, 1, 4)
+        k_BKLH, v_BKLH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+
+        def one_row(q_KGLH, k_KLH, v_KLH, seg_L):
+            ids = splash.SegmentIds(q=seg_L, kv=seg_L)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGLH, k_KLH, v_KLH)
+
+        return jax.vmap(one_row)(q_BKGLH, k_BKLH, v_BKLH, seg_BL).transpose(0, 3, 1, 2, 4)  # [B, L, K, G, H]
+
+    # Query heads grouped by kv head, so a head-sharded mesh splits queries and keys alike.
+    q_BLKGH = q_BLNH.reshape(B, L, K, G, H)
+    names_q, names_kv = ("batch", None, "act_kv_heads", None, None), ("batch", None, "act_kv_heads", None)
+    out_BLKGH = shard_map_by_names(per_device, (names_q, names_kv, names_kv, ("batch", None)), names_q)(
+        q_BLKGH, k_BSKH, v_BSKH, masking.q_segment_BL)
+    return out_BLKGH.reshape(B, L, N, H)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross: bool = False):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -161,9 +211,9 @@ class Attention(nnx.Module):
             v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start)
             new_cache = (k_BSKH, v_BSKH)
             k_BSKH, v_BSKH = k_BSKH.astype(q_BLNH.dtype), v_BSKH.astype(q_BLNH.dtype)
-        impl = resolve_impl(self.impl, q_BLNH.dtype, bias_BNLS is not None, cache is not None)
-        if impl == "cudnn" and (cache is not None or memory_BSD is not None):
-            impl = "xla"  # the packed cuDNN layout needs aligned query/key rows: training self-attention
+        impl = resolve_impl(self.impl, q_BLNH.dtype, bias_BNLS is not None, cache is not None, x_BLD.shape[1])
+        if impl in ("cudnn", "splash", "splash_interpret") and (cache is not None or memory_BSD is not None):
+            impl = "xla"  # the fused kernels take aligned query/key rows: training and prefill self-attention
         out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, self.scale, impl)
         out_BLNH = constrain(out_BLNH, ("batch", "length", "act_heads", None))
         return self.o(out_BLNH), new_cache

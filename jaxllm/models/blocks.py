@@ -153,9 +153,9 @@ class Stack(nnx.Module):
             bias_BNLS = self.relative_bias(positions_BL, kv_positions_BS)
         elif self.alibi is not None:
             bias_BNLS = alibi_bias(self.alibi, positions_BL, kv_positions_BS)
-        impl = resolve_impl(self.cfg.attention_impl, x_BLD.dtype, bias_BNLS is not None, cache is not None)
+        impl = resolve_impl(self.cfg.attention_impl, x_BLD.dtype, bias_BNLS is not None, cache is not None, L)
         dense = None
-        if impl != "cudnn" or cache is not None:  # cuDNN builds its mask from the segment ids
+        if impl not in ("cudnn", "splash", "splash_interpret") or cache is not None:  # fused kernels use segment ids
             dense = attention_mask(segment_ids_BL, positions_BL, q_index_L, kv_segments_BS, kv_positions_BS,
                                    kv_index_S, self.causal, self.cfg.sliding_window)
         masking = Masking(dense, segment_ids_BL, kv_segments_BS, self.causal, self.cfg.sliding_window)
