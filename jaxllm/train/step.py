@@ -19,9 +19,10 @@ from jaxllm.models import bind
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates done
+    step: jax.Array  # int32 scalar: steps taken (batches consumed), skipped updates included
     params: Any  # nested dict of arrays
     opt_state: Any
+    skipped: jax.Array  # int32 scalar: updates skipped because the loss or a gradient was NaN/Inf
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, z_loss: float = 0.0):
@@ -60,6 +61,9 @@ def train_step(
 
     With grad_accum > 1 the batch is split into micro-batches scanned in sequence; gradients are summed
     and divided by the batch's total token count, so the update equals the one-shot update.
+
+    When the loss or the gradient norm is NaN/Inf the parameters and optimizer state stay as they were
+    (`skipped` counts it, metrics["finite"] is False); the caller decides whether to go on.
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -79,15 +83,24 @@ def train_step(
     tokens = jnp.maximum(aux["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     grad_norm = optax.tree.norm(grads)
+    loss = aux["nll_sum"] / tokens
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Decided on the device (a select, no host sync): a bad update never reaches the parameters.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    )
+    skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics = {
-        "loss": aux["nll_sum"] / tokens,
+        "loss": loss,
         "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "tokens": aux["tokens"],
+        "skipped_updates": skipped,
+        "finite": finite,
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
