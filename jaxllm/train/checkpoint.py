@@ -101,6 +101,7 @@ class Checkpointer:
         cfg = cfg or CheckpointConfig()
         self.directory = Path(directory).absolute()
         self._async = cfg.async_save
+        self._read_only = read_only
         self._saving: int | None = None  # the step being written, until its save has finished
         if not read_only and jax.process_index() == 0:
             self._remove_leftovers()
@@ -119,7 +120,8 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
             raise JaxllmError(
-                f"cannot use checkpoint directory {self.directory} ({e.strerror or e}); check the path and its permissions"
+                f"cannot use checkpoint directory {self.directory} ({e.strerror or e}); "
+                "check the path and its permissions"
             ) from None
 
     def latest_step(self) -> int | None:
@@ -246,7 +248,7 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
-            if jax.process_index() == 0:
+            if not self._read_only and jax.process_index() == 0:
                 shutil.rmtree(self.directory / _TRASH, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ internals
@@ -256,7 +258,7 @@ class Checkpointer:
         the step's files are all written, so their checksums go in with them."""
         tmp = [p for p in self.directory.glob(f"{self._saving}{_TMP_SUFFIX}*") if p.is_dir()]
         if len(tmp) != 1:
-            raise JaxllmError(f"expected one temporary directory of step {self._saving} in {self.directory}, found {tmp}")
+            raise JaxllmError(f"expected one temporary directory of step {self._saving} in {self.directory}: {tmp}")
         write_checksums(tmp[0])
         shutil.rmtree(self.directory / _TRASH, ignore_errors=True)  # steps dropped after the previous save
 

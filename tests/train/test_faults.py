@@ -20,7 +20,7 @@ import pytest
 from jaxllm.cli import main
 from jaxllm.config import JaxllmError, load_config
 from jaxllm.infer.load import load_model
-from jaxllm.train.checksums import CorruptCheckpointError
+from jaxllm.train.checksums import CorruptCheckpointError, verify_checksums
 from jaxllm.train.loop import Trainer
 from jaxllm.train.metrics import read_metrics
 from jaxllm.train.monitor import NonfiniteLossError, replay_batch
@@ -203,6 +203,13 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_when_configured
     assert main(["generate", "--run-dir", str(tmp_path), "--prompt", "And"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"checkpoint file {victim} is truncated or damaged: 100 bytes" in err[0], err
+
+
+def test_synchronous_saves_are_sealed_too(tmp_path):
+    _train(_config(tmp_path, "checkpoint.async_save=false"), stop_at_step=6)
+    assert _complete(tmp_path) == [4, 6] and not (tmp_path / "checkpoints" / ".deleted").exists()
+    for step in (4, 6):
+        verify_checksums(tmp_path / "checkpoints" / str(step))
 
 
 # ------------------------------------------------------------------------------ disks
