@@ -33,7 +33,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path, capsys):
 
 
 def test_no_data_sources():
-    with pytest.raises(ConfigError, match=r"data.sources is empty; list at least one source \(e.g. path: builtin:kjv\)"):
+    with pytest.raises(ConfigError, match=r"data.sources is empty; list at least one source \(e.g. path: builtin:kjv"):
         load_config(None, ["data.sources=[]"])
 
 

@@ -91,7 +91,8 @@ def generate(
     if total > model_cfg.max_seq_len:
         raise JaxllmError(
             f"prompt of {tokens.shape[1]} tokens + {gen.max_new_tokens} new tokens = {total} exceeds the model's "
-            f"context of {model_cfg.max_seq_len}; shorten the prompt or lower generate.max_new_tokens"
+            f"context of {model_cfg.max_seq_len}; shorten the prompt or ask for fewer new tokens "
+            "(--max-new-tokens, generate.max_new_tokens)"
         )
     out = _generate(
         params,

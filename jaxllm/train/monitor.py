@@ -24,7 +24,8 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import JaxllmError, TrainConfig
+from jaxllm.config import Config, JaxllmError, TrainConfig
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.utils import atomic_write_text
 
@@ -107,7 +108,7 @@ class StepMonitor:
         )
 
 
-def replay_batch(cfg, tokenizer, report: str | Path) -> dict[str, Any]:
+def replay_batch(cfg: Config, tokenizer: Tokenizer, report: str | Path) -> dict[str, Any]:
     """The batch (this process's rows, numpy) that step `report["step"]` trained on, from a report of
     `StepMonitor` under `train.on_nonfinite=stop`; for debugging the data or the loss on it."""
     from jaxllm.data.pipeline import make_pipeline
