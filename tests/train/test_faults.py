@@ -154,11 +154,11 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(r
     run_dir = tmp_path / "run"
     log_path = tmp_path / "full.log"
     proc = _start(run_dir, log_path, {"JAXLLM_TEST_FSIZE_FROM_SAVE": "10"})
-    assert proc.wait(timeout=300) == 2, (proc.returncode, log_path.read_text()[-3000:])
+    assert proc.wait(timeout=300) == 2, log_path.read_text()
     log = log_path.read_text()
     errors = [line for line in log.splitlines() if line.startswith("error:")]
-    # (Above it, Orbax and tensorstore print their own asyncio noise about the aborted writes.)
-    assert len(errors) == 1 and log.splitlines()[-1] == errors[0], log
+    # (Around it Orbax and tensorstore print their own asyncio tracebacks about the aborted writes.)
+    assert len(errors) == 1, log
     assert f"error: saving checkpoint 10 to {(run_dir / 'checkpoints').absolute()} failed: " in errors[0]
     assert "File too large" in errors[0] and "The newest complete checkpoint is step 8" in errors[0], errors[0]
     assert _complete(run_dir)[-1] == 8 and not _partials(run_dir)
