@@ -106,8 +106,8 @@ class Checkpointer:
         if not read_only and jax.process_index() == 0:
             self._remove_leftovers()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            keep_period=cfg.keep_every,
+            max_to_keep=None if read_only else cfg.keep,  # (Orbax warns that it ignores them when read-only)
+            keep_period=None if read_only else cfg.keep_every,
             # Always Orbax's async checkpointer: only it runs the callback that writes the checksums
             # before the final rename. A synchronous save waits for it (see `save`).
             enable_async_checkpointing=True,
