@@ -117,8 +117,9 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
     _, abstract, _ = models.model_spec(m)
     opt_sh = opt_state_shardings(jax.eval_shape(tx.init, abstract), abstract, param_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh)
-    state = TrainState(jax.device_put(np.int32(0), replicated), params, jax.jit(tx.init, out_shardings=opt_sh)(params))
+    state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh, skipped=replicated)
+    zero = lambda: jax.device_put(np.int32(0), replicated)  # noqa: E731  (separate buffers: both are donated)
+    state = TrainState(zero(), params, jax.jit(tx.init, out_shardings=opt_sh)(params), zero())
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(m, cfg.train.batch_size, cfg.data.seq_len).items()}

@@ -19,6 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="jaxllm: %(message)s")
+    # basicConfig does nothing when an imported library configured logging first; jaxllm's own messages
+    # (resumed from ..., stopped at ...) must show regardless.
+    logging.getLogger("jaxllm").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -265,6 +265,11 @@ class TrainConfig:
     sample_prompt: Optional[str] = "And God said"  # printed sample at the end of training; null = none
     sample_tokens: int = 40
     progress_bar: bool = True
+    # A NaN/Inf loss or gradient never updates the parameters; then `stop` (with the step and the batch's
+    # data position, to replay it) or `skip` the update, count it and go on.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    spike_threshold: float = 6.0  # warn when a loss exceeds mean + threshold * std of the last window; 0 = off
+    spike_window: int = 100  # losses that window holds
 
 
 @dataclass
@@ -273,6 +278,8 @@ class CheckpointConfig:
     keep: int = 3  # newest checkpoints kept
     keep_every: Optional[int] = None  # also keep every checkpoint whose step divides by this
     async_save: bool = True
+    # A checkpoint failing its checksums at resume: stop with an error, or set it aside and use the one before.
+    on_corrupt: Literal["error", "previous"] = "error"
 
 
 @dataclass
@@ -510,6 +517,8 @@ def validate(cfg: Config) -> None:
             f"train.batch_size={t.batch_size} does not divide into train.grad_accum={t.grad_accum} "
             "micro-batches; pick a batch size that is a multiple of grad_accum"
         )
+    if t.spike_threshold < 0 or t.spike_window < 2:
+        raise ConfigError("train.spike_threshold must be >= 0 (0 = off) and train.spike_window >= 2")
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
+
+from jaxllm.config import JaxllmError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -25,3 +28,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Creates directory `path` if needed and proves it writable by writing and removing a small file.
+
+    Raises JaxllmError naming `what` (e.g. "run_dir") and the system's reason, before any work starts."""
+    path = Path(path)
+    probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"  # unique per process
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise JaxllmError(
+            f"{what} {path} is not writable ({e.strerror or e}); choose another {what} or fix its permissions"
+        ) from None
+    return path

@@ -78,3 +78,16 @@ def test_data_train_tokenizer(tmp_path, capsys):
     assert tok.vocab_size == 300
     text = "the lazy dog jumps"
     assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "100"], "prompt of 3 tokens + 100 new tokens = 103 exceeds the model's context of 64"),
+        (["--temperature", "-1"], "generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0"),
+    ],
+)
+def test_generate_errors_are_one_line(trained_run, capsys, options, message):
+    assert main(["generate", "--run-dir", str(trained_run), "--prompt", "And God", *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -31,6 +31,8 @@ import re
 import sys
 from pathlib import Path
 
+from jaxllm.utils import atomic_write_bytes
+
 VALID_FRACTION = 0.02
 _VERSE = re.compile(r"^\s+(\d+) (.*)$")
 _TITLE = re.compile(r"^(?:[1-3] )?[A-Z][A-Za-z ]+ \d+$")
@@ -77,7 +79,7 @@ def write_jsonl_gz(path: Path, docs: list[str]) -> None:
     with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as f:
         for doc in docs:
             f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode())
-    path.write_bytes(raw.getvalue())
+    atomic_write_bytes(path, raw.getvalue())  # never a half-written corpus under the final name
 
 
 def make_corpus(source: Path, out_dir: Path) -> None:

@@ -61,15 +61,14 @@ class Pipeline:
         if state.get("version") != _STATE_VERSION:
             raise JaxllmError(
                 f"data state version {state.get('version')} is not {_STATE_VERSION}: another jaxllm saved it; "
-                "resume with that version, or start the data afresh without its state"
+                "resume with that version, or train in a new run_dir"
             )
         saved, now = {"objective": "clm", **state["layout"]}, self._layout  # states before objectives were clm's
         for key in ("objective", "sources", "process_index", "process_count"):
             if saved[key] != now[key]:
                 raise JaxllmError(
                     f"the data state was saved with {key}={saved[key]}, but this run has {key}={now[key]}; "
-                    "resume with the same data.sources, objective and process count, "
-                    "or start the data afresh without its state"
+                    "resume with the same data.sources, objective and process count, or train in a new run_dir"
                 )
         self._iterator.set_state(_restore_tuples(state["iterator"]))
 

@@ -22,6 +22,7 @@ import sentencepiece as spm
 
 from jaxllm.config import JaxllmError, SourceConfig
 from jaxllm.data import ASSETS
+from jaxllm.utils import atomic_write_bytes
 
 BUILTIN_TOKENIZERS = {"kjv-sp4k": "kjv-sp4k.model"}
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -276,8 +277,7 @@ def train_sentencepiece(
         minloglevel=2,
     )  # fmt: skip
     path = Path(f"{output_prefix}.model")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
+    atomic_write_bytes(path, model.getvalue())
     return SentencePieceTokenizer(model.getvalue(), name=str(path))
 
 

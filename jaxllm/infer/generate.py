@@ -116,8 +116,8 @@ def generate(
         what = "the prompt" if seq2seq and tokens.shape[1] > model_cfg.max_seq_len else (
             f"prompt of {tokens.shape[1]} tokens + {gen.max_new_tokens} new tokens = {longest}")
         raise JaxllmError(
-            f"{what} exceeds the model's context of {model_cfg.max_seq_len}; shorten the prompt or lower "
-            "generate.max_new_tokens"
+            f"{what} exceeds the model's context of {model_cfg.max_seq_len}; shorten the prompt or ask for fewer "
+            "new tokens (--max-new-tokens, generate.max_new_tokens)"
         )
     encoder = {}
     if seq2seq:

@@ -1,8 +1,10 @@
 """The trainer: builds mesh, model, optimizer and data from a Config, then steps, logs and checkpoints.
 
-Restarting with the same `run_dir` resumes from the newest complete checkpoint: parameters, optimizer
-state, step and the data iterator's position, so the continued run equals an uninterrupted one.
-SIGTERM (preemption) makes the loop save a checkpoint after the current step and return.
+Restarting with the same `run_dir` resumes from the newest complete checkpoint that passes its
+checksums: parameters, optimizer state, step and the data iterator's position, so the continued run
+equals an uninterrupted one, however often it was killed. SIGTERM (preemption) makes the loop save a
+checkpoint after the current step and return. Before any work, the run_dir must be writable and its
+disk must hold a checkpoint. NaN/Inf steps and loss spikes are handled by `monitor.StepMonitor`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
+from jaxllm.train.monitor import StepMonitor
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 from jaxllm.train.step import TrainState, eval_step, jit_train_step
-from jaxllm.utils import atomic_write_text
+from jaxllm.utils import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("jaxllm")
 DEFAULT_TOKENIZER = "builtin:kjv-sp4k"
@@ -58,13 +61,15 @@ class Trainer:
                 "eval.batches=0 (the whole held-out set) needs one process: processes may hold different "
                 "numbers of batches; set eval.batches to a fixed count"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self.run_dir, "run_dir")
+        ensure_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
-        resume_step = self.checkpointer.latest_step()
+        resume_step = self.checkpointer.newest_good_step(cfg.checkpoint.on_corrupt)
         restored_meta = self.checkpointer.restore(resume_step, None) if resume_step is not None else None
         if restored_meta is not None:
             _check_same_model(cfg, restored_meta.config_yaml, self.run_dir)
             self.tokenizer = load_tokenizer_from_files(restored_meta.tokenizer_files)
+            _check_same_tokenizer(cfg, restored_meta.config_yaml, self.tokenizer, self.run_dir)
         elif cfg.tokenizer.path is None and init is not None and init[2].tokenizer_files:
             self.tokenizer = load_tokenizer_from_files(init[2].tokenizer_files)
         else:
@@ -83,22 +88,23 @@ class Trainer:
             step=replicated,
             params=param_shardings,
             opt_state=opt_state_shardings(abstract_opt, abstract_params, param_shardings, self.mesh),
+            skipped=replicated,
         )
+        abstract_state = TrainState(step=_SCALAR, params=abstract_params, opt_state=abstract_opt, skipped=_SCALAR)
+        self.checkpointer.check_free_space(_nbytes(abstract_state), cfg.checkpoint.keep)
 
         per_process_batch = cfg.train.batch_size // jax.process_count()
         self.data = make_pipeline(cfg.data, self.tokenizer, per_process_batch, jax.process_index(), jax.process_count())
         if restored_meta is not None:
-            abstract_state = jax.tree.map(
+            target = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                _state_dict(TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params, opt_state=abstract_opt)),
+                _state_dict(abstract_state),
                 _state_dict(self.state_shardings),
             )
-            restored = self.checkpointer.restore(resume_step, abstract_state)
+            restored = self.checkpointer.restore(resume_step, target)
             self.state = TrainState(**restored.state)
             if restored.data_state is not None:
                 self.data.set_state(restored.data_state)
-            truncate_metrics(self.run_dir, resume_step)
-            log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
         else:
             if init is not None:
                 target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -108,8 +114,14 @@ class Trainer:
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-            step = jax.device_put(np.int32(0), replicated)
-            self.state = TrainState(step=step, params=params, opt_state=opt_state)
+            step, skipped = (jax.device_put(np.int32(0), replicated) for _ in range(2))  # two buffers: both are donated
+            self.state = TrainState(step=step, params=params, opt_state=opt_state, skipped=skipped)
+        # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
+        truncate_metrics(self.run_dir, resume_step or 0)
+        if resume_step is None:
+            log.info("no checkpoint in %s: starting at step 0", self.checkpointer.directory)
+        else:
+            log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
         self.data_state = self.data.get_state()
 
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
@@ -136,6 +148,7 @@ class Trainer:
         if jax.process_index() == 0:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         self._stop = threading.Event()
+        self._saved_step: int | None = resume_step
 
     @property
     def step(self) -> int:
@@ -188,8 +201,9 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
 
     def save(self) -> None:
+        self._saved_step = self.step
         self.checkpointer.save(
-            self.step,
+            self._saved_step,
             _state_dict(self.state),
             self.data_state,
             dump_yaml(self.cfg),
@@ -205,6 +219,7 @@ class Trainer:
         end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
         start = self.step
         writer = MetricsWriter(self.run_dir)
+        monitor = StepMonitor(cfg.train, self.run_dir, writer)
         previous = _install_sigterm(self._stop)
         bar = tqdm(
             total=cfg.train.steps, initial=start, desc="train", unit="step",
@@ -216,14 +231,18 @@ class Trainer:
         t_last, since_log, step = time.perf_counter(), 0, start
         try:
             while step < end and not self._stop.is_set():
+                before = self.data_state  # where this step's batch starts: a bad batch can be replayed
                 metrics = self.train_step(self.next_batch())
                 step += 1
                 since_log += 1
+                monitor.add(step, before, metrics)
                 do_eval = bool(cfg.eval.sources) and (
                     (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps
                 )
                 if step % cfg.train.log_every == 0 or step == end or do_eval:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    monitor.check()
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    m["skipped_updates"] = int(m["skipped_updates"])
                     now = time.perf_counter()
                     # The first interval after start includes compilation.
                     m["step_time"] = (now - t_last) / since_log
@@ -235,14 +254,14 @@ class Trainer:
                     writer.write(step, m)
                     summary["losses"][step] = m["loss"]
                     bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
-                    if not np.isfinite(m["loss"]):
-                        raise JaxllmError(f"loss became {m['loss']} at step {step}; lower optim.lr or check the data")
                 bar.update(1)
                 if step % cfg.checkpoint.every == 0 and step < end:
+                    monitor.check()  # under on_nonfinite=stop no checkpoint may hold a state past a bad step
                     self.save()
+            monitor.check()
             if self._stop.is_set():
                 log.warning("stop requested (SIGTERM): saving a checkpoint at step %d", step)
-            if self.checkpointer.latest_step() != step:
+            if self._saved_step != step:
                 self.save()
             self.checkpointer.wait()
         finally:
@@ -259,8 +278,15 @@ class Trainer:
             self.data.close()
 
 
+_SCALAR = jax.ShapeDtypeStruct((), np.int32)
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "skipped": state.skipped}
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def _check_same_model(cfg: Config, saved_yaml: str, run_dir: Path) -> None:
@@ -285,6 +311,18 @@ def _check_segments(batch: dict[str, np.ndarray], limit: int) -> None:
             f"a packed row holds {most} documents, more than the {limit} cuDNN's packed attention takes; "
             "lower data.seq_len, or set model.attention_impl=xla"
         )
+
+
+def _check_same_tokenizer(cfg: Config, saved_yaml: str, saved: Tokenizer, run_dir: Path) -> None:
+    """A resumed run uses the tokenizer stored in its checkpoint; a config naming another one is an error,
+    not silently ignored (the same files under a new path are fine; no tokenizer.path means the run's)."""
+    saved_path = config_from_yaml_text(saved_yaml).tokenizer.path
+    if cfg.tokenizer.path in (None, saved_path) or load_tokenizer(cfg.tokenizer.path).files() == saved.files():
+        return
+    raise JaxllmError(
+        f"run_dir {run_dir} holds checkpoints trained with tokenizer {saved_path}, but tokenizer.path is "
+        f"{cfg.tokenizer.path} (a different tokenizer); use a new run_dir or tokenizer.path={saved_path}"
+    )
 
 
 OBJECTIVE_ARCH = {"clm": "decoder", "mlm": "encoder", "span": "encoder_decoder", "bart": "encoder_decoder",

@@ -1,4 +1,8 @@
-"""Metrics to `metrics.jsonl` (one JSON object per logged step) and TensorBoard, from process 0 only."""
+"""Metrics to `metrics.jsonl` and TensorBoard, from process 0 only.
+
+`metrics.jsonl` holds one JSON object per logged step (`step`, `loss`, ...) and event rows, which
+carry an `event` key (`nonfinite`, `loss_spike`: see `monitor.py`) and go to TensorBoard as nothing.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
+    def event(self, step: int, name: str, fields: dict[str, Any]) -> None:
+        """An event row: {"step", "event": name, **fields}, in metrics.jsonl only."""
+        if self.enabled:
+            clean = {k: _to_python(v) for k, v in fields.items()}
+            self._file.write(json.dumps({"step": step, "event": name, **clean}) + "\n")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -56,18 +66,29 @@ def _to_python(v: Any) -> Any:
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drops rows logged after `last_step` (by a run that died after its last checkpoint), so a resumed
-    run logs each step once."""
+    run logs each step once; also a last line cut short by a kill."""
     path = Path(run_dir) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = [line for line in lines if (row := _parse(line)) is not None and row.get("step", 0) <= last_step]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(kept))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | Path, events: bool = False) -> list[dict[str, Any]]:
+    """The step rows of `run_dir/metrics.jsonl`, or with `events=True` the event rows."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for line in path.read_text().splitlines() if (row := _parse(line)) is not None]
+    return [row for row in rows if ("event" in row) == events]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A row, or None for a blank line or one a kill cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None

@@ -26,9 +26,10 @@ from jaxllm.models.transformer import Encoder, EncoderDecoder
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates done
+    step: jax.Array  # int32 scalar: steps taken (batches consumed), skipped updates included
     params: Any  # nested dict of arrays
     opt_state: Any
+    skipped: jax.Array  # int32 scalar: updates skipped because the loss or a gradient was NaN/Inf
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, z_loss: float = 0.0):
@@ -142,6 +143,9 @@ def train_step(
     With grad_accum > 1 the batch is split into micro-batches scanned in sequence; their normalised
     gradients add up to the one-shot gradient. Random draws (ELECTRA's generator samples) come from
     (seed, step, micro-batch), so a resumed run draws the same.
+
+    When the loss or the gradient norm is NaN/Inf the parameters and optimizer state stay as they were
+    (`skipped` counts it, metrics["finite"] is False); the caller decides whether to go on.
     """
     norms = normalizers(batch)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -165,10 +169,18 @@ def train_step(
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
     grad_norm = optax.tree.norm(grads)
+    loss = aux["nll_sum"] / tokens
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), tokens=norms["tokens"])
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # Decided on the device (a select, no host sync): a bad update never reaches the parameters.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    )
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), tokens=norms["tokens"],
+                   skipped_updates=skipped, finite=finite)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, loss_chunk: int = 0

@@ -34,7 +34,9 @@ def _state(cfg, optim=OptimConfig(warmup_steps=0)):
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     tx = make_optimizer(optim, 100)
-    return graphdef, tx, make_schedule(optim, 100), TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    return graphdef, tx, make_schedule(optim, 100), TrainState(
+        step=jnp.int32(0), params=params, opt_state=tx.init(params), skipped=jnp.int32(0)
+    )
 
 
 def test_cross_entropy_matches_manual():
@@ -156,3 +158,19 @@ def test_train_step_with_chunked_loss_matches_whole_loss():
                                       z_loss=0.0, loss_chunk=chunk))(state, batch) for chunk in (0, 5)]
     np.testing.assert_allclose(outs[0][1]["loss"], outs[1][1]["loss"], rtol=1e-6)
     np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [jnp.nan, jnp.inf])
+def test_a_nonfinite_loss_leaves_the_state_unchanged_and_is_counted(poison):
+    cfg = tiny_model_config()
+    graphdef, tx, schedule, state = _state(cfg)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, z_loss=0.0))
+    batch = _batch(cfg)
+    good, metrics = step(state, batch)
+    assert bool(metrics["finite"]) and int(good.skipped) == 0
+    bad, metrics = step(good, dict(batch, loss_mask=batch["loss_mask"].at[1, 2].set(poison)))
+    assert not bool(metrics["finite"]) and int(metrics["skipped_updates"]) == 1
+    assert int(bad.step) == 2 and int(bad.skipped) == 1
+    jax.tree.map(np.testing.assert_array_equal, (bad.params, bad.opt_state), (good.params, good.opt_state))
+    after, metrics = step(bad, batch)  # and training goes on from there
+    assert bool(metrics["finite"]) and int(after.skipped) == 1
