@@ -169,7 +169,6 @@ def train_step(
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
     grad_norm = optax.tree.norm(grads)
-    loss = aux["nll_sum"] / tokens
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Decided on the device (a select, no host sync): a bad update never reaches the parameters.
