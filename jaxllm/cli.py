@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | data.
+"""The `jaxllm` command: train | generate | data | plan.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -71,6 +71,9 @@ def cmd_train(args) -> int:
     from jaxllm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from jaxllm import distributed
+
+    distributed.initialize(cfg.distributed)  # before anything touches a device
     import jax
 
     from jaxllm.infer.generate import generate_text
@@ -104,6 +107,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig
+
+    # Several processes (a model too big for one host) join from the environment: JAXLLM_*, Slurm or TPU.
+    distributed.initialize(DistributedConfig())
+    import jax
+
     from jaxllm.infer.generate import generate_text
     from jaxllm.infer.load import load_model
 
@@ -122,6 +132,8 @@ def cmd_generate(args) -> int:
     loaded = load_model(args.run_dir or args.checkpoint)
     texts = generate_text(loaded.graphdef, loaded.params, loaded.config.model, loaded.tokenizer, prompts, gen,
                           add_bos=loaded.config.data.add_bos)
+    if jax.process_index() != 0:
+        return 0
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}")
         if len(prompts) > 1:

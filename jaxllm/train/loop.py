@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxllm import models, sharding
@@ -26,8 +27,7 @@ from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
-from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
-from jaxllm.train.step import TrainState, eval_step, jit_train_step
+from jaxllm.train.step import TrainState, eval_step, jit_train_step, train_state_spec
 from jaxllm.utils import atomic_write_text
 
 log = logging.getLogger("jaxllm")
@@ -40,11 +40,6 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.make_rules(cfg.mesh.rules)
         sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
-        if cfg.eval.sources and cfg.eval.batches == 0 and jax.process_count() > 1:
-            raise JaxllmError(
-                "eval.batches=0 (the whole held-out set) needs one process: processes may hold different "
-                "numbers of batches; set eval.batches to a fixed count"
-            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         resume_step = self.checkpointer.latest_step()
@@ -57,26 +52,14 @@ class Trainer:
         _check_vocab(self.tokenizer, cfg)
 
         # Model, optimizer and their shardings, all derived from abstract shapes.
-        self.graphdef, abstract_params, logical = models.model_spec(cfg.model)
-        param_shardings = sharding.tree_shardings(abstract_params, logical, self.mesh, self.rules)
-        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.state_shardings = TrainState(
-            step=replicated,
-            params=param_shardings,
-            opt_state=opt_state_shardings(abstract_opt, abstract_params, param_shardings, self.mesh),
-        )
+        spec = train_state_spec(cfg, self.mesh, self.rules)
+        self.graphdef, self.tx, self.schedule = spec.graphdef, spec.tx, spec.schedule
+        self.state_shardings = spec.shardings
 
         per_process_batch = cfg.train.batch_size // jax.process_count()
         self.data = make_pipeline(cfg.data, self.tokenizer, per_process_batch, jax.process_index(), jax.process_count())
         if restored_meta is not None:
-            abstract_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                _state_dict(TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params, opt_state=abstract_opt)),
-                _state_dict(self.state_shardings),
-            )
+            abstract_state = _state_dict(spec.abstract)
             restored = self.checkpointer.restore(resume_step, abstract_state)
             self.state = TrainState(**restored.state)
             if restored.data_state is not None:
@@ -86,7 +69,7 @@ class Trainer:
         else:
             _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-            step = jax.device_put(np.int32(0), replicated)
+            step = jax.device_put(np.int32(0), self.state_shardings.step)
             self.state = TrainState(step=step, params=params, opt_state=opt_state)
         self.data_state = self.data.get_state()
 
@@ -140,9 +123,9 @@ class Trainer:
         try:
             while cfg.eval.batches == 0 or count < cfg.eval.batches:
                 local = next(pipeline, None)
+                if cfg.eval.batches == 0 and not _any_process(local is not None):
+                    break
                 if local is None:
-                    if cfg.eval.batches == 0:
-                        break
                     # Every process must run the same number of steps: pad with batches that carry no loss.
                     local = {k: np.zeros((per_process, cfg.data.seq_len), np.float32 if k == "loss_mask" else np.int32)
                              for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
@@ -227,6 +210,13 @@ class Trainer:
         self.checkpointer.close()
         if hasattr(self.data, "close"):
             self.data.close()
+
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` holds on any process (processes' shares of a held-out set differ in length)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
