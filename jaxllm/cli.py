@@ -54,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=defaults.seed)
     g.set_defaults(func=cmd_generate)
 
+    pl = sub.add_parser("plan", help="compile the train step for a TPU topology here: memory per chip, FLOPs, "
+                                     "step time, MFU (needs pip install -e '.[plan]')")
+    pl.add_argument("config", help="YAML config, e.g. configs/llama3-8b.yaml")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
+    pl.add_argument("--topology", required=True, help="a TPU slice: v5p-128, v5e-16, v6e-64, v4-32 or v5p:4x4x4")
+    pl.add_argument("--slices", type=int, default=1, help="identical slices joined over DCN (multi-slice)")
+    pl.add_argument("--search", action="store_true",
+                    help="rank mesh factorisations x remat policies x micro-batches; compile the best")
+    pl.add_argument("--top", type=int, default=3, help="with --search: stop after this many compiled plans fit")
+    pl.add_argument("--max-compiles", type=int, default=6, help="with --search: compile at most this many")
+    pl.add_argument("--rows", type=int, default=10, help="layouts shown")
+    pl.set_defaults(func=cmd_plan)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
     tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
@@ -138,6 +151,20 @@ def cmd_generate(args) -> int:
         print(f"{prompt}{text}")
         if len(prompts) > 1:
             print("---")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from jaxllm.config import load_config
+    from jaxllm.plan import format_plan, parse_topology, plan
+
+    cfg = load_config(args.config, args.overrides)
+    topology = parse_topology(args.topology, args.slices)
+    if args.top < 1 or args.max_compiles < 1:
+        raise JaxllmError("--top and --max-compiles must be >= 1")
+    result = plan(cfg, topology, search=args.search, top=args.top, max_compiles=args.max_compiles,
+                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_plan(result, rows=args.rows))
     return 0
 
 
