@@ -54,7 +54,7 @@ class _TwoShards:
 def test_two_processes_train_checkpoint_resume_like_one(tmp_path):
     run_dir = tmp_path / "two"
     # eval.batches=0: the whole held-out set, whose shares differ in length between the processes.
-    out = _launch(run_dir, 4, "eval.batches=0", "eval.every=2",
+    out = _launch(run_dir, 4, "eval.batches=0", "eval.every=0",
                   "train.sample_tokens=4")
     assert out.count("sample> And God said") == 1, out  # the end-of-training sample, printed by process 0 only
     assert "[p1] jaxllm: joined" not in out and "[p0] jaxllm: joined 2 processes" in out
@@ -64,7 +64,7 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path):
 
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert "eval_loss" in rows[1] and np.isfinite(rows[3]["eval_loss"]) and "eval_loss" in rows[5]
+    assert np.isfinite(rows[3]["eval_loss"]) and np.isfinite(rows[5]["eval_loss"])  # at the end of each run
 
     reference = Trainer(micro_config(tmp_path / "one", "optim.schedule=constant", "train.steps=6"))
     try:

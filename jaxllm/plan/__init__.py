@@ -6,12 +6,12 @@ from __future__ import annotations
 from jaxllm.plan.chips import CHIPS, Topology, parse_topology, topology_devices
 from jaxllm.plan.compile import CompiledStep, apply_layout, compile_step, layout_of
 from jaxllm.plan.estimate import Estimate, Layout, estimate, param_count
-from jaxllm.plan.search import Candidate, Plan, best, best_config, layouts, plan
+from jaxllm.plan.search import HEADROOM, Candidate, Plan, best, best_config, layouts, plan
 
 __all__ = [
     "CHIPS", "Topology", "parse_topology", "topology_devices", "CompiledStep", "apply_layout", "compile_step",
     "layout_of", "Estimate", "Layout", "estimate", "param_count", "Candidate", "Plan", "best", "best_config",
-    "layouts", "plan", "format_plan",
+    "layouts", "plan", "format_plan", "HEADROOM",
 ]
 
 GiB = 1024**3
@@ -30,13 +30,13 @@ def format_plan(p: Plan, rows: int = 10) -> str:
         f"layouts ranked: {p.searched}; compiled: {sum(c.fits(chip.hbm_bytes) is not None or c.error is not None for c in p.candidates)}",
         "",
         f"{'layout':<56} {'fits':>5} {'GiB/chip':>8} {'args':>6} {'temp':>6} {'est.GiB':>7} "
-        f"{'TFLOP/step':>10} {'step s':>7} {'MFU':>5}",
+        f"{'TFLOP/step':>10} {'step s>=':>8} {'MFU<=':>5}",
     ]
     for c in p.candidates[:rows]:
         e = c.estimate
         if c.compiled is not None:
             m = c.compiled
-            fits = "yes" if m.peak_bytes <= chip.hbm_bytes else "NO"
+            fits = "yes" if c.fits(chip.hbm_bytes) else "NO"
             mem = f"{m.peak_bytes / GiB:8.1f} {m.argument_bytes / GiB:6.1f} {m.temp_bytes / GiB:6.1f}"
         elif c.oom_bytes is not None:
             fits, mem = "NO", f"{'>' + format(c.oom_bytes / GiB, '.1f'):>8} {'-':>6} {'>' + format(c.oom_bytes / GiB, '.0f'):>6}"
@@ -46,24 +46,26 @@ def format_plan(p: Plan, rows: int = 10) -> str:
             fits, mem = "?", f"{'-':>8} {'-':>6} {'-':>6}"
         lines.append(
             f"{c.layout.describe():<56} {fits:>5} {mem} {e.memory_bytes / GiB:7.1f} "
-            f"{e.model_flops / 1e12:10.1f} {e.step_seconds:7.3f} {e.mfu:5.1%}"
+            f"{e.model_flops / 1e12:10.1f} {e.step_seconds:8.3f} {e.mfu:5.0%}"
         )
         if c.error is not None:
             lines.append(f"    compile error: {c.error}")
     chosen = best(p)
     lines.append("")
     if chosen is None:
-        lines.append(f"no compiled layout fits in {chip.hbm_bytes / GiB:.0f} GiB per chip; try --search, a smaller "
+        lines.append(f"no compiled layout fits in {chip.hbm_bytes / GiB:.0f} GiB per chip (keeping {HEADROOM:.0%} free); "
+                     "try --search, a smaller "
                      "train.batch_size or data.seq_len, more chips, or remat: full")
     else:
         lay = chosen.layout
         lines.append(
             f"chosen: {lay.describe()}: {chosen.compiled.peak_bytes / GiB:.1f} of {chip.hbm_bytes / GiB:.0f} GiB "
-            f"per chip, ~{chosen.estimate.step_seconds:.2f} s/step, MFU ~{chosen.estimate.mfu:.0%}"
+            f"per chip; at best {chosen.estimate.step_seconds:.2f} s/step, MFU {chosen.estimate.mfu:.0%}"
         )
         dcn = f" mesh.dcn_data={lay.slices}" if lay.slices > 1 else ""
         lines.append(f"  as overrides: mesh.data={lay.data} mesh.fsdp={lay.fsdp} mesh.tensor={lay.tensor}{dcn} "
                      f"model.remat={lay.remat} train.grad_accum={lay.grad_accum}")
-    lines.append("GiB/chip, args, temp: the TPU compiler's buffer assignment; est.GiB, step s and MFU: the "
-                 "analytical model at peak FLOP/s (docs/plans.md)")
+    lines.append(f"GiB/chip, args, temp: the TPU compiler's buffer assignment (fits: {HEADROOM:.0%} of HBM left "
+                 "free); est.GiB, step s, MFU: the analytical model at peak FLOP/s with perfect overlap, a bound "
+                 "(docs/plans.md)")
     return "\n".join(lines)

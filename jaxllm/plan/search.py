@@ -4,13 +4,15 @@ Search: every mesh factorisation data x fsdp x tensor of a slice (tensor up to 8
 heads), every remat policy and every micro-batch count that divides the batch over the
 data-parallel chips is ranked by the analytical estimate (`plan.estimate`); those predicted to fit
 are compiled best-first until `top` of them really fit (or `max_compiles` compiles are spent).
-The compiler's memory decides "fits"; the estimate's step time orders the plans.
+The compiler's memory decides "fits" (with HEADROOM of the HBM left free); the estimate's step
+time orders the plans.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from typing import Callable
 
@@ -24,6 +26,8 @@ log = logging.getLogger("jaxllm")
 REMAT_POLICIES = ("none", "dots_with_no_batch_dims", "dots", "full")
 MAX_TENSOR = 8  # beyond one host's chips, tensor parallelism's all-reduces swamp the step
 MAX_ACCUM = 64
+# Kept free on each chip: the runtime's own buffers, fragmentation, and the estimate's optimism.
+HEADROOM = 0.05
 
 
 @dataclasses.dataclass
@@ -35,9 +39,14 @@ class Candidate:
     oom_bytes: int | None = None  # the compiler gave up: its temporaries alone need this much
 
     def fits(self, hbm_bytes: int) -> bool | None:
+        """Whether the compiled step leaves HEADROOM of the chip's HBM free (None: not compiled)."""
         if self.oom_bytes is not None:
             return False
-        return None if self.compiled is None else self.compiled.peak_bytes <= hbm_bytes
+        return None if self.compiled is None else self.compiled.peak_bytes <= usable(hbm_bytes)
+
+
+def usable(hbm_bytes: int) -> float:
+    return (1 - HEADROOM) * hbm_bytes
 
 
 @dataclasses.dataclass
@@ -91,10 +100,10 @@ def plan(
     else:
         pool = [layout_of(cfg, topology)]
     ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len)) for layout in pool),
-                    key=lambda c: c.estimate.step_seconds)
+                    key=_rank)
     if search:
         # Most layouts need far more memory than a chip has; compile only those predicted to fit.
-        order = [c for c in ranked if c.estimate.memory_bytes <= chip.hbm_bytes] or ranked[:1]
+        order = [c for c in ranked if c.estimate.memory_bytes <= usable(chip.hbm_bytes)] or ranked[:1]
     else:
         order = ranked
     devices = topology_devices(topology)
@@ -120,9 +129,15 @@ def plan(
         if candidate.compiled is not None:
             progress(f"  {candidate.compiled.peak_bytes / 2**30:.1f} GiB per chip, compiled in "
                      f"{candidate.compiled.compile_seconds:.0f} s")
-    compiled.sort(key=lambda c: (not c.fits(chip.hbm_bytes), c.estimate.step_seconds))
-    rest = [c for c in ranked if c not in compiled and c.estimate.memory_bytes <= chip.hbm_bytes]
+    compiled.sort(key=lambda c: (not c.fits(chip.hbm_bytes), _rank(c)))
+    rest = [c for c in ranked if c not in compiled and c.estimate.memory_bytes <= usable(chip.hbm_bytes)]
     return Plan(cfg, topology, compiled + rest, len(pool))
+
+
+def _rank(c: Candidate) -> tuple[int, float]:
+    # Step times within 1% of each other are a tie (the model is not that precise): the layout that
+    # leaves more memory free goes first.
+    return round(math.log(c.estimate.step_seconds) / math.log(1.01)), c.estimate.memory_bytes
 
 
 def best(p: Plan) -> Candidate | None:

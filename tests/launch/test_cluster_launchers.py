@@ -64,3 +64,15 @@ def test_tpu_pod_reuse_without_install_and_argument_errors():
     assert _run("tpu_pod.sh", ["--zone", "z", "--", "jaxllm"]).returncode == 2
     bad = _run("tpu_pod.sh", ["--name", "p", "--zone", "z", "--accelerator", "v9-8", "--", "jaxllm"])
     assert bad.returncode == 2 and "unknown accelerator v9-8" in bad.stderr
+
+
+def test_slurm_xla_flags_are_known_to_this_xla():
+    # XLA aborts on an unknown flag; the GPU flags are parsed by every build, so a CPU run checks them.
+    import sys
+
+    proc = _run("slurm_gpu.sbatch", ["c.yaml"], SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1", DRY_RUN="1")
+    flags = proc.stderr.split("XLA_FLAGS=", 1)[1].strip()
+    check = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
