@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import logging
 import os
 from typing import Any, Mapping
@@ -102,8 +103,12 @@ def _number(value: int | None, env: Mapping[str, str], var: str, key: str) -> in
 
 
 def _on_tpu(env: Mapping[str, str]) -> bool:
-    # TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e, v5p, v6e); GKE sets the worker list.
-    return "TPU_WORKER_HOSTNAMES" in env or bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    # GKE sets the worker list. TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e,
+    # v5p, v6e); VFIO devices also appear on GPU VMs, so a TPU VM also needs libtpu installed.
+    if "TPU_WORKER_HOSTNAMES" in env:
+        return True
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def initialize(cfg: DistributedConfig) -> Setup | None:
