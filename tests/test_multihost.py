@@ -78,7 +78,7 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path):
     for row in rows:
         np.testing.assert_allclose(row["loss"], summary["losses"][row["step"]], rtol=2e-5)
 
-    checkpointer, step = find_checkpoint(run_dir)
+    _, step = find_checkpoint(run_dir)
     assert step == 6
     from jaxllm.infer.load import load_model
 
