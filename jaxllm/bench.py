@@ -106,26 +106,21 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
 
 def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
-    from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
-    from jaxllm.train.step import TrainState, jit_train_step
+    from jaxllm.train.step import TrainState, jit_train_step, train_state_spec
 
     m = cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
-    graphdef, params, param_shardings = models.init_params(m, mesh, rules, seed=0)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps), make_schedule(cfg.optim, cfg.train.steps)
-    _, abstract, _ = models.model_spec(m)
-    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, abstract), abstract, param_shardings, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh, skipped=replicated)
-    zero = lambda: jax.device_put(np.int32(0), replicated)  # noqa: E731  (separate buffers: both are donated)
-    state = TrainState(zero(), params, jax.jit(tx.init, out_shardings=opt_sh)(params), zero())
+    spec = train_state_spec(cfg, mesh, rules)
+    _, params, _ = models.init_params(m, mesh, rules, seed=0)
+    zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731  (separate: both are donated)
+    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(params), zero())
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(m, cfg.train.batch_size, cfg.data.seq_len).items()}
     with sharding.activate(mesh, rules):
-        step_fn = jit_train_step(graphdef, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, 0, state_sh, batch_sh,
-                                 cfg.train.loss_chunk)
+        step_fn = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss, 0,
+                                 spec.shardings, batch_sh, cfg.train.loss_chunk)
         t = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t

@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | data.
+"""The `jaxllm` command: train | generate | data | plan.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -83,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)
 
+    pl = sub.add_parser("plan", help="compile the train step for a TPU topology here: memory per chip, FLOPs, "
+                                     "step time, MFU (needs pip install -e '.[plan]')")
+    pl.add_argument("config", help="YAML config, e.g. configs/llama3-8b.yaml")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
+    pl.add_argument("--topology", required=True, help="a TPU slice: v5p-128, v5e-16, v6e-64, v4-32 or v5p:4x4x4")
+    pl.add_argument("--slices", type=int, default=1, help="identical slices joined over DCN (multi-slice)")
+    pl.add_argument("--search", action="store_true",
+                    help="rank mesh factorisations x remat policies x micro-batches; compile the best")
+    pl.add_argument("--top", type=int, default=3, help="with --search: stop after this many compiled plans fit")
+    pl.add_argument("--max-compiles", type=int, default=6, help="with --search: compile at most this many")
+    pl.add_argument("--rows", type=int, default=10, help="layouts shown")
+    pl.set_defaults(func=cmd_plan)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
     tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
@@ -100,6 +113,9 @@ def cmd_train(args) -> int:
     from jaxllm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from jaxllm import distributed
+
+    distributed.initialize(cfg.distributed)  # before anything touches a device
     import jax
 
     from jaxllm.infer.generate import generate_text
@@ -133,6 +149,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig
+
+    # Several processes (a model too big for one host) join from the environment: JAXLLM_*, Slurm or TPU.
+    distributed.initialize(DistributedConfig())
+    import jax
+
     from jaxllm.infer.generate import generate_text
     from jaxllm.infer.load import load_model
 
@@ -152,6 +175,8 @@ def cmd_generate(args) -> int:
     if loaded.tokenizer is None:
         raise JaxllmError(f"{args.run_dir or args.checkpoint} carries no tokenizer; convert it with its tokenizer files")
     texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen)
+    if jax.process_index() != 0:
+        return 0
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}")
         if len(prompts) > 1:
@@ -215,6 +240,18 @@ def cmd_bench(args) -> int:
             print(f"{name}: {r['error']}")
         if isinstance(r, dict) and ("prefill_tokens_per_sec" in r or name == "data pipeline"):
             print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+
+def cmd_plan(args) -> int:
+    from jaxllm.config import load_config
+    from jaxllm.plan import format_plan, parse_topology, plan
+
+    cfg = load_config(args.config, args.overrides)
+    topology = parse_topology(args.topology, args.slices)
+    if args.top < 1 or args.max_compiles < 1:
+        raise JaxllmError("--top and --max-compiles must be >= 1")
+    result = plan(cfg, topology, search=args.search, top=args.top, max_compiles=args.max_compiles,
+                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_plan(result, rows=args.rows))
     return 0
 
 

@@ -122,13 +122,37 @@ class ModelConfig:
 
 @dataclass
 class MeshConfig:
-    """Device mesh. Sizes multiply to the device count; one size may be -1 for "the rest"."""
+    """Device mesh. Sizes multiply to the device count; one size may be -1 for "the rest".
+
+    `data`, `fsdp` and `tensor` shape the devices of one slice (one ICI domain: a TPU pod slice, or
+    one GPU node). `dcn_data` > 1 makes a hybrid mesh: that many slices (TPU multi-slice) or
+    processes (GPU nodes) side by side, data-parallel across the slower data-centre network. The
+    mesh axis `data` then has size dcn_data * data, slices outermost.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
     # Extra or replacement logical-axis rules: [[logical_name, mesh_axis or [axes] or null], ...].
     rules: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of a multi-host run find each other (`jaxllm.distributed`).
+
+    `auto`: an explicit coordinator when one is given (here or in JAXLLM_COORDINATOR), else Slurm
+    when run under `srun` with several tasks, else the TPU pod environment; one process does nothing.
+    Each field left null is read from its environment variable: JAXLLM_COORDINATOR,
+    JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID (what `launch/multihost_local.py` sets).
+    """
+
+    mode: Literal["auto", "off", "coordinator", "slurm", "tpu"] = "auto"
+    coordinator: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    timeout_s: int = 300  # how long a process waits for the others to join
 
 
 @dataclass
@@ -296,6 +320,7 @@ class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -525,6 +550,9 @@ def validate(cfg: Config) -> None:
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)}: each must be >= 1, and at most one -1")
+    if cfg.mesh.dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data must be >= 1 (the number of slices), got {cfg.mesh.dcn_data}")
+    _positive(cfg.distributed, "distributed", ["timeout_s"])
     g = cfg.generate
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")

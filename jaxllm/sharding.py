@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError, MeshConfig
@@ -65,34 +66,66 @@ def make_rules(extra: Sequence[Sequence[Any]] = ()) -> Rules:
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolves the -1 entry and checks the product against the device count."""
+    """The (data, fsdp, tensor) mesh shape: resolves the -1 entry within one slice (num_devices /
+    dcn_data devices) and checks the product; the returned data size includes the dcn_data slices."""
+    slices = cfg.dcn_data
+    if num_devices % slices:
+        raise ConfigError(
+            f"mesh.dcn_data={slices} slices do not divide the {num_devices} devices; "
+            f"set mesh.dcn_data to the number of slices (TPU) or nodes (GPU)"
+        )
+    per_slice = num_devices // slices
+    where = f"{per_slice} devices per slice" if slices > 1 else f"{per_slice} devices"
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
-        if num_devices % known:
+        if per_slice % known:
             raise ConfigError(
                 f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes multiply to {known}, which does not divide "
-                f"the {num_devices} devices; choose sizes whose product divides {num_devices}"
+                f"the {where}; choose sizes whose product divides {per_slice}"
             )
-        sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
         raise ConfigError(
             f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
-            f"{num_devices} devices; make the product {num_devices} or set one size to -1 to take the rest"
+            f"{where}; make the product {per_slice} or set one size to -1 to take the rest"
         )
-    return tuple(sizes)  # type: ignore[return-value]
+    return (slices * sizes[0], sizes[1], sizes[2])
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
 
-    Axes are `Auto`: the compiler (GSPMD/Shardy) propagates shardings from the ones we pin.
+    Devices are laid out by `mesh_utils` so that on TPU each axis follows the physical torus. With
+    `cfg.dcn_data` > 1 the mesh is hybrid: slices (TPU `slice_index`; elsewhere processes) stacked
+    along `data`, the ICI axes inside each slice. Axes are `Auto`: the compiler (GSPMD/Shardy)
+    propagates shardings from the ones we pin.
     """
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    if cfg.dcn_data > 1:
+        array = _hybrid_device_array(cfg.dcn_data, (shape[0] // cfg.dcn_data, shape[1], shape[2]), devices)
+    else:
+        try:
+            array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            # Shapes the topology-aware layout does not handle (e.g. a subset of a TPU slice): keep device order.
+            array = np.asarray(devices).reshape(shape)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _hybrid_device_array(slices: int, ici_shape: tuple[int, int, int], devices: list[jax.Device]) -> np.ndarray:
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    granules = {d.slice_index if by_slice else d.process_index for d in devices}
+    if len(granules) != slices:
+        kind = "TPU slices" if by_slice else "processes (one per node)"
+        raise ConfigError(
+            f"mesh.dcn_data={slices}, but the devices belong to {len(granules)} {kind}; "
+            f"set mesh.dcn_data={len(granules)}, or 1 for a single slice"
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        ici_shape, (slices, 1, 1), devices, process_is_granule=not by_slice, allow_split_physical_axes=True
+    )
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
@@ -139,6 +172,15 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_platform() -> str:
+    """The platform of the active mesh's devices (compile-only TPU devices count as "tpu"), else
+    JAX's default backend."""
+    active = _ACTIVE.get()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

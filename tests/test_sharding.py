@@ -64,3 +64,24 @@ def test_sharded_init_equals_unsharded_init():
     one = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     _, single, _ = models.init_params(cfg, one, sharding.make_rules(), seed=5)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
+
+
+def test_hybrid_mesh_puts_slices_on_the_outer_data_axis():
+    """Two v5e 2x2 slices (compile-only devices from libtpu): data = 2 slices x 2, ICI axes inside a slice."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                           chips_per_host_bounds=(2, 2, 1), num_slices=2).devices
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, dcn_data=2), devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0]).all()
+    with pytest.raises(ConfigError, match="belong to 2 TPU slices; set mesh.dcn_data=2"):
+        sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=1, dcn_data=4), devices)
+
+
+def test_dcn_data_must_match_the_processes_on_cpu():
+    # One process here: a hybrid mesh over two "nodes" cannot be made, and the error says why.
+    with pytest.raises(ConfigError, match=r"belong to 1 processes \(one per node\); set mesh.dcn_data=1"):
+        sharding.make_mesh(MeshConfig(data=-1, dcn_data=2))

@@ -29,7 +29,7 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None) ->
     """Restores only the parameters (not the optimizer state) of the newest checkpoint under `path`,
     sharded fsdp-style over `devices` (default: all)."""
     checkpointer, step = find_checkpoint(path)
-    meta = checkpointer.restore(step, None)
+    meta = checkpointer.restore(step, None, with_data=False)  # any process count may load it
     cfg = config_from_yaml_text(meta.config_yaml)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
     rules = sharding.make_rules(cfg.mesh.rules)

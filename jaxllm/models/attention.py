@@ -17,7 +17,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import Dense
 from jaxllm.models.positions import apply_rope, rope_inv_freq
-from jaxllm.sharding import constrain
+from jaxllm.sharding import active_platform, constrain
 
 
 class Masking(NamedTuple):
@@ -69,7 +69,7 @@ def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool, length: int |
         return impl
     if has_bias or decoding:
         return "xla"
-    backend = jax.default_backend()
+    backend = active_platform()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if backend == "tpu" and (length is None or length % 128 == 0):

@@ -183,15 +183,16 @@ class Checkpointer:
         if not self._async:
             self.wait()
 
-    def restore(self, step: int, abstract_state: Any | None) -> Restored:
-        """Restores `step`. `abstract_state`: ShapeDtypeStructs with the target shardings (any mesh);
-        None restores only the small items (config, tokenizer, data state)."""
+    def restore(self, step: int, abstract_state: Any | None, with_data: bool = True) -> Restored:
+        """Restores `step`. `abstract_state`: ShapeDtypeStructs with the target shardings (any mesh, any
+        number of processes); None restores only the small items (config, tokenizer, data state).
+        `with_data=False` skips the data state, which exists only for the process count that wrote it."""
         items = {
             "meta": FilesRestore(),
             "tokenizer": FilesRestore(),
         }
         step_dir = self.directory / str(step)
-        has_data = (step_dir / "data").exists()
+        has_data = with_data and (step_dir / "data").exists()
         if has_data:
             items["data"] = FilesRestore(per_process=True)
         if abstract_state is not None:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxllm import models, sharding
@@ -32,8 +33,7 @@ from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
-from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
-from jaxllm.train.step import TrainState, eval_step, jit_train_step
+from jaxllm.train.step import TrainState, eval_step, jit_train_step, train_state_spec
 from jaxllm.utils import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("jaxllm")
@@ -56,11 +56,6 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.make_rules(cfg.mesh.rules)
         sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
-        if cfg.eval.sources and cfg.eval.batches == 0 and jax.process_count() > 1:
-            raise JaxllmError(
-                "eval.batches=0 (the whole held-out set) needs one process: processes may hold different "
-                "numbers of batches; set eval.batches to a fixed count"
-            )
         ensure_writable_dir(self.run_dir, "run_dir")
         ensure_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
@@ -78,43 +73,27 @@ class Trainer:
         check_vocab_size(cfg.model.vocab_size, cfg.data, self.tokenizer)
 
         # Model, optimizer and their shardings, all derived from abstract shapes.
-        self.graphdef, abstract_params, logical = models.model_spec(cfg.model)
-        param_shardings = sharding.tree_shardings(abstract_params, logical, self.mesh, self.rules)
-        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.state_shardings = TrainState(
-            step=replicated,
-            params=param_shardings,
-            opt_state=opt_state_shardings(abstract_opt, abstract_params, param_shardings, self.mesh),
-            skipped=replicated,
-        )
-        abstract_state = TrainState(step=_SCALAR, params=abstract_params, opt_state=abstract_opt, skipped=_SCALAR)
-        self.checkpointer.check_free_space(_nbytes(abstract_state), cfg.checkpoint.keep)
+        spec = train_state_spec(cfg, self.mesh, self.rules)
+        self.graphdef, self.tx, self.schedule = spec.graphdef, spec.tx, spec.schedule
+        self.state_shardings = spec.shardings
+        self.checkpointer.check_free_space(_nbytes(spec.abstract), cfg.checkpoint.keep)
 
         per_process_batch = cfg.train.batch_size // jax.process_count()
         self.data = make_pipeline(cfg.data, self.tokenizer, per_process_batch, jax.process_index(), jax.process_count())
         if restored_meta is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                _state_dict(abstract_state),
-                _state_dict(self.state_shardings),
-            )
-            restored = self.checkpointer.restore(resume_step, target)
+            restored = self.checkpointer.restore(resume_step, _state_dict(spec.abstract))
             self.state = TrainState(**restored.state)
             if restored.data_state is not None:
                 self.data.set_state(restored.data_state)
         else:
             if init is not None:
-                target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract_params, param_shardings)
-                params = init[0].restore_params(init[1], target)
+                params = init[0].restore_params(init[1], spec.abstract.params)
                 log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-            step, skipped = (jax.device_put(np.int32(0), replicated) for _ in range(2))  # two buffers: both are donated
+            # Separate buffers for the two counters: both are donated to the step.
+            step, skipped = (jax.device_put(np.int32(0), self.state_shardings.step) for _ in range(2))
             self.state = TrainState(step=step, params=params, opt_state=opt_state, skipped=skipped)
         # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
         truncate_metrics(self.run_dir, resume_step or 0)
@@ -184,9 +163,9 @@ class Trainer:
         try:
             while cfg.eval.batches == 0 or count < cfg.eval.batches:
                 local = next(pipeline, None)
+                if cfg.eval.batches == 0 and not _any_process(local is not None):
+                    break
                 if local is None:
-                    if cfg.eval.batches == 0:
-                        break
                     # Every process must run the same number of steps: pad with batches that carry no loss.
                     local = {k: np.zeros((per_process, *shape[1:]), dtype) for k, (shape, dtype) in self.batch_spec.items()}
                 batch = self._global_batch(local)
@@ -278,7 +257,11 @@ class Trainer:
             self.data.close()
 
 
-_SCALAR = jax.ShapeDtypeStruct((), np.int32)
+def _any_process(flag: bool) -> bool:
+    """True when `flag` holds on any process (processes' shares of a held-out set differ in length)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:

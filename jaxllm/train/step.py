@@ -11,6 +11,7 @@ batch is split into micro-batches: gradient accumulation then sums exact contrib
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -19,9 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxllm import models, sharding
+from jaxllm.config import Config
 from jaxllm.models import bind
 from jaxllm.models.electra import Electra
 from jaxllm.models.transformer import Encoder, EncoderDecoder
+from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 
 
 @struct.dataclass
@@ -30,6 +34,39 @@ class TrainState:
     params: Any  # nested dict of arrays
     opt_state: Any
     skipped: jax.Array  # int32 scalar: updates skipped because the loss or a gradient was NaN/Inf
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """Everything about a train state that is known before any array exists.
+
+    `abstract`: a TrainState of ShapeDtypeStructs carrying their shardings (the target of a restore,
+    or of an ahead-of-time compile); `shardings`: the same tree of NamedShardings."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: Callable
+    abstract: TrainState
+    shardings: TrainState
+
+
+def train_state_spec(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> StateSpec:
+    """Model, optimizer and the shapes and shardings of their state on `mesh`, allocating nothing."""
+    graphdef, abstract_params, logical = models.model_spec(cfg.model)
+    param_shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh),
+        skipped=replicated,
+    )
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    shapes = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, skipped=scalar)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return StateSpec(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), abstract, shardings)
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, z_loss: float = 0.0):

@@ -1,0 +1,78 @@
+"""Compiling the real train step for a TPU topology on this machine, and reading its memory per chip.
+
+The step is the one `jaxllm train` runs (`train.step.jit_train_step` with the state shardings of
+`train.step.train_state_spec`), lowered on compile-only TPU devices from libtpu and compiled by the
+TPU compiler: the memory figures are XLA's buffer assignment for one chip, not an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+
+from jaxllm import sharding
+from jaxllm.config import Config, ConfigError
+from jaxllm.data.objectives import batch_spec
+from jaxllm.plan.chips import Topology
+from jaxllm.plan.estimate import Layout
+from jaxllm.train.step import jit_train_step, train_state_spec
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """XLA's per-chip memory for the step (bytes) and how long compiling took."""
+
+    argument_bytes: int  # parameters, optimizer state and batch shards held by each chip
+    output_bytes: int
+    alias_bytes: int  # outputs written over donated arguments (the new state over the old)
+    temp_bytes: int  # activations, gradients and everything else alive during the step
+    peak_bytes: int
+    compile_seconds: float
+
+
+def layout_of(cfg: Config, topology: Topology) -> Layout:
+    """The layout a config asks for on `topology` (mesh sizes resolved, `topology.slices` over DCN)."""
+    mesh = dataclasses.replace(cfg.mesh, dcn_data=topology.slices)
+    data, fsdp, tensor = sharding.mesh_shape(mesh, topology.chips)
+    return Layout(data // topology.slices, fsdp, tensor, cfg.model.remat, cfg.train.grad_accum, topology.slices)
+
+
+def apply_layout(cfg: Config, layout: Layout) -> Config:
+    """`cfg` with the mesh, remat policy and micro-batching of `layout`."""
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, remat=layout.remat),
+        mesh=dataclasses.replace(cfg.mesh, data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor,
+                                 dcn_data=layout.slices),
+        train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum),
+    )
+
+
+def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
+    """Compiles the train step of `cfg` laid out as `layout` on `devices` (compile-only TPU devices)."""
+    cfg = apply_layout(cfg, layout)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    batch = cfg.train.batch_size
+    dp = sharding.data_parallel_size(mesh, rules)
+    if batch % (cfg.train.grad_accum * dp):
+        raise ConfigError(
+            f"micro-batch of {batch // cfg.train.grad_accum} sequences does not divide over {dp} data-parallel chips; "
+            f"use a train.batch_size that is a multiple of {dp * cfg.train.grad_accum}"
+        )
+    spec = train_state_spec(cfg, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules, 2)
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                      for k, (shape, dtype) in batch_spec(cfg.data, batch).items()}
+    start = time.perf_counter()
+    with sharding.activate(mesh, rules):
+        step = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss,
+                              cfg.train.seed, spec.shardings, batch_sharding, cfg.train.loss_chunk)
+        compiled = step.lower(spec.abstract, abstract_batch).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
+    # The state is donated: the new state reuses the old one's buffers (alias), so it is not counted twice.
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) or args + temp + out - alias
+    return CompiledStep(args, out, alias, temp, peak, seconds)

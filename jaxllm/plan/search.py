@@ -1,0 +1,151 @@
+"""`jaxllm plan`: the config's own layout, or a search over layouts, on a TPU topology.
+
+Search: every mesh factorisation data x fsdp x tensor of a slice (tensor up to 8 and dividing the
+heads), every remat policy and every micro-batch count that divides the batch over the
+data-parallel chips is ranked by the analytical estimate (`plan.estimate`); those predicted to fit
+are compiled best-first until `top` of them really fit (or `max_compiles` compiles are spent).
+The compiler's memory decides "fits" (with HEADROOM of the HBM left free); the estimate's step
+time orders the plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Callable
+
+from jaxllm.config import Config, ConfigError
+from jaxllm.plan.chips import Topology, topology_devices
+from jaxllm.plan.compile import CompiledStep, apply_layout, compile_step, layout_of
+from jaxllm.plan.estimate import Estimate, Layout, estimate
+
+log = logging.getLogger("jaxllm")
+
+REMAT_POLICIES = ("none", "dots_with_no_batch_dims", "dots", "full")
+MAX_TENSOR = 8  # beyond one host's chips, tensor parallelism's all-reduces swamp the step
+MAX_ACCUM = 64
+# Kept free on each chip: the runtime's own buffers, fragmentation, and the estimate's optimism.
+HEADROOM = 0.05
+
+
+@dataclasses.dataclass
+class Candidate:
+    layout: Layout
+    estimate: Estimate
+    compiled: CompiledStep | None = None
+    error: str | None = None
+    oom_bytes: int | None = None  # the compiler gave up: its temporaries alone need this much
+
+    def fits(self, hbm_bytes: int) -> bool | None:
+        """Whether the compiled step leaves HEADROOM of the chip's HBM free (None: not compiled)."""
+        if self.oom_bytes is not None:
+            return False
+        return None if self.compiled is None else self.compiled.peak_bytes <= usable(hbm_bytes)
+
+
+def usable(hbm_bytes: int) -> float:
+    return (1 - HEADROOM) * hbm_bytes
+
+
+@dataclasses.dataclass
+class Plan:
+    config: Config
+    topology: Topology
+    candidates: list[Candidate]  # compiled first, best first; then estimated only
+    searched: int  # layouts ranked
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: Config, topology: Topology) -> list[Layout]:
+    """Every layout of `cfg`'s batch on `topology` worth estimating."""
+    m, batch, n = cfg.model, cfg.train.batch_size, topology.chips_per_slice
+    out = []
+    for tensor in _divisors(n):
+        if tensor > MAX_TENSOR or m.num_heads % tensor or m.mlp_dim % tensor:
+            continue
+        if m.kv_heads % tensor and tensor % m.kv_heads:
+            continue
+        for fsdp in _divisors(n // tensor):
+            data = n // tensor // fsdp
+            dp = data * fsdp * topology.slices
+            for accum in _divisors(batch):
+                if accum > MAX_ACCUM or (batch // accum) % dp:
+                    continue
+                out += [Layout(data, fsdp, tensor, remat, accum, topology.slices) for remat in REMAT_POLICIES]
+    return out
+
+
+def plan(
+    cfg: Config,
+    topology: Topology,
+    search: bool = False,
+    top: int = 3,
+    max_compiles: int = 6,
+    progress: Callable[[str], None] = log.info,
+) -> Plan:
+    """Compiles the config's layout (or searches, see the module docstring) on `topology`."""
+    batch, seq_len, chip = cfg.train.batch_size, cfg.data.seq_len, topology.chip
+    if search:
+        pool = layouts(cfg, topology)
+        if not pool:
+            raise ConfigError(
+                f"no layout of train.batch_size={batch} divides over {topology.chips} chips; "
+                f"use a batch size that is a multiple of {topology.chips}"
+            )
+    else:
+        pool = [layout_of(cfg, topology)]
+    ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len)) for layout in pool),
+                    key=_rank)
+    if search:
+        # Most layouts need far more memory than a chip has; compile only those predicted to fit.
+        order = [c for c in ranked if c.estimate.memory_bytes <= usable(chip.hbm_bytes)] or ranked[:1]
+    else:
+        order = ranked
+    devices = topology_devices(topology)
+    compiled: list[Candidate] = []
+    for candidate in order:
+        if len(compiled) >= max_compiles or sum(bool(c.fits(chip.hbm_bytes)) for c in compiled) >= top:
+            break
+        progress(f"compiling {candidate.layout.describe()} for {topology.describe()} ...")
+        try:
+            candidate.compiled = compile_step(cfg, candidate.layout, devices)
+        except ConfigError as e:
+            candidate.error = str(e)
+        except Exception as e:  # the TPU compiler's own errors: out of memory, or a real failure
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            needed = re.search(r"temporaries \(([\d.]+)G\)", message)
+            if "RESOURCE_EXHAUSTED" in message and needed:
+                candidate.oom_bytes = int(float(needed.group(1)) * 2**30)
+            else:
+                candidate.error = message[:300]
+        compiled.append(candidate)
+        if candidate.oom_bytes is not None:
+            progress(f"  does not fit: temporaries alone need {candidate.oom_bytes / 2**30:.1f} GiB per chip")
+        if candidate.compiled is not None:
+            progress(f"  {candidate.compiled.peak_bytes / 2**30:.1f} GiB per chip, compiled in "
+                     f"{candidate.compiled.compile_seconds:.0f} s")
+    compiled.sort(key=lambda c: (not c.fits(chip.hbm_bytes), _rank(c)))
+    rest = [c for c in ranked if c not in compiled and c.estimate.memory_bytes <= usable(chip.hbm_bytes)]
+    return Plan(cfg, topology, compiled + rest, len(pool))
+
+
+def _rank(c: Candidate) -> tuple[int, float]:
+    # Step times within 1% of each other are a tie (the model is not that precise): the layout that
+    # leaves more memory free goes first.
+    return round(math.log(c.estimate.step_seconds) / math.log(1.01)), c.estimate.memory_bytes
+
+
+def best(p: Plan) -> Candidate | None:
+    """The fastest layout that compiled and fits, if any."""
+    hbm = p.topology.chip.hbm_bytes
+    return next((c for c in p.candidates if c.fits(hbm)), None)
+
+
+def best_config(p: Plan) -> Config | None:
+    chosen = best(p)
+    return None if chosen is None else apply_layout(p.config, chosen.layout)

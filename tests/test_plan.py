@@ -1,0 +1,56 @@
+"""`jaxllm plan`: TPU topology names, the layout search space, the estimate, and one real AOT compile."""
+
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.config import ConfigError, load_config
+from jaxllm.plan import CHIPS, Layout, estimate, layouts, param_count, parse_topology
+
+
+@pytest.mark.parametrize(
+    "name, libtpu_name, chips",
+    [("v5p-128", "v5p:4x4x4", 64), ("v5p-8", "v5p:2x2x1", 4), ("v4-32", "v4:2x2x4", 16), ("v5e-16", "v5e:4x4", 16),
+     ("v5litepod-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64), ("v5p:2x2x2", "v5p:2x2x2", 8)],
+)
+def test_topology_names(name, libtpu_name, chips):
+    topology = parse_topology(name)
+    assert topology.libtpu_name == libtpu_name and topology.chips == chips
+    assert parse_topology(name, slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize("name, message", [("v5p-7", "2 per chip"), ("v5e-12", "no standard v5e slice has 12 chips"),
+                                           ("v9-8", "unknown TPU generation"), ("tpu", "not a TPU slice name")])
+def test_bad_topology_names(name, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_topology(name)
+
+
+def test_llama3_shapes_and_flops():
+    cfg = load_config("configs/llama3-8b.yaml")
+    total, _ = param_count(cfg.model)
+    assert total == 8_030_261_248  # Llama 3.1 8B
+    assert param_count(load_config("configs/llama3-70b.yaml").model)[0] == 70_553_706_496
+    e = estimate(cfg.model, Layout(1, 4, 1, "full", 8), CHIPS["v5p"], batch=32, seq_len=8192)
+    # ~6 x 7.5B matmul parameters x 262k tokens + attention; full remat adds one forward.
+    assert 1.45e16 < e.model_flops < 1.6e16 and e.hardware_flops == pytest.approx(e.model_flops * 4 / 3)
+    assert 0 < e.mfu < 1
+
+
+def test_search_space_respects_heads_and_batch():
+    cfg = load_config("configs/llama3-8b.yaml")
+    found = layouts(cfg, parse_topology("v5p-128"))
+    assert found and all(lay.data * lay.fsdp * lay.tensor == 64 for lay in found)
+    assert all(lay.tensor <= 8 and 32 % lay.tensor == 0 and 8 % lay.tensor == 0 for lay in found)
+    assert all((32 // lay.grad_accum) % (lay.data * lay.fsdp) == 0 for lay in found)
+    assert {lay.remat for lay in found} == {"none", "dots", "dots_with_no_batch_dims", "full"}
+
+
+def test_plan_compiles_a_small_model_for_a_small_topology(capsys):
+    pytest.importorskip("libtpu")
+    code = main(["plan", "configs/tiny.yaml", "model.dtype=bfloat16", "train.batch_size=8", "mesh.data=2",
+                 "mesh.fsdp=2", "--topology", "v5e-4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "v5e-4: 4 v5e chips (v5e:2x2)" in out
+    assert "chosen: data=2 fsdp=2 tensor=1 remat=none accum=1" in out
+    assert "as overrides: mesh.data=2 mesh.fsdp=2 mesh.tensor=1 model.remat=none train.grad_accum=1" in out
