@@ -6,7 +6,8 @@ so it cannot be used for a whole step). Memory and time are first-order:
 
 - state: float32 parameters, gradients and Adam moments, sharded over fsdp x tensor;
 - activations of one micro-batch: what the remat policy keeps per layer, one layer's working set,
-  the float32 logits (the loss is not chunked over the vocabulary yet);
+  the float32 logits of one loss chunk (`train.loss_chunk` positions), and the attention
+  probabilities only where the XLA kernel materialises them (splash attention on TPUs keeps none);
 - time: max(compute at peak, HBM traffic, fsdp/data collectives overlapped with compute)
   + tensor-parallel all-reduces (on the critical path) + the cross-slice gradient all-reduce.
   A collective over one mesh axis is taken to use half the chip's total ICI bandwidth.
@@ -73,7 +74,7 @@ def step_flops(m: ModelConfig, tokens: int, seq_len: int, remat: str) -> tuple[f
     return model, model + recompute * forward * tokens
 
 
-def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int) -> float:
+def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int, loss_chunk: int = 0) -> float:
     total, _ = param_count(m)
     shards = layout.fsdp * layout.tensor
     p_bytes = BYTES[m.param_dtype]
@@ -86,20 +87,22 @@ def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int) ->
     heads = m.num_heads / t
     qkv = (m.num_heads + 2 * m.kv_heads) * H / t
     matmul_outputs = b * L * a * (2 * D + qkv + 3 * F / t)
-    scores = b * heads * L * L * 4  # float32 attention probabilities (XLA attention materialises them)
+    # float32 attention probabilities, which only the XLA kernel materialises (splash streams them).
+    fused = m.attention_impl in ("auto", "splash") and m.positions not in ("alibi", "relative") and L % 128 == 0
+    scores = 0.0 if fused else b * heads * L * L * 4
     kept = {
         "full": b * L * D * a,
         "dots_with_no_batch_dims": matmul_outputs,
-        "dots": matmul_outputs + b * heads * L * L * a,
+        "dots": matmul_outputs + (0.0 if fused else b * heads * L * L * a),
         "none": matmul_outputs + b * L * a * (4 * D + 2 * F / t) + scores,
     }[layout.remat]
     working = matmul_outputs + 2 * scores
-    logits = 3 * b * L * m.vocab_size / t * 4
+    logits = 3 * b * (min(L, loss_chunk) if loss_chunk > 0 else L) * m.vocab_size / t * 4
     layer_weights = 2 * (total - 2 * m.vocab_size * D) / m.num_layers * a / t  # gathered weights, double-buffered
     return state + grads + m.num_layers * kept + working + logits + layer_weights
 
 
-def estimate(m: ModelConfig, layout: Layout, chip: Chip, batch: int, seq_len: int) -> Estimate:
+def estimate(m: ModelConfig, layout: Layout, chip: Chip, batch: int, seq_len: int, loss_chunk: int = 0) -> Estimate:
     """The step of `batch` sequences of `seq_len` tokens on data*fsdp*tensor chips per slice."""
     chips = layout.data * layout.fsdp * layout.tensor * layout.slices
     tokens = batch * seq_len
@@ -124,7 +127,7 @@ def estimate(m: ModelConfig, layout: Layout, chip: Chip, batch: int, seq_len: in
     return Estimate(
         model_flops=model_flops,
         hardware_flops=hw_flops,
-        memory_bytes=memory_per_chip(m, layout, batch, seq_len),
+        memory_bytes=memory_per_chip(m, layout, batch, seq_len, loss_chunk),
         step_seconds=step,
         mfu=model_flops / (step * chips * chip.peak_flops),
         parts=parts,

@@ -99,7 +99,7 @@ def plan(
             )
     else:
         pool = [layout_of(cfg, topology)]
-    ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len)) for layout in pool),
+    ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len, cfg.train.loss_chunk)) for layout in pool),
                     key=_rank)
     if search:
         # Most layouts need far more memory than a chip has; compile only those predicted to fit.

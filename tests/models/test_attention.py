@@ -75,3 +75,32 @@ def test_splash_kernel_matches_xla_sharded_with_packing_gqa_and_window():
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
         for a, b in zip(got[1], ref[1]):
             np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-4, rtol=1e-4)
+
+
+def test_splash_is_chosen_on_tpu_and_compiles_ahead_of_time():
+    """On a TPU mesh (compile-only v5e devices from libtpu; no TPU needed) `attention_impl: auto` picks
+    splash attention, and the model's forward and backward compile with its Pallas kernels."""
+    import pytest
+
+    pytest.importorskip("libtpu")
+    from jaxllm import models, sharding
+    from jaxllm.config import MeshConfig
+    from jaxllm.plan import parse_topology
+    from jaxllm.plan.chips import topology_devices
+    from tests.conftest import tiny_model_config
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), topology_devices(parse_topology("v5e-4")))
+    rules = sharding.make_rules()
+    cfg = tiny_model_config(dtype="bfloat16", max_seq_len=256)
+    graphdef, abstract, logical = models.model_spec(cfg)
+    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, 2))
+
+    def loss(params, tokens):
+        return jnp.sum(models.bind(graphdef, params)(tokens)[0])
+
+    with sharding.activate(mesh, rules):
+        compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+    text = compiled.as_text()
+    assert "splash" in text.lower() and "tpu_custom_call" in text
