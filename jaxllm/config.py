@@ -153,6 +153,9 @@ class DistributedConfig:
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     timeout_s: int = 300  # how long a process waits for the others to join
+    # A process silent for this long is taken for dead: the others stop (with JAX's "another task
+    # died" message) instead of waiting forever in a collective; restart the same command to resume.
+    heartbeat_timeout_s: int = 100
 
 
 @dataclass

@@ -50,7 +50,7 @@ def resolve(cfg: DistributedConfig, environ: Mapping[str, str] | None = None) ->
     env = os.environ if environ is None else environ
     if cfg.mode == "off":
         return None
-    timeout = {"initialization_timeout": cfg.timeout_s}
+    timeout = {"initialization_timeout": cfg.timeout_s, "heartbeat_timeout_seconds": cfg.heartbeat_timeout_s}
     coordinator = cfg.coordinator or env.get(ENV_COORDINATOR)
     if cfg.mode == "coordinator" or (cfg.mode == "auto" and coordinator):
         return _explicit(cfg, env, coordinator, timeout)
@@ -142,5 +142,5 @@ def initialize(cfg: DistributedConfig) -> Setup | None:
 
 
 def _describe(setup: Setup) -> str:
-    shown = {k: v for k, v in setup.kwargs.items() if k != "initialization_timeout"}
+    shown = {k: v for k, v in setup.kwargs.items() if k not in ("initialization_timeout", "heartbeat_timeout_seconds")}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "detected from the environment"

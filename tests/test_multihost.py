@@ -84,3 +84,43 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path):
 
     params = jax.tree.map(np.asarray, load_model(run_dir).params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, expected)
+
+
+def test_a_dead_process_stops_the_others_and_the_restart_resumes(tmp_path):
+    """Process 1 is SIGKILLed mid-run: process 0 must not hang in a collective. JAX's coordination
+    service misses process 1's heartbeats (distributed.heartbeat_timeout_s) and stops process 0 with
+    "another task died"; the same command then resumes from the last checkpoint."""
+    import os
+    import signal
+    import socket
+    import time
+
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "jaxllm.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *SETTINGS,
+            "train.steps=400", f"run_dir={run_dir}", "checkpoint.every=2", "distributed.heartbeat_timeout_s=10"]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2",
+                   JAXLLM_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0 and time.time() - killed_at < 60
+    assert "another task died" in out and "stopped sending heartbeats" in out, out[-3000:]
+    stopped = max(r["step"] for r in read_metrics(run_dir))
+    assert 5 <= stopped < 400
+    target = stopped + 4  # a constant learning rate: a shorter run is the same run, stopped earlier
+    out = _launch(run_dir, target)  # the same run, resumed on two processes
+    assert "[p0] jaxllm: resumed from" in out, out[-3000:]
+    assert max(r["step"] for r in read_metrics(run_dir)) == target
