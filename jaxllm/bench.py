@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, ModelConfig
+from jaxllm.utils import atomic_write_text
 
 # bf16 dense matrix peak per chip, FLOP/s (vendor datasheets; H100/H200 SXM without sparsity).
 PEAK_FLOPS = {
@@ -199,7 +200,7 @@ def bench_generate(cfg: Config, batch: int = 1, prompt_len: int = 128, new_token
 
 def write_report(results: dict[str, Any], path: str | Path | None) -> None:
     if path:
-        Path(path).write_text(json.dumps(results, indent=2, default=float))
+        atomic_write_text(path, json.dumps(results, indent=2, default=float))
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ def test_spike_settings_out_of_range():
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
     line = _one_line_error(["train", TINY, *MICRO, "model.vocab_size=1000", f"run_dir={tmp_path}"], capsys)
-    assert "tokenizer has 4096 tokens but model.vocab_size=1000; set model.vocab_size >= 4096" in line
+    assert "model.vocab_size=1000 is too small: the tokenizer has 4096 ids, 4096 in all; set model.vocab_size >= 4096" in line
 
 
 def test_another_tokenizer_on_resume_is_refused(tmp_path, capsys):

@@ -15,10 +15,10 @@ def test_single_process_does_nothing():
 
 def test_explicit_coordinator_from_config_or_environment():
     env = {"JAXLLM_COORDINATOR": "10.0.0.2:1234", "JAXLLM_NUM_PROCESSES": "4", "JAXLLM_PROCESS_ID": "3"}
-    setup = resolve(DistributedConfig(timeout_s=60), env)
+    setup = resolve(DistributedConfig(timeout_s=60, heartbeat_timeout_s=30), env)
     assert setup.source == "coordinator"
     assert setup.kwargs == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3,
-                            "initialization_timeout": 60}
+                            "initialization_timeout": 60, "heartbeat_timeout_seconds": 30}
     cfg = DistributedConfig(coordinator="127.0.0.1:9", num_processes=2, process_id=1)
     assert resolve(cfg, {}).kwargs["process_id"] == 1
 

@@ -24,7 +24,7 @@ from jaxllm.convert import families_encoders  # noqa: F401  (registers the encod
 from jaxllm.convert.families import FAMILIES, Family
 from jaxllm.convert.hf_io import ConversionError, SafetensorsReader, ShardedWriter, read_hf_config
 from jaxllm.convert.rules import Rule, to_hf, to_ours
-from jaxllm.utils import atomic_write_text
+from jaxllm.utils import atomic_write_bytes, atomic_write_text
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -236,7 +236,7 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files:
         hf_cfg["dtype"] = dtype or cfg.param_dtype
         atomic_write_text(out_dir / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))
         for name, data in (tokenizer_files or {}).items():
-            (out_dir / name).write_bytes(data)
+            atomic_write_bytes(out_dir / name, data)
     return out_dir
 
 
