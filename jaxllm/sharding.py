@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated). First match wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -33,8 +33,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("relative_buckets", None),
     ("embed_factor", None),
-    # activations
-    ("batch", ("data", "fsdp")),
+    ("expert", "expert"),
+    # activations. The expert axis splits the batch too: outside the experts it is data parallelism.
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -64,9 +65,9 @@ def make_rules(extra: Sequence[Sequence[Any]] = ()) -> Rules:
     return tuple(out) + DEFAULT_RULES
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     """Resolves the -1 entry and checks the product against the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:
@@ -77,22 +78,22 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
+            f"mesh data*fsdp*tensor*expert = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
             f"{num_devices} devices; make the product {num_devices} or set one size to -1 to take the rest"
         )
     return tuple(sizes)  # type: ignore[return-value]
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+    """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default: all devices of all processes).
 
     Axes are `Auto`: the compiler (GSPMD/Shardy) propagates shardings from the ones we pin.
     """
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
@@ -141,6 +142,12 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activate`, or None (code that must place work itself:
+    the `shard_map` of dropless MoE)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pins an activation's sharding by logical names; a no-op outside `activate`."""
     active = _ACTIVE.get()
@@ -154,6 +161,8 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
     table = dict(reversed(rules))
     axes = table.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1) or None  # e.g. no expert axis when mesh.expert=1
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
@@ -170,7 +179,7 @@ def check_batch_divides(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rul
     if micro % dp:
         raise ConfigError(
             f"micro-batch of {micro} sequences (train.batch_size={batch_size} / train.grad_accum={grad_accum}) "
-            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp); "
+            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp*expert); "
             f"use a batch size that is a multiple of {dp * grad_accum}"
         )
     if batch_size % jax.process_count():

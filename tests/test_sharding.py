@@ -10,7 +10,7 @@ from tests.conftest import tiny_model_config
 
 def test_mesh_fills_the_rest():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Batches (see jaxllm.data.objectives.batch_spec): clm and mlm give [B, L] inputs, targets,
 segment_ids, positions, loss_mask; span, bart and ul2 give encoder_* [B, Le] and decoder_* [B, Ld].
 The loss follows the model: a Decoder predicts next tokens, an Encoder the masked ones, an
-EncoderDecoder the decoder targets, and Electra adds replaced-token detection.
+EncoderDecoder the decoder targets, and Electra adds replaced-token detection. Mixture-of-experts
+decoders add their load-balancing and router z-losses (models/moe.py) and log expert loads.
 
 Every loss is a sum over tokens divided by the *whole batch's* token count, computed before the
 batch is split into micro-batches: gradient accumulation then sums exact contributions.
@@ -21,6 +22,7 @@ from flax import nnx, struct
 
 from jaxllm.models import bind
 from jaxllm.models.electra import Electra
+from jaxllm.models.moe import moe_objective
 from jaxllm.models.transformer import Encoder, EncoderDecoder
 
 
@@ -73,9 +75,10 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], no
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
         return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    nll, zl = cross_entropy(logits, batch["targets"], mask, z_loss)
-    return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
+    x, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, zl = cross_entropy(model.logits(x), batch["targets"], mask, z_loss)
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    return (nll + zl) / norms["tokens"] + moe_loss, {"loss": nll / norms["tokens"], **moe_metrics}
 
 
 def _electra_loss(model, batch, mask, norms, z_loss, key):
