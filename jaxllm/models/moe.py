@@ -163,10 +163,10 @@ def _sharded_dropless(mesh, rules, kind, x_BLD, weights_BLK, experts_BLK, valid_
         raise ConfigError(
             f"mesh axes {sorted(set(mlp_axes) & set(batch_axes))} split both the batch and the experts' hidden "
             "dimension; dropless MoE needs them apart: change mesh.rules for 'batch' or 'mlp'")
-    # Tokens arrive gathered over the expert axes (each device sees every token of its data shard) ...
+    # Tokens are gathered over the expert axes (each device sees every token of its data shard) ...
     outer = tuple(a for a in batch_axes if a not in expert_axes)
     scattered = tuple(a for a in batch_axes if a in expert_axes)
-    tokens_in, tokens_out = jax.sharding.PartitionSpec(outer or None), jax.sharding.PartitionSpec(outer + scattered or None)
+    tokens = jax.sharding.PartitionSpec(outer + scattered or None)
     # ... and each expert kernel whole in D (gathered like FSDP), split over experts and F.
     P = jax.sharding.PartitionSpec
     kernel_specs = {k: P(expert_axes or None, None, mlp_axes or None) if k != "down" else P(expert_axes or None, mlp_axes or None, None)
@@ -174,6 +174,9 @@ def _sharded_dropless(mesh, rules, kind, x_BLD, weights_BLK, experts_BLK, valid_
     X = E // math.prod(mesh.shape[a] for a in expert_axes)
 
     def local(x_BLD, weights_BLK, experts_BLK, valid_BL, kernels):
+        if scattered:  # explicitly, so that the backward pass reduce-scatters the tokens' gradients
+            x_BLD, weights_BLK, experts_BLK, valid_BL = (
+                jax.lax.all_gather(a, scattered, axis=0, tiled=True) for a in (x_BLD, weights_BLK, experts_BLK, valid_BL))
         b, L, D = x_BLD.shape
         K = experts_BLK.shape[-1]
         first = jax.lax.axis_index(expert_axes) * X if expert_axes else 0
@@ -191,7 +194,7 @@ def _sharded_dropless(mesh, rules, kind, x_BLD, weights_BLK, experts_BLK, valid_
         return y_BLD
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(tokens_in, tokens_in, tokens_in, tokens_in, kernel_specs), out_specs=tokens_out,
+        local, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, kernel_specs), out_specs=tokens,
     )(x_BLD, weights_BLK, experts_BLK, valid_BL, kernels)
 
 
