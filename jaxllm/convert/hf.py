@@ -9,6 +9,7 @@ model. Saving gathers one layer's tensor at a time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, DataConfig, MeshConfig, ModelConfig, dump_yaml
-from jaxllm.convert import families_encoders  # noqa: F401  (registers the encoder families)
+from jaxllm.convert import families_encoders, families_moe  # noqa: F401  (register their families)
 from jaxllm.convert.families import FAMILIES, Family
 from jaxllm.convert.hf_io import ConversionError, SafetensorsReader, ShardedWriter, read_hf_config
 from jaxllm.convert.rules import Rule, to_hf, to_ours
@@ -115,25 +116,22 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, mesh: Mesh, rules_ta
     rules = family.rules(cfg)
     plan = _plan(rules, abstract_flat, family)
     resolve = _resolver(reader, family)
-    _check_unused(reader, rules, family, cfg, resolve)
+    _check_unused(reader, rules, family, abstract_flat, resolve)
     out = {}
     for path, (rule, part) in plan.items():
         target = abstract_flat[path]
-        shapes = [abstract_flat[p].shape[1:] if rule.per_layer else abstract_flat[p].shape for p in rule.ours]
-        count = target.shape[0] if rule.per_layer else 1
+        shapes = [abstract_flat[p].shape[rule.lead:] for p in rule.ours]
         memo: dict[tuple, np.ndarray] = {}
 
-        def read(index, rule=rule, part=part, shapes=shapes, dtype=target.dtype, count=count, memo=memo):
-            # Called once per device shard; identical shards (replicated axes) are read once.
+        def read(index, rule=rule, part=part, shapes=shapes, target=target, memo=memo):
+            # Called once per device shard; identical shards (replicated axes) are read once. Only the
+            # layers (and experts) of this shard are read.
             key = tuple((s.start, s.stop, s.step) for s in index)
             if key not in memo:
-                if rule.per_layer:
-                    layers = range(count)[index[0]]
-                    memo[key] = np.stack([
-                        to_ours(rule, reader.get(resolve(rule.hf.format(i=i))), shapes)[part][index[1:]] for i in layers
-                    ]).astype(dtype)
-                else:
-                    memo[key] = to_ours(rule, reader.get(resolve(rule.hf)), shapes)[part][index].astype(dtype)
+                lead = [range(n)[i] for n, i in zip(target.shape[:rule.lead], index[:rule.lead])]
+                blocks = [to_ours(rule, reader.get(resolve(rule.name(at))), shapes)[part][index[rule.lead:]]
+                          for at in itertools.product(*lead)]
+                memo[key] = np.stack(blocks).reshape(*map(len, lead), *blocks[0].shape).astype(target.dtype)
             return memo[key]
 
         out[path] = jax.make_array_from_callback(target.shape, sharding_flat[path], read)
@@ -155,13 +153,12 @@ def _resolver(reader: SafetensorsReader, family: Family):
     return resolve
 
 
-def _check_unused(reader, rules: list[Rule], family: Family, cfg: ModelConfig, resolve) -> None:
+def _check_unused(reader, rules: list[Rule], family: Family, abstract_flat: dict[str, Any], resolve) -> None:
     """A tensor we would silently drop means a model we do not fully implement: refuse it."""
     expected = set()
     for rule in rules:
-        count = (cfg.decoder_layers if rule.ours[0].startswith("decoder/") else cfg.num_layers) if rule.per_layer else 1
-        for i in range(count):
-            expected.add(resolve(rule.hf.format(i=i)))
+        for at in itertools.product(*map(range, abstract_flat[rule.ours[0]].shape[:rule.lead])):
+            expected.add(resolve(rule.name(at)))
     ignored = [re.compile(p) for p in family.ignored]
     extra = sorted(n for n in reader.names() - expected if not any(p.search(n) for p in ignored))
     if extra:
@@ -226,10 +223,9 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files:
     np_dtype = DTYPES[dtype or cfg.param_dtype]
     writer = ShardedWriter(out_dir, max_shard_bytes)
     for rule in rules:
-        count = flat[rule.ours[0]].shape[0] if rule.per_layer else 1
-        for i in range(count):
-            parts = [_host(flat[p][i] if rule.per_layer else flat[p]).astype(np_dtype) for p in rule.ours]
-            writer.add(rule.hf.format(i=i), to_hf(rule, parts))
+        for at in itertools.product(*map(range, flat[rule.ours[0]].shape[:rule.lead])):
+            parts = [_host(flat[p][at]).astype(np_dtype) for p in rule.ours]
+            writer.add(rule.name(at), to_hf(rule, parts))
     if jax.process_index() == 0:
         writer.finish()
         hf_cfg = family.config_to_hf(cfg)
