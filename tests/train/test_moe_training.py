@@ -14,7 +14,8 @@ from jaxllm.config import MeshConfig, MoEConfig
 from jaxllm.train.metrics import read_metrics
 from jaxllm.train.step import TrainState, train_step
 from tests.conftest import random_params, tiny_model_config
-from tests.train.test_loop import _train, micro_config
+from jaxllm.cli import main
+from tests.train.test_objective_configs import CONFIGS, SMALL
 from tests.train.test_step import _batch
 
 
@@ -80,13 +81,15 @@ def test_expert_parallel_training_equals_one_device(dispatch, mesh_shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), ep_params, one_params)
 
 
-def test_trainer_logs_moe_metrics_on_an_expert_mesh(tmp_path):
-    cfg = micro_config(tmp_path, "model.moe.num_experts=4", "model.moe.every=2", "model.moe.dispatch=capacity",
-                       "mesh.data=4", "mesh.expert=2", "train.steps=4", "checkpoint.every=100")
-    summary, _ = _train(cfg)
+def test_tiny_moe_config_trains_on_an_expert_mesh_and_logs_moe_metrics(tmp_path):
+    """configs/tiny-moe.yaml from the CLI (shrunk), experts split 2 ways, capacity dispatch."""
+    args = ["train", str(CONFIGS / "tiny-moe.yaml"), *SMALL, "model.moe.expert_mlp_dim=64", "model.moe.every=2",
+            "model.moe.dispatch=capacity", "mesh.data=4", "mesh.expert=2", f"run_dir={tmp_path}"]
+    assert main(args) == 0
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert min(r["loss"] for r in rows[-3:]) < rows[0]["loss"] - 0.5
     for r in rows:
         assert r["moe_aux_loss"] >= 0.99 and r["moe_z_loss"] > 0  # 1.0 = perfectly balanced
         assert 0 <= r["moe_dropped_fraction"] < 1
-        assert abs(sum(r[f"moe_load/e{j}"] for j in range(4)) - 1.0) < 1e-4
+        assert abs(sum(r[f"moe_load/e{j}"] for j in range(8)) - 1.0) < 1e-4
