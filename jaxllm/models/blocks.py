@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention, LayerCache, attention_mask
-from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, make_param
+from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param
 from jaxllm.models.moe import MoE, add_aux, is_moe_layer
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
 from jaxllm.sharding import constrain
@@ -212,32 +212,35 @@ class Stack(nnx.Module):
 
         valid_BL = segment_ids_BL > 0
 
-        def apply_block(block_state, x_BLD, layer_kv):
+        def apply_block(block_state, x_BLD, layer_kv, index=None):
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
-            return block(x_BLD, positions_BL, mask_BLS, bias_BNLS, layer_cache,
-                         None if memory is None else memory.x_BSD, memory_mask_BLS, valid_BL)
+            with fold_dropout_key(index):  # LoRA dropout masks differ per layer (a no-op otherwise)
+                return block(x_BLD, positions_BL, mask_BLS, bias_BNLS, layer_cache,
+                             None if memory is None else memory.x_BSD, memory_mask_BLS, valid_BL)
 
         if self.cfg.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],
                                          prevent_cse=not self.cfg.scan_layers)
         kv = None if cache is None else (cache.k, cache.v)
+        units = self.num_layers // self.group
+        indices = jnp.arange(units) if dropout_active() else None
         if self.cfg.share_layers or self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
             if kv is not None and self.group > 1:  # one cache entry per scanned group of layers
                 kv = jax.tree.map(lambda a: a.reshape(-1, self.group, *a.shape[1:]), kv)
             if self.cfg.share_layers:  # the same weights every step; the cache still has one slot per layer
-                def body(x_BLD, layer_kv):
-                    x_BLD, out_kv, aux = apply_block(state, x_BLD, layer_kv)
+                def body(x_BLD, xs):
+                    x_BLD, out_kv, aux = apply_block(state, x_BLD, *xs)
                     return x_BLD, (out_kv, aux)
 
-                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, kv, length=self.num_layers)
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (kv, indices), length=self.num_layers)
             else:
                 def body(x_BLD, xs):
-                    x_BLD, out_kv, aux = apply_block(xs[0], x_BLD, xs[1])
+                    x_BLD, out_kv, aux = apply_block(xs[0], x_BLD, xs[1], xs[2])
                     return x_BLD, (out_kv, aux)
 
-                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv))
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv, indices))
             aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
             if new_kv is not None and self.group > 1:
                 new_kv = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_kv)
@@ -245,7 +248,8 @@ class Stack(nnx.Module):
             outs, aux = [], {}
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
-                x_BLD, out_kv, block_aux = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]))
+                x_BLD, out_kv, block_aux = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]),
+                                                       i if indices is not None else None)
                 outs.append(out_kv)
                 aux = add_aux(aux, block_aux)
             new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))

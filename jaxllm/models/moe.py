@@ -28,6 +28,7 @@ from flax import nnx
 from jaxllm import sharding
 from jaxllm.config import ConfigError, ModelConfig, MoEConfig
 from jaxllm.models.layers import ACTIVATIONS, DTYPES, GATED, MLP, Dense, make_param
+from jaxllm.quant import QuantizedKernel
 from jaxllm.sharding import constrain
 
 
@@ -84,10 +85,15 @@ class Experts(nnx.Module):
         self.down = make_param(rngs, init, (e, f, d), ("expert", "mlp", "embed"), pdtype)
 
     def kernels(self) -> dict[str, jax.Array]:
-        out = {"up": self.up[...], "down": self.down[...]}
-        if self.gate is not None:
-            out["gate"] = self.gate[...]
-        return {k: v.astype(self.dtype) for k, v in out.items()}
+        """The kernels in the compute dtype (dequantised when the quantisation policy stored them)."""
+        out = {}
+        for name in ("gate", "up", "down"):
+            kernel = getattr(self, name)
+            if isinstance(kernel, QuantizedKernel):
+                out[name] = kernel.value(self.dtype)
+            elif kernel is not None:
+                out[name] = kernel[...].astype(self.dtype)
+        return out
 
 
 def _hidden(kind: str, gate, up):

@@ -25,6 +25,7 @@ from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml,
 from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
+from jaxllm.models import lora
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
@@ -44,7 +45,8 @@ class Trainer:
             init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None))
             saved = config_from_yaml_text(init[2].config_yaml).model
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl))
+                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                lora=cfg.model.lora, quant=cfg.model.quant))
             validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -75,7 +77,7 @@ class Trainer:
         param_shardings = sharding.tree_shardings(abstract_params, logical, self.mesh, self.rules)
         self.schedule = make_schedule(cfg.optim, cfg.train.steps)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        abstract_opt = jax.eval_shape(self.tx.init, lora.trainable(abstract_params))
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.state_shardings = TrainState(
             step=replicated,
@@ -99,13 +101,12 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
         else:
             if init is not None:
-                target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract_params, param_shardings)
-                params = init[0].restore_params(init[1], target)
+                params = _init_params_from(init, saved, cfg.model, self.mesh, self.rules, param_shardings,
+                                           cfg.train.seed)
                 log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(lora.trainable(params))
             step = jax.device_put(np.int32(0), replicated)
             self.state = TrainState(step=step, params=params, opt_state=opt_state)
         self.data_state = self.data.get_state()
@@ -251,6 +252,22 @@ class Trainer:
             self.data.close()
 
 
+def _init_params_from(init, saved, model_cfg, mesh, rules, shardings, seed):
+    """The starting parameters from a checkpoint of the `saved` model: a LoRA run's adapters are merged
+    into its base first; this run's policies (model.lora, model.quant) then apply to that base."""
+    params = init[0].restore_params(init[1], _abstract_params(saved, mesh, rules))
+    if saved.lora is not None or saved.quant is not None:
+        base = _abstract_params(lora.base_config(saved), mesh, rules)
+        params = lora.merge(params, saved, jax.tree.map(lambda a: a.sharding, base))
+    return lora.adapt(params, model_cfg, shardings, seed)
+
+
+def _abstract_params(model_cfg, mesh, rules):
+    _, abstract, logical = models.model_spec(model_cfg)
+    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
@@ -283,6 +300,9 @@ def _check_trainable(cfg: Config) -> None:
             f"data.objective.name={objective} trains a model.arch={OBJECTIVE_ARCH[objective]}, but this model is "
             f"arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind under configs/"
         )
+    if cfg.model.quant is not None and cfg.model.lora is None:
+        raise JaxllmError("model.quant stores the base quantised and frozen; to train, add adapters with "
+                          "model.lora (QLoRA), or drop model.quant")
     if arch == "encoder" and cfg.model.head != "mlm" and cfg.model.electra_generator is None:
         raise JaxllmError(
             f"an encoder with model.head={cfg.model.head} cannot be pre-trained: use head=mlm, or head=discriminator "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxllm.models import bind
+from jaxllm.models import bind, lora
 from jaxllm.models.electra import Electra
 from jaxllm.models.moe import moe_objective
 from jaxllm.models.transformer import Encoder, EncoderDecoder
@@ -30,7 +30,7 @@ from jaxllm.models.transformer import Encoder, EncoderDecoder
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
     params: Any  # nested dict of arrays
-    opt_state: Any
+    opt_state: Any  # of the trainable params only (models/lora.py trainable)
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, z_loss: float = 0.0):
@@ -116,25 +116,27 @@ def train_step(
     """
     norms = normalizers(batch)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    # With LoRA adapters only they are differentiated and updated; the frozen base is a constant.
+    trainable, frozen = lora.split_trainable(state.params)
+    grad_fn = jax.grad(lambda t, *args: lora.with_dropout(loss_fn)(lora.combine(t, frozen), *args), has_aux=True)
     if grad_accum == 1:
-        grads, metrics = grad_fn(state.params, graphdef, batch, norms, z_loss, key)
+        grads, metrics = grad_fn(trainable, graphdef, batch, norms, z_loss, key)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-        shapes = jax.eval_shape(grad_fn, state.params, graphdef, jax.tree.map(lambda x: x[0], micro), norms,
+        shapes = jax.eval_shape(grad_fn, trainable, graphdef, jax.tree.map(lambda x: x[0], micro), norms,
                                 z_loss, key)
 
         def accumulate(carry, xs):
             micro_batch, index = xs
-            out = grad_fn(state.params, graphdef, micro_batch, norms, z_loss, jax.random.fold_in(key, index))
+            out = grad_fn(trainable, graphdef, micro_batch, norms, z_loss, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, carry, out), None
 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = lora.combine(optax.apply_updates(trainable, updates), frozen)
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), tokens=norms["tokens"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
