@@ -244,19 +244,29 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = None) -> Path:
+def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = None,
+                 adapter: str | Path | None = None) -> Path:
     """Converts a HF directory into a jaxllm run directory (config.yaml + checkpoints/0) that
-    `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept."""
+    `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept; with `adapter` (a PEFT LoRA
+    directory) the model carries those adapters (model.lora)."""
+    from jaxllm.convert.peft import load_peft_adapters
     from jaxllm.train.checkpoint import Checkpointer
 
     loaded = from_hf(src, param_dtype=param_dtype)
+    model_cfg, params = loaded.config, loaded.params
+    if adapter is not None:
+        def placement(c):
+            _, abstract, logical = models.model_spec(c)
+            return sharding.tree_shardings(abstract, logical, loaded.mesh, sharding.make_rules())
+
+        params, model_cfg = load_peft_adapters(adapter, params, model_cfg, placement)
     out = Path(out)
-    cfg = Config(run_dir=str(out), model=loaded.config,
-                 data=DataConfig(seq_len=min(DataConfig.seq_len, loaded.config.max_seq_len)))
+    cfg = Config(run_dir=str(out), model=model_cfg,
+                 data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
     files = _read_tokenizer_files(Path(src))
     checkpointer = Checkpointer(out / "checkpoints")
     step = jax.device_put(np.int32(0), jax.sharding.NamedSharding(loaded.mesh, jax.sharding.PartitionSpec()))
-    checkpointer.save(0, {"params": loaded.params, "step": step}, None, dump_yaml(cfg), files)
+    checkpointer.save(0, {"params": params, "step": step}, None, dump_yaml(cfg), files)
     checkpointer.close()
     if jax.process_index() == 0:
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -264,8 +274,17 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
 
 
 def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None,
-                 max_shard_bytes: int = 5 * 2**30) -> Path:
+                 max_shard_bytes: int = 5 * 2**30, adapters_only: bool = False) -> Path:
+    """A Hugging Face model directory from a run or checkpoint. A LoRA/QLoRA run is merged into its
+    base (dequantised) first; `adapters_only` writes its adapters alone in PEFT's format instead."""
+    from jaxllm.convert.peft import save_peft_adapters
     from jaxllm.infer.load import load_model
+    from jaxllm.models import lora
 
     loaded = load_model(checkpoint)
-    return save_hf(loaded.params, loaded.config.model, out_dir, loaded.tokenizer_files, dtype, max_shard_bytes)
+    model_cfg, params = loaded.config.model, loaded.params
+    if adapters_only:
+        return save_peft_adapters(params, model_cfg, out_dir)
+    if model_cfg.lora is not None or model_cfg.quant is not None:
+        params, model_cfg = lora.merge(params, model_cfg), lora.base_config(model_cfg)
+    return save_hf(params, model_cfg, out_dir, loaded.tokenizer_files, dtype, max_shard_bytes)
