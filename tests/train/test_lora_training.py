@@ -108,3 +108,21 @@ def test_qlora_trains_on_a_frozen_nf4_base_and_resumes_exactly(base_run, tmp_pat
     for step in (4, 5, 6):
         assert resumed["losses"][step] == straight["losses"][step]
     jax.tree.map(np.testing.assert_array_equal, params_resumed, params)
+
+
+def test_qlora_config_fine_tunes_our_checkpoint_from_the_cli(base_run, tmp_path, capsys):
+    """configs/lora_tiny_qlora.yaml (shrunk) on the base run; the end-of-run sample generates through
+    the NF4 base and the adapters."""
+    from pathlib import Path
+
+    from jaxllm.cli import main
+    from jaxllm.train.metrics import read_metrics
+
+    base_dir, _ = base_run
+    config = Path(__file__).parents[2] / "configs" / "lora_tiny_qlora.yaml"
+    args = ["train", str(config), f"train.init_from={base_dir}", f"run_dir={tmp_path}", "model.quant.block_size=32",
+            "data.seq_len=32", "data.prefetch=0", "train.batch_size=8", "train.steps=3", "train.log_every=1",
+            "train.progress_bar=false", "train.sample_tokens=4", "eval.sources=[]"]
+    assert main(args) == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert "sample> And God said" in capsys.readouterr().out
