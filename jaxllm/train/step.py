@@ -118,7 +118,11 @@ def train_step(
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     # With LoRA adapters only they are differentiated and updated; the frozen base is a constant.
     trainable, frozen = lora.split_trainable(state.params)
-    grad_fn = jax.grad(lambda t, *args: lora.with_dropout(loss_fn)(lora.combine(t, frozen), *args), has_aux=True)
+
+    def objective(trainable, *args):
+        return lora.with_dropout(loss_fn)(lora.combine(trainable, frozen), *args)
+
+    grad_fn = jax.grad(objective, has_aux=True)
     if grad_accum == 1:
         grads, metrics = grad_fn(trainable, graphdef, batch, norms, z_loss, key)
     else:

@@ -3,6 +3,7 @@ checkpoint (train.init_from), the same losses on 1 and 8 devices, and exact resu
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,6 @@ from tests.train.test_step import _batch
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=attn/(q|v)$|mlp/(up|down)",
         "optim.weight_decay=0.0", "train.steps=6", "checkpoint.every=3"]
-QLORA = LORA + ["model.quant.kind=nf4", "model.quant.block_size=32", "model.quant.double_quant=true"]
 
 
 def _bytes(tree) -> int:
@@ -81,48 +81,37 @@ def test_lora_trains_adapters_only_with_optimizer_state_in_proportion(base_run, 
     full_state = _bytes(jax.eval_shape(tx.init, models.model_spec(lora.base_config(cfg.model))[1]))
     assert state_bytes < full_state / 10  # full fine-tuning's state, for comparison
     _assert_frozen(params8, base)
-    losses = summary8["losses"]
-
-    # One device: the same losses.
-    summary1, params1 = _train(micro_config(tmp_path / "lora1", f"train.init_from={base_dir}", *LORA),
-                               devices=jax.devices()[:1])
-    for step in range(1, 7):
-        np.testing.assert_allclose(summary1["losses"][step], losses[step], rtol=2e-5)
+    assert sorted(summary8["losses"]) == list(range(1, 7))
 
 
-def test_qlora_trains_on_a_frozen_nf4_base_and_resumes_exactly(base_run, tmp_path):
-    base_dir, base = base_run
-    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    straight, params = _train(micro_config(tmp_path / "straight", f"train.init_from={base_dir}", *mesh, *QLORA))
-    q = params["layers"]["attn"]["q"]["kernel"]
-    assert q["codes"].dtype == np.uint8 and q["scale_codes"].dtype == np.int8
-    # The quantised base never changes: its codes are those of quantising the starting checkpoint.
-    cfg = micro_config(tmp_path / "x", *QLORA).model
-    expected = lora.split_trainable(lora.adapt(base, cfg))[1]
-    jax.tree.map(np.testing.assert_array_equal, lora.split_trainable(params)[1], expected)
 
-    run_dir = tmp_path / "resumed"
-    _train(micro_config(run_dir, f"train.init_from={base_dir}", *mesh, *QLORA), stop_at_step=3)
-    resumed, params_resumed = _train(micro_config(run_dir, f"train.init_from={base_dir}", *mesh, *QLORA))
-    assert resumed["start_step"] == 3
-    for step in (4, 5, 6):
-        assert resumed["losses"][step] == straight["losses"][step]
-    jax.tree.map(np.testing.assert_array_equal, params_resumed, params)
-
-
-def test_qlora_config_fine_tunes_our_checkpoint_from_the_cli(base_run, tmp_path, capsys):
-    """configs/lora_tiny_qlora.yaml (shrunk) on the base run; the end-of-run sample generates through
-    the NF4 base and the adapters."""
-    from pathlib import Path
-
+def test_qlora_config_trains_a_frozen_nf4_base_from_the_cli_and_resumes_exactly(base_run, tmp_path, capsys):
+    """configs/lora_tiny_qlora.yaml (shrunk) on our checkpoint from the CLI, on 8 devices; the end-of-run
+    sample generates through the NF4 base and the adapters. A run stopped at step 3 and resumed logs
+    the same losses and ends with the same parameters."""
     from jaxllm.cli import main
+    from jaxllm.config import load_config
+    from jaxllm.infer.load import load_model
     from jaxllm.train.metrics import read_metrics
 
-    base_dir, _ = base_run
+    base_dir, base = base_run
     config = Path(__file__).parents[2] / "configs" / "lora_tiny_qlora.yaml"
-    args = ["train", str(config), f"train.init_from={base_dir}", f"run_dir={tmp_path}", "model.quant.block_size=32",
-            "data.seq_len=32", "data.prefetch=0", "train.batch_size=8", "train.steps=3", "train.log_every=1",
-            "train.progress_bar=false", "train.sample_tokens=4", "eval.sources=[]"]
-    assert main(args) == 0
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    small = [f"train.init_from={base_dir}", "model.quant.block_size=32", "data.seq_len=32", "data.prefetch=0",
+             "data.shuffle_window=64", "train.batch_size=8", "train.steps=6", "train.log_every=1",
+             "train.progress_bar=false", "train.sample_tokens=4", "eval.sources=[]", "checkpoint.every=3",
+             "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    assert main(["train", str(config), *small, f"run_dir={tmp_path / 'straight'}"]) == 0
     assert "sample> And God said" in capsys.readouterr().out
+    straight = load_model(tmp_path / "straight")
+    q = straight.params["layers"]["attn"]["q"]["kernel"]
+    assert q["codes"].dtype == np.uint8 and q["scale_codes"].dtype == np.int8
+    # The quantised base never changes: it is the starting checkpoint, quantised.
+    expected = lora.split_trainable(lora.adapt(base, straight.config.model))[1]
+    jax.tree.map(np.testing.assert_array_equal, lora.split_trainable(straight.params)[1], expected)
+
+    resumed = tmp_path / "resumed"
+    _train(load_config(config, [*small, f"run_dir={resumed}"]), stop_at_step=3)
+    assert main(["train", str(config), *small, f"run_dir={resumed}"]) == 0
+    logged = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert logged == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight")}
+    jax.tree.map(np.testing.assert_array_equal, load_model(resumed).params, straight.params)
