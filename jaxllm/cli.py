@@ -63,12 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     h2j.add_argument("src", help="directory with config.json and model.safetensors (or a sharded index)")
     h2j.add_argument("out", help="run directory to create (usable by generate --run-dir and train.init_from)")
     h2j.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    h2j.add_argument("--adapter", help="a PEFT LoRA adapter directory to load onto the model (model.lora)")
     h2j.set_defaults(func=cmd_convert_hf_to_jaxllm)
-    j2h = csub.add_parser("jaxllm-to-hf", help="a jaxllm run directory or checkpoint -> a Hugging Face directory")
+    j2h = csub.add_parser("jaxllm-to-hf", help="a jaxllm run directory or checkpoint -> a Hugging Face directory "
+                                               "(LoRA runs merged, or their adapters in PEFT's format)")
     j2h.add_argument("checkpoint", help="run directory or run_dir/checkpoints/STEP")
     j2h.add_argument("out", help="output directory (config.json, safetensors, tokenizer files)")
     j2h.add_argument("--dtype", choices=["float32", "bfloat16"], help="tensor dtype (default: the parameters')")
     j2h.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors files above this size")
+    j2h.add_argument("--adapters-only", action="store_true",
+                     help="a LoRA run: write its adapters alone in PEFT's format (default: merge them into the base)")
     j2h.set_defaults(func=cmd_convert_jaxllm_to_hf)
 
     b = sub.add_parser("bench", help="measure tokens/s, MFU and memory, side by side with transformers")
@@ -187,7 +191,7 @@ def cmd_generate(args) -> int:
 def cmd_convert_hf_to_jaxllm(args) -> int:
     from jaxllm.convert.hf import hf_to_jaxllm
 
-    out = hf_to_jaxllm(args.src, args.out, param_dtype=args.dtype)
+    out = hf_to_jaxllm(args.src, args.out, param_dtype=args.dtype, adapter=args.adapter)
     print(f"wrote {out}")
     return 0
 
@@ -195,7 +199,8 @@ def cmd_convert_hf_to_jaxllm(args) -> int:
 def cmd_convert_jaxllm_to_hf(args) -> int:
     from jaxllm.convert.hf import jaxllm_to_hf
 
-    out = jaxllm_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = jaxllm_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                       adapters_only=args.adapters_only)
     print(f"wrote {out}")
     return 0
 

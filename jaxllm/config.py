@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,57 @@ class ElectraGenerator:
     num_heads: Optional[int] = None
     mlp_dim: Optional[int] = None
     discriminator_weight: float = 50.0  # loss = mlm + weight * replaced-token detection
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (docs/moe.md): token-choice top-k routing over `num_experts` expert MLPs.
+
+    Layer i is a mixture when (i + 1) % every == 0 (Qwen2-MoE's decoder_sparse_step; Mixtral: every=1);
+    the other layers keep a dense MLP of model.mlp_dim."""
+
+    num_experts: int = 8
+    experts_per_token: int = 2  # k of top-k
+    every: int = 1
+    expert_mlp_dim: Optional[int] = None  # hidden size of each expert; null = model.mlp_dim
+    # An always-on shared expert of this hidden size (0 = none; DeepSeek's n shared experts of size f
+    # are one of n * f), optionally scaled by a sigmoid gate of the token (Qwen2-MoE).
+    shared_mlp_dim: int = 0
+    shared_gate: bool = False
+    # softmax_topk: weights are the full softmax's top-k probabilities (Qwen2-MoE, norm_topk_prob=false).
+    # topk_softmax: softmax over the k chosen logits, i.e. renormalised to sum 1 (Mixtral).
+    router: Literal["softmax_topk", "topk_softmax"] = "topk_softmax"
+    # dropless: every token reaches its experts (sorted tokens, grouped matmul). capacity: each expert
+    # takes at most capacity_factor * tokens * k / num_experts tokens of a sequence; the rest are dropped.
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss (1.0 when perfectly balanced)
+    z_loss_weight: float = 0.001  # router z-loss: mean logsumexp(router logits)^2 (ST-MoE)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (docs/lora.md) on the dense projections whose path matches `targets`: y = x W +
+    scale * dropout(x) A B, with A [in, rank], B [rank, out], B starting at zero. Only adapters train."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # A regular expression searched in each projection's path, e.g. "layers/attn/q", "layers/mlp/down".
+    targets: str = "attn/(q|k|v|o)$"
+    rslora: bool = False  # scale = alpha / sqrt(rank) (rank-stabilised) instead of alpha / rank
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The frozen base's projection kernels stored quantised and dequantised in the matmul (QLoRA).
+
+    nf4: 4-bit NormalFloat codes with one absmax scale per `block_size` inputs of each output;
+    double_quant stores those scales as int8 too. int8: symmetric, one scale per output channel."""
+
+    kind: Literal["nf4", "int8"] = "nf4"
+    block_size: int = 64
+    double_quant: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +154,11 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Literal["none", "dots", "dots_with_no_batch_dims", "full"] = "none"
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+    moe: Optional[MoEConfig] = None  # mixture-of-experts MLPs (decoders)
+    # Policies applied to the built model (docs/lora.md): adapters on chosen projections, and the
+    # frozen base stored quantised. With train.init_from they apply to the checkpoint's model.
+    lora: Optional[LoraConfig] = None
+    quant: Optional[QuantConfig] = None
 
     @property
     def kv_heads(self) -> int:
@@ -133,7 +190,8 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    dcn_data: int = 1
+    expert: int = 1  # expert parallelism: experts split over this axis, which also splits the batch
+    dcn_data: int = 1  # slices (TPU) or nodes side by side over the data-centre network, data-parallel
     # Extra or replacement logical-axis rules: [[logical_name, mesh_axis or [axes] or null], ...].
     rules: list[list[Any]] = field(default_factory=list)
 
@@ -523,6 +581,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.electra_generator needs model.head=discriminator (ELECTRA trains a discriminator)")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
+    _validate_policies(m)
     d, t = cfg.data, cfg.train
     _positive(d, "data", ["seq_len"])
     if d.seq_len > m.max_seq_len:
@@ -550,15 +609,54 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)}: each must be >= 1, and at most one -1")
+        raise ConfigError(
+            f"mesh sizes (data, fsdp, tensor, expert) = {tuple(sizes)}: each must be >= 1, and at most one -1")
     if cfg.mesh.dcn_data < 1:
         raise ConfigError(f"mesh.dcn_data must be >= 1 (the number of slices), got {cfg.mesh.dcn_data}")
     _positive(cfg.distributed, "distributed", ["timeout_s"])
     g = cfg.generate
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+def _validate_policies(m: ModelConfig) -> None:
+    """Mixture of experts, LoRA and quantisation settings."""
+    if m.moe is not None:
+        e = m.moe
+        where = "model.moe"
+        _positive(e, where, ["num_experts", "experts_per_token", "every"])
+        if e.experts_per_token > e.num_experts:
+            raise ConfigError(f"{where}.experts_per_token={e.experts_per_token} is more than num_experts={e.num_experts}")
+        if m.arch != "decoder":
+            raise ConfigError(f"{where} is implemented for decoders (model.arch=decoder), not {m.arch}")
+        if e.every > 1 and m.share_layers:
+            raise ConfigError(f"{where}.every={e.every} needs distinct layers; set model.share_layers=false or every=1")
+        if e.every > 1 and m.scan_layers and m.num_layers % e.every:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} does not divide into groups of {where}.every={e.every} "
+                "(scanned layers repeat one group of `every` layers); change one of them"
+            )
+        if e.expert_mlp_dim is not None and e.expert_mlp_dim < 1:
+            raise ConfigError(f"{where}.expert_mlp_dim must be >= 1 or null (= model.mlp_dim), got {e.expert_mlp_dim}")
+        if e.shared_mlp_dim < 0 or (e.shared_gate and not e.shared_mlp_dim):
+            raise ConfigError(f"{where}.shared_gate needs a shared expert: set {where}.shared_mlp_dim > 0")
+        if e.capacity_factor <= 0:
+            raise ConfigError(f"{where}.capacity_factor must be > 0 (1.0 = an even share per expert), got {e.capacity_factor}")
+        if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
+            raise ConfigError(f"{where}.aux_loss_weight and z_loss_weight must be >= 0")
+    if m.lora is not None:
+        lo = m.lora
+        if lo.rank < 1 or lo.alpha <= 0:
+            raise ConfigError(f"model.lora.rank must be >= 1 and alpha > 0, got rank={lo.rank}, alpha={lo.alpha}")
+        _fraction(lo.dropout, "model.lora.dropout", high_open=True)
+        try:
+            re.compile(lo.targets)
+        except re.error as err:
+            raise ConfigError(f"model.lora.targets {lo.targets!r} is not a regular expression: {err}") from None
+    if m.quant is not None and (m.quant.block_size < 2 or m.quant.block_size % 2):
+        raise ConfigError(f"model.quant.block_size must be an even number >= 2 (QLoRA: 64), got {m.quant.block_size}")
 
 
 def _validate_objective(o: ObjectiveConfig, max_seq_len: int) -> None:

@@ -19,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated). First match wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -34,8 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("relative_buckets", None),
     ("embed_factor", None),
-    # activations
-    ("batch", ("data", "fsdp")),
+    ("expert", "expert"),
+    # activations. The expert axis splits the batch too: outside the experts it is data parallelism.
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -65,9 +66,10 @@ def make_rules(extra: Sequence[Sequence[Any]] = ()) -> Rules:
     return tuple(out) + DEFAULT_RULES
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) mesh shape: resolves the -1 entry within one slice (num_devices /
-    dcn_data devices) and checks the product; the returned data size includes the dcn_data slices."""
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+    """The (data, fsdp, tensor, expert) mesh shape: resolves the -1 entry within one slice
+    (num_devices / dcn_data devices) and checks the product; the returned data size includes the
+    dcn_data slices."""
     slices = cfg.dcn_data
     if num_devices % slices:
         raise ConfigError(
@@ -76,7 +78,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         )
     per_slice = num_devices // slices
     where = f"{per_slice} devices per slice" if slices > 1 else f"{per_slice} devices"
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.expert]
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if per_slice % known:
@@ -87,14 +89,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = per_slice // known
     if math.prod(sizes) != per_slice:
         raise ConfigError(
-            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
+            f"mesh data*fsdp*tensor*expert = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but there are "
             f"{where}; make the product {per_slice} or set one size to -1 to take the rest"
         )
-    return (slices * sizes[0], sizes[1], sizes[2])
+    return (slices * sizes[0], sizes[1], sizes[2], sizes[3])
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+    """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default: all devices of all processes).
 
     Devices are laid out by `mesh_utils` so that on TPU each axis follows the physical torus. With
     `cfg.dcn_data` > 1 the mesh is hybrid: slices (TPU `slice_index`; elsewhere processes) stacked
@@ -104,17 +106,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
     if cfg.dcn_data > 1:
-        array = _hybrid_device_array(cfg.dcn_data, (shape[0] // cfg.dcn_data, shape[1], shape[2]), devices)
+        array = _hybrid_device_array(cfg.dcn_data, (shape[0] // cfg.dcn_data, *shape[1:]), devices)
     else:
         try:
             array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         except (ValueError, NotImplementedError, AssertionError):
             # Shapes the topology-aware layout does not handle (e.g. a subset of a TPU slice): keep device order.
             array = np.asarray(devices).reshape(shape)
-    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _hybrid_device_array(slices: int, ici_shape: tuple[int, int, int], devices: list[jax.Device]) -> np.ndarray:
+def _hybrid_device_array(slices: int, ici_shape: tuple[int, ...], devices: list[jax.Device]) -> np.ndarray:
     by_slice = getattr(devices[0], "slice_index", None) is not None
     granules = {d.slice_index if by_slice else d.process_index for d in devices}
     if len(granules) != slices:
@@ -123,8 +125,9 @@ def _hybrid_device_array(slices: int, ici_shape: tuple[int, int, int], devices: 
             f"mesh.dcn_data={slices}, but the devices belong to {len(granules)} {kind}; "
             f"set mesh.dcn_data={len(granules)}, or 1 for a single slice"
         )
+    dcn_shape = (slices,) + (1,) * (len(ici_shape) - 1)
     return mesh_utils.create_hybrid_device_mesh(
-        ici_shape, (slices, 1, 1), devices, process_is_granule=not by_slice, allow_split_physical_axes=True
+        ici_shape, dcn_shape, devices, process_is_granule=not by_slice, allow_split_physical_axes=True
     )
 
 
@@ -174,12 +177,18 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activate`, or None (code that must place work itself:
+    the `shard_map` of dropless MoE)."""
+    return _ACTIVE.get()
+
+
 def active_platform() -> str:
     """The platform of the active mesh's devices (compile-only TPU devices count as "tpu"), else
     JAX's default backend."""
-    active = _ACTIVE.get()
-    if active is not None:
-        return active[0].devices.flat[0].platform
+    current = _ACTIVE.get()
+    if current is not None:
+        return current[0].devices.flat[0].platform
     return jax.default_backend()
 
 
@@ -213,6 +222,8 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
     table = dict(reversed(rules))
     axes = table.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1) or None  # e.g. no expert axis when mesh.expert=1
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
@@ -229,7 +240,7 @@ def check_batch_divides(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rul
     if micro % dp:
         raise ConfigError(
             f"micro-batch of {micro} sequences (train.batch_size={batch_size} / train.grad_accum={grad_accum}) "
-            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp); "
+            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp*expert); "
             f"use a batch size that is a multiple of {dp * grad_accum}"
         )
     if batch_size % jax.process_count():

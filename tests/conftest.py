@@ -35,3 +35,21 @@ def tiny_model_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def model_cfg() -> ModelConfig:
     return tiny_model_config()
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.1):
+    """Parameters of `cfg` drawn with numpy: norm scales near 1, everything else N(0, std^2). Much
+    faster than compiling an initialiser, for tests that only need some non-trivial weights."""
+    import jax
+    import numpy as np
+
+    from jaxllm import models
+
+    rng = np.random.default_rng(seed)
+    abstract = models.model_spec(cfg)[1]
+
+    def draw(path, a):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return jax.numpy.asarray(base + std * rng.normal(size=a.shape), a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)

@@ -54,3 +54,32 @@ def test_plan_compiles_a_small_model_for_a_small_topology(capsys):
     assert "v5e-4: 4 v5e chips (v5e:2x2)" in out
     assert "chosen: data=2 fsdp=2 tensor=1 remat=none accum=1" in out
     assert "as overrides: mesh.data=2 mesh.fsdp=2 mesh.tensor=1 model.remat=none train.grad_accum=1" in out
+
+
+def test_mixture_of_experts_counts_active_parameters_and_searches_the_expert_axis():
+    cfg = load_config("configs/mixtral-8x7b.yaml")
+    total, active = param_count(cfg.model)
+    assert total == 46_702_792_704  # Mixtral 8x7B
+    # 2 of 8 experts: 32 layers x 2 x 3 x 4096 x 14336 expert + attention + router + embedding
+    assert active == 12_748_587_008
+    topology = parse_topology("v5p-64")
+    found = layouts(cfg, topology)
+    assert {lay.expert for lay in found} == {1, 2, 4, 8}
+    assert all(lay.data * lay.fsdp * lay.tensor * lay.expert == 32 for lay in found)
+    dense = estimate(cfg.model, Layout(1, 32, 1, "full", 8), topology.chip, batch=256, seq_len=4096)
+    split = estimate(cfg.model, Layout(1, 4, 1, "full", 8, expert=8), topology.chip, batch=256, seq_len=4096)
+    assert dense.model_flops == split.model_flops  # the same model; FLOPs of active parameters
+    m, tokens = cfg.model, 256 * 4096
+    attention = 4 * m.num_layers * 4096 * m.num_heads * m.dim_per_head  # scores and weighted sum, per token
+    assert dense.model_flops == 3 * (2 * active + attention) * tokens
+    # experts split 8 ways and the rest 4 ways hold more per chip than everything split 32 ways
+    assert split.memory_bytes > dense.memory_bytes and split.parts["tensor"] > 0
+
+
+def test_plan_compiles_an_expert_parallel_mixture(capsys):
+    pytest.importorskip("libtpu")
+    code = main(["plan", "configs/tiny-moe.yaml", "model.dtype=bfloat16", "train.batch_size=8", "mesh.data=1",
+                 "mesh.fsdp=2", "mesh.expert=2", "--topology", "v5e-4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "chosen: data=1 fsdp=2 tensor=1 expert=2" in out and "mesh.expert=2" in out

@@ -10,7 +10,7 @@ from tests.conftest import tiny_model_config
 
 def test_mesh_fills_the_rest():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize(
@@ -74,9 +74,9 @@ def test_hybrid_mesh_puts_slices_on_the_outer_data_axis():
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
                                            chips_per_host_bounds=(2, 2, 1), num_slices=2).devices
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, dcn_data=2), devices)
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-    assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0]).all()
+    assert (slice_of[:2] == slice_of[0, 0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0, 0]).all()
     with pytest.raises(ConfigError, match="belong to 2 TPU slices; set mesh.dcn_data=2"):
         sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=1, dcn_data=4), devices)
 

@@ -114,25 +114,36 @@ def _llama_hf(cfg: ModelConfig, model_type: str) -> dict:
     return out
 
 
-def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+def llama_attention_rules(cfg: ModelConfig) -> list[Rule]:
+    """A LLaMA-style layer without its MLP: attention and the two norms (per-layer "layers/" paths)."""
     p = "model.layers.{i}."
-    rules = [copy("model.embed_tokens.weight", "embed/embedding")]
+    rules = []
     for name in "qkv":
         rules.append(linear(f"{p}self_attn.{name}_proj.weight", f"layers/attn/{name}/kernel"))
         if cfg.attention_bias:
             rules.append(copy(f"{p}self_attn.{name}_proj.bias", f"layers/attn/{name}/bias"))
-    rules += [
+    return rules + [
         linear(f"{p}self_attn.o_proj.weight", "layers/attn/o/kernel", n_in=2),
-        linear(f"{p}mlp.gate_proj.weight", "layers/mlp/gate/kernel"),
-        linear(f"{p}mlp.up_proj.weight", "layers/mlp/up/kernel"),
-        linear(f"{p}mlp.down_proj.weight", "layers/mlp/down/kernel"),
         copy(f"{p}input_layernorm.weight", "layers/attn_norm/scale"),
         copy(f"{p}post_attention_layernorm.weight", "layers/mlp_norm/scale"),
-        copy("model.norm.weight", "final_norm/scale"),
     ]
+
+
+def swiglu_rules(hf: str, ours: str) -> list[Rule]:
+    """gate_proj/up_proj/down_proj under HF module `hf` <-> our gated MLP at `ours`."""
+    return [linear(f"{hf}.{n}_proj.weight", f"{ours}/{n}/kernel") for n in ("gate", "up", "down")]
+
+
+def llama_outer_rules(cfg: ModelConfig) -> list[Rule]:
+    """The tensors outside the layers: embeddings, final norm, untied output head."""
+    rules = [copy("model.embed_tokens.weight", "embed/embedding"), copy("model.norm.weight", "final_norm/scale")]
     if not cfg.tie_embeddings:
         rules.append(linear("lm_head.weight", "lm_head/kernel"))
     return rules
+
+
+def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+    return llama_outer_rules(cfg) + llama_attention_rules(cfg) + swiglu_rules("model.layers.{i}.mlp", "layers/mlp")
 
 
 # --------------------------------------------------------------------------- GPT-2, BLOOM (ALiBi)

@@ -9,6 +9,7 @@ model. Saving gathers one layer's tensor at a time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, DataConfig, MeshConfig, ModelConfig, dump_yaml
-from jaxllm.convert import families_encoders  # noqa: F401  (registers the encoder families)
+from jaxllm.convert import families_encoders, families_moe  # noqa: F401  (register their families)
 from jaxllm.convert.families import FAMILIES, Family
 from jaxllm.convert.hf_io import ConversionError, SafetensorsReader, ShardedWriter, read_hf_config
 from jaxllm.convert.rules import Rule, to_hf, to_ours
@@ -115,25 +116,22 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, mesh: Mesh, rules_ta
     rules = family.rules(cfg)
     plan = _plan(rules, abstract_flat, family)
     resolve = _resolver(reader, family)
-    _check_unused(reader, rules, family, cfg, resolve)
+    _check_unused(reader, rules, family, abstract_flat, resolve)
     out = {}
     for path, (rule, part) in plan.items():
         target = abstract_flat[path]
-        shapes = [abstract_flat[p].shape[1:] if rule.per_layer else abstract_flat[p].shape for p in rule.ours]
-        count = target.shape[0] if rule.per_layer else 1
+        shapes = [abstract_flat[p].shape[rule.lead:] for p in rule.ours]
         memo: dict[tuple, np.ndarray] = {}
 
-        def read(index, rule=rule, part=part, shapes=shapes, dtype=target.dtype, count=count, memo=memo):
-            # Called once per device shard; identical shards (replicated axes) are read once.
+        def read(index, rule=rule, part=part, shapes=shapes, target=target, memo=memo):
+            # Called once per device shard; identical shards (replicated axes) are read once. Only the
+            # layers (and experts) of this shard are read.
             key = tuple((s.start, s.stop, s.step) for s in index)
             if key not in memo:
-                if rule.per_layer:
-                    layers = range(count)[index[0]]
-                    memo[key] = np.stack([
-                        to_ours(rule, reader.get(resolve(rule.hf.format(i=i))), shapes)[part][index[1:]] for i in layers
-                    ]).astype(dtype)
-                else:
-                    memo[key] = to_ours(rule, reader.get(resolve(rule.hf)), shapes)[part][index].astype(dtype)
+                lead = [range(n)[i] for n, i in zip(target.shape[:rule.lead], index[:rule.lead])]
+                blocks = [to_ours(rule, reader.get(resolve(rule.name(at))), shapes)[part][index[rule.lead:]]
+                          for at in itertools.product(*lead)]
+                memo[key] = np.stack(blocks).reshape(*map(len, lead), *blocks[0].shape).astype(target.dtype)
             return memo[key]
 
         out[path] = jax.make_array_from_callback(target.shape, sharding_flat[path], read)
@@ -155,13 +153,12 @@ def _resolver(reader: SafetensorsReader, family: Family):
     return resolve
 
 
-def _check_unused(reader, rules: list[Rule], family: Family, cfg: ModelConfig, resolve) -> None:
+def _check_unused(reader, rules: list[Rule], family: Family, abstract_flat: dict[str, Any], resolve) -> None:
     """A tensor we would silently drop means a model we do not fully implement: refuse it."""
     expected = set()
     for rule in rules:
-        count = (cfg.decoder_layers if rule.ours[0].startswith("decoder/") else cfg.num_layers) if rule.per_layer else 1
-        for i in range(count):
-            expected.add(resolve(rule.hf.format(i=i)))
+        for at in itertools.product(*map(range, abstract_flat[rule.ours[0]].shape[:rule.lead])):
+            expected.add(resolve(rule.name(at)))
     ignored = [re.compile(p) for p in family.ignored]
     extra = sorted(n for n in reader.names() - expected if not any(p.search(n) for p in ignored))
     if extra:
@@ -226,10 +223,9 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files:
     np_dtype = DTYPES[dtype or cfg.param_dtype]
     writer = ShardedWriter(out_dir, max_shard_bytes)
     for rule in rules:
-        count = flat[rule.ours[0]].shape[0] if rule.per_layer else 1
-        for i in range(count):
-            parts = [_host(flat[p][i] if rule.per_layer else flat[p]).astype(np_dtype) for p in rule.ours]
-            writer.add(rule.hf.format(i=i), to_hf(rule, parts))
+        for at in itertools.product(*map(range, flat[rule.ours[0]].shape[:rule.lead])):
+            parts = [_host(flat[p][at]).astype(np_dtype) for p in rule.ours]
+            writer.add(rule.name(at), to_hf(rule, parts))
     if jax.process_index() == 0:
         writer.finish()
         hf_cfg = family.config_to_hf(cfg)
@@ -248,19 +244,29 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = None) -> Path:
+def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = None,
+                 adapter: str | Path | None = None) -> Path:
     """Converts a HF directory into a jaxllm run directory (config.yaml + checkpoints/0) that
-    `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept."""
+    `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept; with `adapter` (a PEFT LoRA
+    directory) the model carries those adapters (model.lora)."""
+    from jaxllm.convert.peft import load_peft_adapters
     from jaxllm.train.checkpoint import Checkpointer
 
     loaded = from_hf(src, param_dtype=param_dtype)
+    model_cfg, params = loaded.config, loaded.params
+    if adapter is not None:
+        def placement(c):
+            _, abstract, logical = models.model_spec(c)
+            return sharding.tree_shardings(abstract, logical, loaded.mesh, sharding.make_rules())
+
+        params, model_cfg = load_peft_adapters(adapter, params, model_cfg, placement)
     out = Path(out)
-    cfg = Config(run_dir=str(out), model=loaded.config,
-                 data=DataConfig(seq_len=min(DataConfig.seq_len, loaded.config.max_seq_len)))
+    cfg = Config(run_dir=str(out), model=model_cfg,
+                 data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
     files = _read_tokenizer_files(Path(src))
     checkpointer = Checkpointer(out / "checkpoints")
     step = jax.device_put(np.int32(0), jax.sharding.NamedSharding(loaded.mesh, jax.sharding.PartitionSpec()))
-    checkpointer.save(0, {"params": loaded.params, "step": step}, None, dump_yaml(cfg), files)
+    checkpointer.save(0, {"params": params, "step": step}, None, dump_yaml(cfg), files)
     checkpointer.close()
     if jax.process_index() == 0:
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -268,8 +274,17 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
 
 
 def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None,
-                 max_shard_bytes: int = 5 * 2**30) -> Path:
+                 max_shard_bytes: int = 5 * 2**30, adapters_only: bool = False) -> Path:
+    """A Hugging Face model directory from a run or checkpoint. A LoRA/QLoRA run is merged into its
+    base (dequantised) first; `adapters_only` writes its adapters alone in PEFT's format instead."""
+    from jaxllm.convert.peft import save_peft_adapters
     from jaxllm.infer.load import load_model
+    from jaxllm.models import lora
 
     loaded = load_model(checkpoint)
-    return save_hf(loaded.params, loaded.config.model, out_dir, loaded.tokenizer_files, dtype, max_shard_bytes)
+    model_cfg, params = loaded.config.model, loaded.params
+    if adapters_only:
+        return save_peft_adapters(params, model_cfg, out_dir)
+    if model_cfg.lora is not None or model_cfg.quant is not None:
+        params, model_cfg = lora.merge(params, model_cfg), lora.base_config(model_cfg)
+    return save_hf(params, model_cfg, out_dir, loaded.tokenizer_files, dtype, max_shard_bytes)

@@ -1,8 +1,12 @@
 """How one Hugging Face tensor maps to our parameters and back.
 
-A `Rule` ties one HF tensor name (with `{i}` for the layer index) to one or more of our parameter
-paths ("layers/attn/q/kernel") and a `kind` of transform. Every transform is a pure reshape,
-transpose, split or concatenation, so jaxllm -> HF -> jaxllm is bit-exact.
+A `Rule` ties one HF tensor name (with `{i}` for the layer index, `{e}` for the expert) to one or more
+of our parameter paths ("layers/attn/q/kernel") and a `kind` of transform. Every transform is a pure
+reshape, transpose, split or concatenation, so jaxllm -> HF -> jaxllm is bit-exact.
+
+Per-layer parameters have a leading axis over our scanned units, and per-expert ones an expert axis
+after it. A unit may be a group of `moe.every` layers (models/blocks.py LayerGroup): the rules of its
+j-th block read HF layer `stride * unit + start` (`layer_slots`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,40 @@ class Rule:
     # Number of leading input axes of our kernel (o-projection [N, H, D] has 2); 0 for biases.
     n_in: int = 1
     offset: int = 0  # "offset": rows of the HF table that we drop (RoBERTa/BART position padding)
+    stride: int = 1  # our unit u holds HF layer stride * u + start (groups of MoE layers)
+    start: int = 0
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def lead(self) -> int:
+        """Leading axes of our arrays that index HF tensors: the layer unit, then the expert."""
+        return int(self.per_layer) + int("{e}" in self.hf)
+
+    def name(self, index: tuple[int, ...] = ()) -> str:
+        """The HF tensor for leading index (unit[, expert]) of our arrays."""
+        if not self.lead:
+            return self.hf
+        layer = self.stride * index[0] + self.start if self.per_layer else None
+        return self.hf.format(i=layer, e=index[-1])
+
+
+def layer_slots(cfg) -> list[tuple[str, int, int, bool]]:
+    """(our path prefix, stride, start, is a mixture) of each block in the scanned unit of a decoder."""
+    if cfg.moe is None:
+        return [("layers/", 1, 0, False)]
+    k = cfg.moe.every
+    if k == 1:
+        return [("layers/", 1, 0, True)]
+    return [(f"layers/dense{j}/", k, j, False) for j in range(k - 1)] + [("layers/moe/", k, k - 1, True)]
+
+
+def in_slot(rules: Sequence[Rule], prefix: str, stride: int, start: int) -> list[Rule]:
+    """Per-layer rules written for "layers/" moved to one block of a layer group."""
+    return [dataclasses.replace(r, ours=tuple(prefix + o[len("layers/"):] for o in r.ours), stride=stride, start=start)
+            for r in rules]
 
 
 def linear(hf: str, ours: str, n_in: int = 1) -> Rule:

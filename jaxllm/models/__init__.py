@@ -12,13 +12,21 @@ from jaxllm.config import ModelConfig
 from jaxllm.models.transformer import DecodeCache, model_class, Decoder, Encoder, EncoderDecoder, init_cache
 from jaxllm.sharding import Rules, tree_shardings
 
-__all__ = ["Decoder", "Encoder", "EncoderDecoder", "DecodeCache", "init_cache", "create_model", "model_spec", "init_params", "bind"]
+__all__ = ["Decoder", "Encoder", "EncoderDecoder", "DecodeCache", "init_cache", "build", "create_model", "model_spec",
+           "init_params", "bind"]
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of `cfg.arch` with the config's policies applied (LoRA adapters, quantised base)."""
+    from jaxllm.models.lora import apply_policies
+
+    return apply_policies(model_class(cfg)(cfg, rngs), cfg, rngs)
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
     """An eagerly initialised, unsharded model of `cfg.arch` (tests, conversion, small experiments)."""
     with nnx.use_eager_sharding(False):
-        return model_class(cfg)(cfg, nnx.Rngs(params=seed))
+        return build(cfg, nnx.Rngs(params=seed))
 
 
 def model_spec(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
@@ -27,7 +35,7 @@ def model_spec(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
     Params are a nested dict of arrays (`nnx.to_pure_dict`); the logical names a matching dict of tuples.
     """
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: model_class(cfg)(cfg, nnx.Rngs(params=0)))
+        model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(params=0)))
     graphdef, state = nnx.split(model, nnx.Param)
     abstract = nnx.to_pure_dict(state)
     specs = nnx.get_partition_spec(state)
@@ -45,7 +53,7 @@ def init_params(cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int) -> tuple[
 
     def init():
         with nnx.use_eager_sharding(False):
-            model = model_class(cfg)(cfg, nnx.Rngs(params=seed))
+            model = build(cfg, nnx.Rngs(params=seed))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     params = jax.jit(init, out_shardings=shardings)()

@@ -1,5 +1,8 @@
 """Embedding layers, transformer blocks, and `Stack`: the embeddings -> layers -> final norm pipeline
-shared by decoders, encoders and both halves of encoder-decoders."""
+shared by decoders, encoders and both halves of encoder-decoders.
+
+Blocks return (x, new cache, aux): aux holds the sums a mixture-of-experts layer reports for the losses
+(models/moe.py) and is empty for dense layers, so the dense path carries nothing extra."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention, LayerCache, Masking, attention_mask, resolve_impl
-from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, make_param
+from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param
+from jaxllm.models.moe import MoE, add_aux, is_moe_layer
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
 from jaxllm.sharding import constrain
 
@@ -75,21 +79,23 @@ class Block(nnx.Module):
     """Self-attention, optional cross-attention, MLP; each as pre-norm `x + f(norm(x))` or post-norm
     `norm(x + f(x))`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool = False, moe: bool = False):
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = Norm(cfg.d_model, cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.cross_norm = Norm(cfg.d_model, cfg, rngs) if cross_attention else None
         self.cross = Attention(cfg, rngs, cross=True) if cross_attention else None
         self.mlp_norm = Norm(cfg.d_model, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
     def _residual(self, norm, f, x_BLD):
         out = x_BLD + f(norm(x_BLD)) if self.pre_norm else norm(x_BLD + f(x_BLD))
         return constrain(out, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None):
-        new_cache = None
+    def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None,
+                 valid_BL=None):
+        """(x, this layer's new (k, v) or None, aux). valid_BL marks real tokens (for MoE routing)."""
+        new_cache, aux = None, {}
 
         def self_attention(h_BLD):
             nonlocal new_cache
@@ -101,8 +107,41 @@ class Block(nnx.Module):
             x_BLD = self._residual(
                 self.cross_norm, lambda h: self.cross(h, positions_BL, memory_masking, memory_BSD=memory)[0], x_BLD
             )
-        x_BLD = self._residual(self.mlp_norm, self.mlp, x_BLD)
-        return x_BLD, new_cache
+        if isinstance(self.mlp, MoE):
+            def mixture(h_BLD):
+                nonlocal aux
+                out, aux = self.mlp(h_BLD, valid_BL)
+                return out
+
+            x_BLD = self._residual(self.mlp_norm, mixture, x_BLD)
+        else:
+            x_BLD = self._residual(self.mlp_norm, self.mlp, x_BLD)
+        return x_BLD, new_cache, aux
+
+
+class LayerGroup(nnx.Module):
+    """`moe.every` consecutive layers, dense ones then a mixture: the unit that scanned stacks repeat
+    when only every k-th layer is a mixture, so the scan stays uniform."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.size = cfg.moe.every
+        for j in range(self.size - 1):
+            setattr(self, f"dense{j}", Block(cfg, rngs))
+        self.moe = Block(cfg, rngs, moe=True)
+
+    def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None,
+                 valid_BL=None):
+        """As Block.__call__, with a cache of `size` layers (k, v: [size, B, S, K, H])."""
+        blocks = [getattr(self, f"dense{j}") for j in range(self.size - 1)] + [self.moe]
+        kvs, aux = [], {}
+        for j, block in enumerate(blocks):
+            layer_cache = None if cache is None else LayerCache(cache.k_BSKH[j], cache.v_BSKH[j], cache.index)
+            x_BLD, kv, block_aux = block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache, memory,
+                                         memory_masking, valid_BL)
+            kvs.append(kv)
+            aux = add_aux(aux, block_aux)
+        new_cache = None if cache is None else (jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs]))
+        return x_BLD, new_cache, aux
 
 
 class Stack(nnx.Module):
@@ -113,25 +152,35 @@ class Stack(nnx.Module):
         self.cfg = cfg
         self.num_layers, self.causal = num_layers, causal
         self.embeddings = Embeddings(cfg, rngs)
+        # The repeated unit: a block, or a group of `moe.every` blocks whose last is a mixture.
+        self.group = cfg.moe.every if cfg.moe is not None else 1
+
+        def unit(rngs):
+            if self.group > 1:
+                return LayerGroup(cfg, rngs)
+            return Block(cfg, rngs, cross_attention, moe=cfg.moe is not None)
+
         if cfg.share_layers:
-            self.layers = Block(cfg, rngs, cross_attention)  # ALBERT: one block applied num_layers times
+            self.layers = unit(rngs)  # ALBERT: one block applied num_layers times
         elif cfg.scan_layers:
-            # One stacked Block whose parameters have a leading "layers" axis, applied with lax.scan.
-            @nnx.split_rngs(splits=num_layers)
+            # One stacked unit whose parameters have a leading "layers" axis, applied with lax.scan.
+            @nnx.split_rngs(splits=num_layers // self.group)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_stack(rngs):
-                return Block(cfg, rngs, cross_attention)
+                return unit(rngs)
 
             self.layers = make_stack(rngs)
         else:
-            self.layers = nnx.List([Block(cfg, rngs, cross_attention) for _ in range(num_layers)])
+            self.layers = nnx.List([Block(cfg, rngs, cross_attention, moe=is_moe_layer(cfg, i))
+                                    for i in range(num_layers)])
         self.final_norm = Norm(cfg.d_model, cfg, rngs) if cfg.norm_position == "pre" else None
         self.relative_bias = RelativePositionBias(cfg, not causal, rngs) if cfg.positions == "relative" else None
         self.alibi = tuple(alibi_slopes(cfg.num_heads).tolist()) if cfg.positions == "alibi" else None
 
     def run(self, x_BLE, positions_BL, segment_ids_BL, token_types_BL=None, cache: StackCache | None = None,
             memory: Memory | None = None):
-        """Hidden states [B, L, D] after the stack (and the updated cache when one is given).
+        """(hidden states [B, L, D] after the stack, the updated cache or None, aux sums of the MoE
+        layers: {} without them).
 
         With a cache, the L tokens are written at cache.index and attend to every slot cached before.
         """
@@ -166,40 +215,54 @@ class Stack(nnx.Module):
             )
             memory_masking = Masking(cross_BLS, segment_ids_BL, memory.segment_ids_BS, False, None)
 
-        def apply_block(block_state, x_BLD, layer_kv):
+        valid_BL = segment_ids_BL > 0
+
+        def apply_block(block_state, x_BLD, layer_kv, index=None):
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
-            return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache,
-                         None if memory is None else memory.x_BSD, memory_masking)
+            with fold_dropout_key(index):  # LoRA dropout masks differ per layer (a no-op otherwise)
+                return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache,
+                             None if memory is None else memory.x_BSD, memory_masking, valid_BL)
 
         if self.cfg.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],
                                          prevent_cse=not self.cfg.scan_layers)
         kv = None if cache is None else (cache.k, cache.v)
+        units = self.num_layers // self.group
+        indices = jnp.arange(units) if dropout_active() else None
         if self.cfg.share_layers or self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
+            if kv is not None and self.group > 1:  # one cache entry per scanned group of layers
+                kv = jax.tree.map(lambda a: a.reshape(-1, self.group, *a.shape[1:]), kv)
             if self.cfg.share_layers:  # the same weights every step; the cache still has one slot per layer
-                def body(x_BLD, layer_kv):
-                    return apply_block(state, x_BLD, layer_kv)
+                def body(x_BLD, xs):
+                    x_BLD, out_kv, aux = apply_block(state, x_BLD, *xs)
+                    return x_BLD, (out_kv, aux)
 
-                x_BLD, new_kv = jax.lax.scan(body, x_BLD, kv, length=self.num_layers)
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (kv, indices), length=self.num_layers)
             else:
                 def body(x_BLD, xs):
-                    return apply_block(xs[0], x_BLD, xs[1])
+                    x_BLD, out_kv, aux = apply_block(xs[0], x_BLD, xs[1], xs[2])
+                    return x_BLD, (out_kv, aux)
 
-                x_BLD, new_kv = jax.lax.scan(body, x_BLD, (state, kv))
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv, indices))
+            aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
+            if new_kv is not None and self.group > 1:
+                new_kv = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_kv)
         else:
-            outs = []
+            outs, aux = [], {}
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
-                x_BLD, out_kv = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]))
+                x_BLD, out_kv, block_aux = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]),
+                                                       i if indices is not None else None)
                 outs.append(out_kv)
+                aux = add_aux(aux, block_aux)
             new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
         if cache is not None:
             cache = cache._replace(k=new_kv[0], v=new_kv[1], index=cache.index + L)
         if self.final_norm is not None:
             x_BLD = self.final_norm(x_BLD)
-        return x_BLD, cache
+        return x_BLD, cache, aux
 
 
 def init_stack_cache(cfg: ModelConfig, num_layers: int, batch: int, length: int) -> StackCache:

@@ -1,19 +1,22 @@
 """Building blocks: parameters with logical axis names, dense projections, norms, embeddings, MLPs.
 
 Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used.
-Shape suffixes: B batch, L length, D model, F MLP hidden, V vocab, N heads, H head dim.
+Shape suffixes: B batch, L length, D model, F MLP hidden, V vocab, N heads, H head dim, R LoRA rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.quant import QuantizedKernel
 from jaxllm.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -25,10 +28,36 @@ def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str],
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
 
 
+# The key of LoRA dropout while a train step traces its loss (`dropout_key`); None elsewhere, so
+# evaluation and generation never drop. Scanned stacks fold the layer index in (`fold_dropout_key`).
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("jaxllm_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout_key(key: jax.Array | None) -> Iterator[None]:
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+def dropout_active() -> bool:
+    return _DROPOUT_KEY.get() is not None
+
+
+def fold_dropout_key(data) -> contextlib.AbstractContextManager:
+    """A different dropout key for each layer of a stack (a no-op when none is set)."""
+    key = _DROPOUT_KEY.get()
+    return contextlib.nullcontext() if key is None else dropout_key(jax.random.fold_in(key, data))
+
+
 class Dense(nnx.Module):
     """y = x . W (+ b), contracting the last `len(in_shape)` axes of x with the first axes of W.
 
     `in_shape`/`out_shape` may be multi-dimensional, e.g. D -> (N, H) for a query projection.
+    Policies (models/lora.py) may store W quantised (a `QuantizedKernel`, dequantised here) and add a
+    LoRA adapter: y += scale * dropout(x) . A . B with A [in..., R], B [R, out...].
     """
 
     def __init__(
@@ -53,12 +82,27 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
+        self.lora_a = self.lora_b = nnx.data(None)  # adapters: set by the LoRA policy
+        self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
+
+    def kernel_value(self) -> jax.Array:
+        """W in the compute dtype (dequantised when stored quantised)."""
+        if isinstance(self.kernel, QuantizedKernel):
+            return self.kernel.value(self.dtype)
+        return self.kernel[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
-        kernel = self.kernel[...].astype(self.dtype)
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, self.kernel_value(), (axes, ((), ())))
+        if self.lora_a is not None:
+            key = _DROPOUT_KEY.get()
+            if key is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(jax.random.fold_in(key, self.lora_id), 1 - self.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
+            h = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), (axes, ((), ())))
+            y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

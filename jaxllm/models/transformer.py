@@ -71,11 +71,12 @@ class Decoder(Stack):
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
         """Logits [B, L, V] and the updated cache when one is given."""
-        x_BLD, cache = self.hidden(tokens_BL, positions_BL, segment_ids_BL, cache)
+        x_BLD, cache, _ = self.hidden(tokens_BL, positions_BL, segment_ids_BL, cache)
         return self.logits(x_BLD), cache
 
     def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
-        """Final hidden states [B, L, D] (before the output projection) and the updated cache."""
+        """Final hidden states [B, L, D] (before the output projection), the updated cache, and the
+        mixture-of-experts layers' aux sums for the losses ({} without them; see models/moe.py)."""
         positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
         return self.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache)
 
@@ -152,17 +153,18 @@ class EncoderDecoder(nnx.Module):
 
     def encode(self, tokens_BS, positions_BS=None, segment_ids_BS=None) -> Memory:
         positions_BS, segment_ids_BS = _defaults(tokens_BS, positions_BS, segment_ids_BS)
-        x_BSD, _ = self.encoder.run(self.embed(tokens_BS), positions_BS, segment_ids_BS)
+        x_BSD = self.encoder.run(self.embed(tokens_BS), positions_BS, segment_ids_BS)[0]
         return Memory(x_BSD, segment_ids_BS)
 
     def decode(self, memory: Memory, tokens_BL, positions_BL=None, segment_ids_BL=None,
                cache: StackCache | None = None):
         """Logits [B, L, V] of the decoder and its updated self-attention cache."""
-        x_BLD, cache = self.decode_hidden(memory, tokens_BL, positions_BL, segment_ids_BL, cache)
+        x_BLD, cache, _ = self.decode_hidden(memory, tokens_BL, positions_BL, segment_ids_BL, cache)
         return self.logits(x_BLD), cache
 
     def decode_hidden(self, memory: Memory, tokens_BL, positions_BL=None, segment_ids_BL=None,
                       cache: StackCache | None = None):
+        """As Decoder.hidden: the decoder's final hidden states, updated cache and MoE aux sums."""
         positions_BL, segment_ids_BL = _defaults(tokens_BL, positions_BL, segment_ids_BL)
         return self.decoder.run(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache=cache, memory=memory)
 

@@ -63,6 +63,7 @@ def format_plan(p: Plan, rows: int = 10) -> str:
             f"per chip; at best {chosen.estimate.step_seconds:.2f} s/step, MFU {chosen.estimate.mfu:.0%}"
         )
         dcn = f" mesh.dcn_data={lay.slices}" if lay.slices > 1 else ""
+        dcn += f" mesh.expert={lay.expert}" if lay.expert > 1 else ""
         lines.append(f"  as overrides: mesh.data={lay.data} mesh.fsdp={lay.fsdp} mesh.tensor={lay.tensor}{dcn} "
                      f"model.remat={lay.remat} train.grad_accum={lay.grad_accum}")
     lines.append(f"GiB/chip, args, temp: the TPU compiler's buffer assignment (fits: {HEADROOM:.0%} of HBM left "

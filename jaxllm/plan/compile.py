@@ -34,8 +34,9 @@ class CompiledStep:
 def layout_of(cfg: Config, topology: Topology) -> Layout:
     """The layout a config asks for on `topology` (mesh sizes resolved, `topology.slices` over DCN)."""
     mesh = dataclasses.replace(cfg.mesh, dcn_data=topology.slices)
-    data, fsdp, tensor = sharding.mesh_shape(mesh, topology.chips)
-    return Layout(data // topology.slices, fsdp, tensor, cfg.model.remat, cfg.train.grad_accum, topology.slices)
+    data, fsdp, tensor, expert = sharding.mesh_shape(mesh, topology.chips)
+    return Layout(data // topology.slices, fsdp, tensor, cfg.model.remat, cfg.train.grad_accum, topology.slices,
+                  expert)
 
 
 def apply_layout(cfg: Config, layout: Layout) -> Config:
@@ -44,7 +45,7 @@ def apply_layout(cfg: Config, layout: Layout) -> Config:
         cfg,
         model=dataclasses.replace(cfg.model, remat=layout.remat),
         mesh=dataclasses.replace(cfg.mesh, data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor,
-                                 dcn_data=layout.slices),
+                                 expert=layout.expert, dcn_data=layout.slices),
         train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum),
     )
 

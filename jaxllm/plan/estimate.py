@@ -4,12 +4,16 @@ It ranks many layouts in milliseconds; the compiler then checks the best of them
 FLOPs are exact matmul counts of our decoder (the compiler's own count visits a scanned layer once,
 so it cannot be used for a whole step). Memory and time are first-order:
 
-- state: float32 parameters, gradients and Adam moments, sharded over fsdp x tensor;
+- state: float32 parameters, gradients and Adam moments, sharded over fsdp x tensor (routed experts
+  also over the expert axis);
 - activations of one micro-batch: what the remat policy keeps per layer, one layer's working set,
   the float32 logits of one loss chunk (`train.loss_chunk` positions), and the attention
   probabilities only where the XLA kernel materialises them (splash attention on TPUs keeps none);
 - time: max(compute at peak, HBM traffic, fsdp/data collectives overlapped with compute)
-  + tensor-parallel all-reduces (on the critical path) + the cross-slice gradient all-reduce.
+  + tensor-parallel all-reduces and the MoE token exchange over the expert axis (on the critical
+  path) + the cross-slice gradient all-reduce.
+- mixtures of experts: FLOPs count the experts a token visits; memory counts the rows the dispatch
+  holds (dropless: every copy of the expert group's tokens, see `_routed_rows`).
   A collective over one mesh axis is taken to use half the chip's total ICI bandwidth.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.layers import GATED
 from jaxllm.plan.chips import Chip
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -33,10 +38,13 @@ class Layout:
     remat: str
     grad_accum: int
     slices: int = 1
+    expert: int = 1
 
     def describe(self) -> str:
         dcn = f"{self.slices}x" if self.slices > 1 else ""
-        return f"data={dcn}{self.data} fsdp={self.fsdp} tensor={self.tensor} remat={self.remat} accum={self.grad_accum}"
+        expert = f" expert={self.expert}" if self.expert > 1 else ""
+        return (f"data={dcn}{self.data} fsdp={self.fsdp} tensor={self.tensor}{expert} remat={self.remat} "
+                f"accum={self.grad_accum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +57,43 @@ class Estimate:
     parts: dict[str, float]  # seconds: compute, hbm, fsdp_data, tensor, dcn
 
 
+def _mlp_params(m: ModelConfig, width: int) -> int:
+    return m.d_model * width * (3 if m.mlp in GATED else 2)
+
+
+def moe_layers(m: ModelConfig) -> int:
+    return m.num_layers // m.moe.every if m.moe is not None else 0
+
+
+def expert_params(m: ModelConfig) -> int:
+    """Parameters of the routed experts (the ones split over the `expert` mesh axis)."""
+    if m.moe is None:
+        return 0
+    return moe_layers(m) * m.moe.num_experts * _mlp_params(m, m.moe.expert_mlp_dim or m.mlp_dim)
+
+
 def param_count(m: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters of the matmuls a token passes through, the output projection included)."""
-    H, D, F = m.dim_per_head, m.d_model, m.mlp_dim
+    """(all parameters, parameters of the matmuls a token passes through, the output projection included).
+
+    A mixture-of-experts layer counts all its experts in the first and the `experts_per_token` a token
+    visits (plus router and shared expert) in the second, so FLOPs and MFU count active parameters."""
+    H, D = m.dim_per_head, m.d_model
     attn = D * H * (m.num_heads * 2 + m.kv_heads * 2)
-    mlp = D * F * (3 if m.mlp == "swiglu" else 2)
+    n_moe = moe_layers(m)
+    dense_mlps = (m.num_layers - n_moe) * _mlp_params(m, m.mlp_dim)
+    moe_total = moe_active = 0
+    if m.moe is not None:
+        mo = m.moe
+        per_expert = _mlp_params(m, mo.expert_mlp_dim or m.mlp_dim)
+        always = D * mo.num_experts + _mlp_params(m, mo.shared_mlp_dim) + (D if mo.shared_gate else 0)
+        moe_total = n_moe * (mo.num_experts * per_expert + always)
+        moe_active = n_moe * (mo.experts_per_token * per_expert + always)
     norms = 2 * D
-    per_layer = attn + mlp + norms
     embed = m.vocab_size * D
     head = 0 if m.tie_embeddings else embed
-    total = m.num_layers * per_layer + embed + head + D + (m.max_seq_len * D if m.positions == "learned" else 0)
-    matmul = m.num_layers * (attn + mlp) + embed
+    total = (m.num_layers * (attn + norms) + dense_mlps + moe_total + embed + head + D
+             + (m.max_seq_len * D if m.positions == "learned" else 0))
+    matmul = m.num_layers * attn + dense_mlps + moe_active + embed
     return total, matmul
 
 
@@ -74,54 +108,88 @@ def step_flops(m: ModelConfig, tokens: int, seq_len: int, remat: str) -> tuple[f
     return model, model + recompute * forward * tokens
 
 
+def _routed_rows(m: ModelConfig, layout: Layout, tokens: int) -> float:
+    """Rows one chip's expert matmuls hold per MoE layer for `tokens` tokens of its own batch shard:
+    dropless dispatch gathers the tokens of the whole expert group and sorts all their copies (the
+    ones routed elsewhere sort last, into no group); capacity dispatch pads to the capacity."""
+    k = m.moe.experts_per_token
+    if m.moe.dispatch == "dropless":
+        return tokens * layout.expert * k
+    return tokens * k * m.moe.capacity_factor
+
+
 def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int, loss_chunk: int = 0) -> float:
     total, _ = param_count(m)
+    experts = expert_params(m)
     shards = layout.fsdp * layout.tensor
+    placed = (total - experts) / shards + experts / (shards * layout.expert)  # parameters held by a chip
     p_bytes = BYTES[m.param_dtype]
-    state = total * (p_bytes + 8) / shards  # parameters + Adam's two float32 moments
-    grads = total * 4 / shards
+    state = placed * (p_bytes + 8)  # parameters + Adam's two float32 moments
+    grads = placed * 4
     a = BYTES[m.dtype]
     t = layout.tensor
-    b = batch // layout.grad_accum // (layout.data * layout.fsdp * layout.slices)
+    b = batch // layout.grad_accum // (layout.data * layout.fsdp * layout.expert * layout.slices)
     D, F, L, H = m.d_model, m.mlp_dim, seq_len, m.dim_per_head
     heads = m.num_heads / t
     qkv = (m.num_heads + 2 * m.kv_heads) * H / t
-    matmul_outputs = b * L * a * (2 * D + qkv + 3 * F / t)
+    attn_outputs = b * L * a * (2 * D + qkv)
+    dense_outputs = attn_outputs + b * L * a * 3 * F / t
+    n_moe = moe_layers(m)
+    if n_moe:
+        Fe = m.moe.expert_mlp_dim or F
+        rows = _routed_rows(m, layout, b * L)
+        # sorted copies in, gate/up/hidden out, results back; plus the shared expert
+        moe_outputs = attn_outputs + a * rows * (2 * D + 3 * Fe / t) + b * L * a * 3 * m.moe.shared_mlp_dim / t
+    else:
+        moe_outputs = 0.0
     # float32 attention probabilities, which only the XLA kernel materialises (splash streams them).
     fused = m.attention_impl in ("auto", "splash") and m.positions not in ("alibi", "relative") and L % 128 == 0
     scores = 0.0 if fused else b * heads * L * L * 4
-    kept = {
-        "full": b * L * D * a,
-        "dots_with_no_batch_dims": matmul_outputs,
-        "dots": matmul_outputs + (0.0 if fused else b * heads * L * L * a),
-        "none": matmul_outputs + b * L * a * (4 * D + 2 * F / t) + scores,
-    }[layout.remat]
-    working = matmul_outputs + 2 * scores
+
+    def kept(matmul_outputs: float) -> float:
+        return {
+            "full": b * L * D * a,
+            "dots_with_no_batch_dims": matmul_outputs,
+            "dots": matmul_outputs + (0.0 if fused else b * heads * L * L * a),
+            "none": matmul_outputs + b * L * a * (4 * D + 2 * F / t) + scores,
+        }[layout.remat]
+
+    per_layer = (m.num_layers - n_moe) * kept(dense_outputs) + n_moe * kept(moe_outputs)
+    working = max(dense_outputs, moe_outputs) + 2 * scores
     logits = 3 * b * (min(L, loss_chunk) if loss_chunk > 0 else L) * m.vocab_size / t * 4
-    layer_weights = 2 * (total - 2 * m.vocab_size * D) / m.num_layers * a / t  # gathered weights, double-buffered
-    return state + grads + m.num_layers * kept + working + logits + layer_weights
+    # one layer's weights gathered over fsdp, double-buffered (experts stay split over the expert axis)
+    layer_weights = 2 * (placed * shards - 2 * m.vocab_size * D) / m.num_layers * a / t
+    return state + grads + per_layer + working + logits + layer_weights
 
 
 def estimate(m: ModelConfig, layout: Layout, chip: Chip, batch: int, seq_len: int, loss_chunk: int = 0) -> Estimate:
     """The step of `batch` sequences of `seq_len` tokens on data*fsdp*tensor chips per slice."""
-    chips = layout.data * layout.fsdp * layout.tensor * layout.slices
+    chips = layout.data * layout.fsdp * layout.tensor * layout.expert * layout.slices
     tokens = batch * seq_len
     model_flops, hw_flops = step_flops(m, tokens, seq_len, layout.remat)
     total, _ = param_count(m)
     a, f, t, d = BYTES[m.dtype], layout.fsdp, layout.tensor, layout.data
     ici = chip.ici_bw / 2
-    b = batch // layout.grad_accum // (d * f * layout.slices)
+    b = batch // layout.grad_accum // (d * f * layout.expert * layout.slices)
 
     compute = hw_flops / chips / chip.peak_flops
+    e = layout.expert
+    experts = expert_params(m)
+    placed = total - experts + experts / e  # one expert group's copy of the model
     # Weights read three times per micro-batch (forward, two backward matmuls); the optimizer's pass over its state.
-    hbm = (layout.grad_accum * 3 * total * a / t + 24 * total / (f * t)) / chip.hbm_bw
+    hbm = (layout.grad_accum * 3 * placed * a / t + 24 * placed / (f * t)) / chip.hbm_bw
     gathers = 3 if layout.remat == "full" else 2
-    fsdp = layout.grad_accum * (gathers * total * a / t + total * 4 / t) * (f - 1) / f / ici
-    data = 2 * total * 4 / (f * t) * (d - 1) / d / ici
+    fsdp = layout.grad_accum * (gathers * placed * a / t + placed * 4 / t) * (f - 1) / f / ici
+    # gradients all-reduced over the data axis; the dense ones (replicated over experts) over expert too
+    data = (2 * placed * 4 / (f * t) * (d - 1) / d + 2 * (total - experts) * 4 / (f * t) * (e - 1) / e) / ici
     all_reduces = 6 if layout.remat == "full" else 4  # per layer: attention and MLP outputs, forward and backward
     tensor = layout.grad_accum * m.num_layers * all_reduces * 2 * b * seq_len * m.d_model * a * (t - 1) / t / ici
+    # Token exchange of the MoE layers over the expert axis: (all-gather + reduce-scatter) forward and
+    # backward (and again when remat recomputes the forward), on the critical path.
+    exchanges = 3 if layout.remat == "full" else 2
+    tensor += (layout.grad_accum * moe_layers(m) * exchanges * 2 * b * seq_len * m.d_model * a * (e - 1) / ici)
     s = layout.slices
-    dcn = 2 * total * 4 / (f * t * d) * (s - 1) / s / chip.dcn_bw
+    dcn = 2 * placed * 4 / (f * t * d) * (s - 1) / s / chip.dcn_bw
     step = max(compute, hbm, fsdp + data) + tensor + dcn
     parts = {"compute": compute, "hbm": hbm, "fsdp_data": fsdp + data, "tensor": tensor, "dcn": dcn}
     return Estimate(

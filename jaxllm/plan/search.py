@@ -62,21 +62,25 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(cfg: Config, topology: Topology) -> list[Layout]:
-    """Every layout of `cfg`'s batch on `topology` worth estimating."""
+    """Every layout of `cfg`'s batch on `topology` worth estimating: data x fsdp x tensor (x expert
+    for a mixture of experts) per slice, each remat policy and micro-batch count."""
     m, batch, n = cfg.model, cfg.train.batch_size, topology.chips_per_slice
+    expert_sizes = [e for e in _divisors(n) if m.moe is not None and m.moe.num_experts % e == 0] or [1]
     out = []
-    for tensor in _divisors(n):
-        if tensor > MAX_TENSOR or m.num_heads % tensor or m.mlp_dim % tensor:
-            continue
-        if m.kv_heads % tensor and tensor % m.kv_heads:
-            continue
-        for fsdp in _divisors(n // tensor):
-            data = n // tensor // fsdp
-            dp = data * fsdp * topology.slices
-            for accum in _divisors(batch):
-                if accum > MAX_ACCUM or (batch // accum) % dp:
-                    continue
-                out += [Layout(data, fsdp, tensor, remat, accum, topology.slices) for remat in REMAT_POLICIES]
+    for expert in expert_sizes:
+        for tensor in _divisors(n // expert):
+            if tensor > MAX_TENSOR or m.num_heads % tensor or m.mlp_dim % tensor:
+                continue
+            if m.kv_heads % tensor and tensor % m.kv_heads:
+                continue
+            for fsdp in _divisors(n // expert // tensor):
+                data = n // expert // tensor // fsdp
+                dp = data * fsdp * expert * topology.slices
+                for accum in _divisors(batch):
+                    if accum > MAX_ACCUM or (batch // accum) % dp:
+                        continue
+                    out += [Layout(data, fsdp, tensor, remat, accum, topology.slices, expert)
+                            for remat in REMAT_POLICIES]
     return out
 
 

@@ -30,6 +30,7 @@ from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml,
 from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
+from jaxllm.models import lora
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
@@ -49,7 +50,8 @@ class Trainer:
             init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None))
             saved = config_from_yaml_text(init[2].config_yaml).model
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl))
+                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                lora=cfg.model.lora, quant=cfg.model.quant))
             validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -87,11 +89,12 @@ class Trainer:
                 self.data.set_state(restored.data_state)
         else:
             if init is not None:
-                params = init[0].restore_params(init[1], spec.abstract.params)
+                params = _init_params_from(init, saved, cfg.model, self.mesh, self.rules,
+                                           self.state_shardings.params, cfg.train.seed)
                 log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(lora.trainable(params))
             # Separate buffers for the two counters: both are donated to the step.
             step, skipped = (jax.device_put(np.int32(0), self.state_shardings.step) for _ in range(2))
             self.state = TrainState(step=step, params=params, opt_state=opt_state, skipped=skipped)
@@ -264,6 +267,22 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def _init_params_from(init, saved, model_cfg, mesh, rules, shardings, seed):
+    """The starting parameters from a checkpoint of the `saved` model: a LoRA run's adapters are merged
+    into its base first; this run's policies (model.lora, model.quant) then apply to that base."""
+    params = init[0].restore_params(init[1], _abstract_params(saved, mesh, rules))
+    if saved.lora is not None or saved.quant is not None:
+        base = _abstract_params(lora.base_config(saved), mesh, rules)
+        params = lora.merge(params, saved, jax.tree.map(lambda a: a.sharding, base))
+    return lora.adapt(params, model_cfg, shardings, seed)
+
+
+def _abstract_params(model_cfg, mesh, rules):
+    _, abstract, logical = models.model_spec(model_cfg)
+    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "skipped": state.skipped}
 
@@ -322,6 +341,9 @@ def _check_trainable(cfg: Config) -> None:
             f"data.objective.name={objective} trains a model.arch={OBJECTIVE_ARCH[objective]}, but this model is "
             f"arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind under configs/"
         )
+    if cfg.model.quant is not None and cfg.model.lora is None:
+        raise JaxllmError("model.quant stores the base quantised and frozen; to train, add adapters with "
+                          "model.lora (QLoRA), or drop model.quant")
     if arch == "encoder" and cfg.model.head != "mlm" and cfg.model.electra_generator is None:
         raise JaxllmError(
             f"an encoder with model.head={cfg.model.head} cannot be pre-trained: use head=mlm, or head=discriminator "

@@ -3,7 +3,8 @@
 Batches (see jaxllm.data.objectives.batch_spec): clm and mlm give [B, L] inputs, targets,
 segment_ids, positions, loss_mask; span, bart and ul2 give encoder_* [B, Le] and decoder_* [B, Ld].
 The loss follows the model: a Decoder predicts next tokens, an Encoder the masked ones, an
-EncoderDecoder the decoder targets, and Electra adds replaced-token detection.
+EncoderDecoder the decoder targets, and Electra adds replaced-token detection. Mixture-of-experts
+decoders add their load-balancing and router z-losses (models/moe.py) and log expert loads.
 
 Every loss is a sum over tokens divided by the *whole batch's* token count, computed before the
 batch is split into micro-batches: gradient accumulation then sums exact contributions.
@@ -22,8 +23,9 @@ from flax import nnx, struct
 
 from jaxllm import models, sharding
 from jaxllm.config import Config
-from jaxllm.models import bind
+from jaxllm.models import bind, lora
 from jaxllm.models.electra import Electra
+from jaxllm.models.moe import moe_objective
 from jaxllm.models.transformer import Encoder, EncoderDecoder
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 
@@ -32,7 +34,7 @@ from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_sharding
 class TrainState:
     step: jax.Array  # int32 scalar: steps taken (batches consumed), skipped updates included
     params: Any  # nested dict of arrays
-    opt_state: Any
+    opt_state: Any  # of the trainable params only (models/lora.py trainable)
     skipped: jax.Array  # int32 scalar: updates skipped because the loss or a gradient was NaN/Inf
 
 
@@ -51,11 +53,12 @@ class StateSpec:
 
 
 def train_state_spec(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> StateSpec:
-    """Model, optimizer and the shapes and shardings of their state on `mesh`, allocating nothing."""
+    """Model, optimizer and the shapes and shardings of their state on `mesh`, allocating nothing.
+    With LoRA the optimizer state covers the adapters only."""
     graphdef, abstract_params, logical = models.model_spec(cfg.model)
     param_shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, lora.trainable(abstract_params))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = TrainState(
         step=replicated,
@@ -134,17 +137,18 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], no
         return _electra_loss(model, batch, mask, norms, z_loss, key)
     if isinstance(model, EncoderDecoder):
         memory = model.encode(batch["encoder_inputs"], batch["encoder_positions"], batch["encoder_segment_ids"])
-        x_BLD, _ = model.decode_hidden(memory, batch["decoder_inputs"], batch["decoder_positions"],
-                                       batch["decoder_segment_ids"])
+        x_BLD, _, moe_aux = model.decode_hidden(memory, batch["decoder_inputs"], batch["decoder_positions"],
+                                                batch["decoder_segment_ids"])
         targets = batch["decoder_targets"]
     elif isinstance(model, Encoder):  # masked LM
-        x_BLD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        x_BLD, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"]), {}
         targets = batch["targets"]
     else:
-        x_BLD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
         targets = batch["targets"]
     nll, zl = chunked_cross_entropy(x_BLD, model.logits, targets, mask, z_loss, loss_chunk)
-    return (nll + zl) / norms["tokens"], {"loss": nll / norms["tokens"]}
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    return (nll + zl) / norms["tokens"] + moe_loss, {"loss": nll / norms["tokens"], **moe_metrics}
 
 
 def _electra_loss(model, batch, mask, norms, z_loss, key):
@@ -186,33 +190,37 @@ def train_step(
     """
     norms = normalizers(batch)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.grad(
-        functools.partial(loss_fn, graphdef=graphdef, z_loss=z_loss, loss_chunk=loss_chunk), has_aux=True
-    )
+    # With LoRA adapters only they are differentiated and updated; the frozen base is a constant.
+    trainable, frozen = lora.split_trainable(state.params)
+
+    def objective(trainable, batch, key):
+        params = lora.combine(trainable, frozen)
+        return lora.with_dropout(loss_fn)(params, graphdef, batch, norms, z_loss, key, loss_chunk)
+
+    grad_fn = jax.grad(objective, has_aux=True)
     if grad_accum == 1:
-        grads, metrics = grad_fn(state.params, batch=batch, norms=norms, key=key)
+        grads, metrics = grad_fn(trainable, batch, key)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-        shapes = jax.eval_shape(
-            lambda p, b: grad_fn(p, batch=b, norms=norms, key=key), state.params, jax.tree.map(lambda x: x[0], micro)
-        )
+        shapes = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro), key)
 
         def accumulate(carry, xs):
             micro_batch, index = xs
-            out = grad_fn(state.params, batch=micro_batch, norms=norms, key=jax.random.fold_in(key, index))
+            out = grad_fn(trainable, micro_batch, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, carry, out), None
 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
     # Decided on the device (a select, no host sync): a bad update never reaches the parameters.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    updated, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (optax.apply_updates(trainable, updates), opt_state), (trainable, state.opt_state),
     )
+    params = lora.combine(updated, frozen)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), tokens=norms["tokens"],
                    skipped_updates=skipped, finite=finite)

@@ -50,6 +50,19 @@ CASES = [
     Case("qwen2-bias", T.Qwen2ForCausalLM, T.Qwen2Config(
         vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False), "decoder", 97),
+    Case("mixtral-4experts-top2-window5", T.MixtralForCausalLM, T.MixtralConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        max_position_embeddings=64), "decoder", 97),
+    Case("qwen2-moe-sparse-step2-shared", T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, moe_intermediate_size=24,
+        shared_expert_intermediate_size=32, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+        num_experts=5, num_experts_per_tok=3, decoder_sparse_step=2, max_position_embeddings=64), "decoder", 97),
+    Case("qwen2-moe-norm-topk", T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, moe_intermediate_size=24,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True,
+        max_position_embeddings=64), "decoder", 97),
     Case("gpt2-3heads", T.GPT2LMHeadModel, T.GPT2Config(
         vocab_size=97, n_embd=24, n_layer=2, n_head=3, n_positions=32, bos_token_id=0, eos_token_id=0), "decoder", 97),
     Case("bloom-alibi-6heads", T.BloomForCausalLM, T.BloomConfig(
@@ -223,3 +236,19 @@ def test_seq2seq_greedy_generation_matches_transformers(name, start, tmp_path):
                                        forced_eos_token_id=None, min_length=0, no_repeat_ngram_size=0,
                                        use_cache=False)  # its cache mis-sizes decoders deeper than encoders
         assert got == theirs[0, 1:].tolist()
+
+
+def test_moe_router_order_matters_in_the_qwen2_moe_case(tmp_path):
+    """Guards the MoE parity cases: Qwen2-MoE's default (norm_topk_prob=false) keeps the full softmax's
+    top-k probabilities; renormalising them (Mixtral's rule) must change the logits."""
+    case = next(c for c in CASES if c.name == "qwen2-moe-sparse-step2-shared")
+    _hf_model(case, tmp_path)
+    loaded = from_hf(tmp_path)
+    assert loaded.config.moe.router == "softmax_topk" and loaded.config.moe.every == 2
+    assert loaded.params["layers"]["moe"]["mlp"]["experts"]["up"].shape == (2, 5, 48, 24)  # [groups, E, D, F]
+    x = _inputs(case)
+    from jaxllm import models
+
+    renormalised = dataclasses.replace(loaded.config, moe=dataclasses.replace(loaded.config.moe, router="topk_softmax"))
+    other = np.asarray(models.bind(models.model_spec(renormalised)[0], loaded.params)(x["tokens"])[0])
+    assert np.max(np.abs(other - _our_logits(loaded, case, x))) > 1e-3

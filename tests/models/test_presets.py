@@ -14,7 +14,7 @@ from jaxllm.config import load_config
 from jaxllm.convert.hf import _family_for
 
 PRESETS = {"gpt2-124m": 124.4e6, "mistral-7b": 7.24e9, "qwen2-0.5b": 0.494e9, "bert-base": 110e6,
-           "t5-base": 248e6, "bart-base": 140e6}
+           "t5-base": 248e6, "bart-base": 140e6, "mixtral-8x7b": 46.7e9}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
