@@ -83,3 +83,29 @@ def test_plan_compiles_an_expert_parallel_mixture(capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "chosen: data=1 fsdp=2 tensor=1 expert=2" in out and "mesh.expert=2" in out
+
+
+def test_search_calibrates_the_memory_model_with_each_compile(monkeypatch):
+    """A compile that runs out of memory rescales the estimates of its remat policy: the search then
+    skips the layouts of that policy predicted to fit only by the uncorrected model."""
+    from jaxllm.plan import search as search_mod
+    from jaxllm.plan.compile import CompiledStep
+
+    cfg = load_config("configs/llama3-8b.yaml")
+    topology = parse_topology("v5p-8")
+    tried = []
+
+    def fake_compile(cfg, layout, devices):
+        tried.append(layout)
+        est = estimate(cfg.model, layout, topology.chip, cfg.train.batch_size, cfg.data.seq_len,
+                       cfg.train.loss_chunk).memory_bytes
+        if layout.remat == "none":  # the model is 2x optimistic for this policy
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: Ran out of memory; temporaries ({2 * est / 2**30:.1f}G)")
+        return CompiledStep(int(est * 0.4), 0, 0, int(est * 0.6), int(est), 1.0)
+
+    monkeypatch.setattr(search_mod, "compile_step", fake_compile)
+    monkeypatch.setattr(search_mod, "topology_devices", lambda t: [])
+    p = search_mod.plan(cfg, topology, search=True, top=4, max_compiles=8, progress=lambda s: None)
+    nones = [lay for lay in tried if lay.remat == "none"]
+    assert len(nones) == 1, "after one out-of-memory compile, no other 'none' layout predicted to fit at 2x"
+    assert sum(bool(c.fits(topology.chip.hbm_bytes)) for c in p.candidates if c.compiled) == 4

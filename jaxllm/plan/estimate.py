@@ -104,8 +104,18 @@ def step_flops(m: ModelConfig, tokens: int, seq_len: int, remat: str) -> tuple[f
     attn_fwd = 2 * 2 * m.num_layers * seq_len * m.num_heads * m.dim_per_head
     forward = 2 * matmul + attn_fwd
     model = 3 * forward * tokens
-    recompute = {"none": 0.0, "dots": 0.0, "dots_with_no_batch_dims": attn_fwd / forward, "full": 1.0}[remat]
-    return model, model + recompute * forward * tokens
+    experts_fwd = 0.0 if m.moe is None else (
+        2 * moe_layers(m) * m.moe.experts_per_token * _mlp_params(m, m.moe.expert_mlp_dim or m.mlp_dim))
+    # The dots policies save dot_general outputs only: dropless experts (ragged_dot) are recomputed, and
+    # capacity experts (einsums batched over experts) under dots_with_no_batch_dims.
+    dropless = m.moe is not None and m.moe.dispatch == "dropless"
+    recompute = {
+        "none": 0.0,
+        "dots": experts_fwd if dropless else 0.0,
+        "dots_with_no_batch_dims": attn_fwd + experts_fwd,
+        "full": forward,
+    }[remat]
+    return model, model + recompute * tokens
 
 
 def _routed_rows(m: ModelConfig, layout: Layout, tokens: int) -> float:
@@ -146,15 +156,18 @@ def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int, lo
     fused = m.attention_impl in ("auto", "splash") and m.positions not in ("alibi", "relative") and L % 128 == 0
     scores = 0.0 if fused else b * heads * L * L * 4
 
-    def kept(matmul_outputs: float) -> float:
+    def kept(matmul_outputs: float, saved_by_dots: float, saved_by_no_batch_dots: float) -> float:
         return {
             "full": b * L * D * a,
-            "dots_with_no_batch_dims": matmul_outputs,
-            "dots": matmul_outputs + (0.0 if fused else b * heads * L * L * a),
+            "dots_with_no_batch_dims": saved_by_no_batch_dots,
+            "dots": saved_by_dots + (0.0 if fused else b * heads * L * L * a),
             "none": matmul_outputs + b * L * a * (4 * D + 2 * F / t) + scores,
         }[layout.remat]
 
-    per_layer = (m.num_layers - n_moe) * kept(dense_outputs) + n_moe * kept(moe_outputs)
+    per_layer = (m.num_layers - n_moe) * kept(dense_outputs, dense_outputs, dense_outputs)
+    if n_moe:  # see step_flops: which expert outputs the dots policies save
+        dropless = m.moe.dispatch == "dropless"
+        per_layer += n_moe * kept(moe_outputs, attn_outputs if dropless else moe_outputs, attn_outputs)
     working = max(dense_outputs, moe_outputs) + 2 * scores
     logits = 3 * b * (min(L, loss_chunk) if loss_chunk > 0 else L) * m.vocab_size / t * 4
     # one layer's weights gathered over fsdp, double-buffered (experts stay split over the expert axis)

@@ -4,6 +4,8 @@ Search: every mesh factorisation data x fsdp x tensor of a slice (tensor up to 8
 heads), every remat policy and every micro-batch count that divides the batch over the
 data-parallel chips is ranked by the analytical estimate (`plan.estimate`); those predicted to fit
 are compiled best-first until `top` of them really fit (or `max_compiles` compiles are spent).
+Each compile calibrates the memory model: later layouts with the same remat policy are predicted
+with the ratio of the compiler's bytes to the estimate's.
 The compiler's memory decides "fits" (with HEADROOM of the HBM left free); the estimate's step
 time orders the plans.
 """
@@ -103,18 +105,26 @@ def plan(
             )
     else:
         pool = [layout_of(cfg, topology)]
-    ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len, cfg.train.loss_chunk)) for layout in pool),
-                    key=_rank)
-    if search:
-        # Most layouts need far more memory than a chip has; compile only those predicted to fit.
-        order = [c for c in ranked if c.estimate.memory_bytes <= usable(chip.hbm_bytes)] or ranked[:1]
-    else:
-        order = ranked
+    ranked = sorted((Candidate(layout, estimate(cfg.model, layout, chip, batch, seq_len, cfg.train.loss_chunk))
+                     for layout in pool), key=_rank)
     devices = topology_devices(topology)
     compiled: list[Candidate] = []
-    for candidate in order:
-        if len(compiled) >= max_compiles or sum(bool(c.fits(chip.hbm_bytes)) for c in compiled) >= top:
-            break
+    # The compiler corrects the memory model as the search goes: each compile (or out-of-memory
+    # failure) of a remat policy rescales the estimates of the other layouts with that policy.
+    calibration: dict[str, float] = {}
+
+    def predicted(c: Candidate) -> float:
+        return c.estimate.memory_bytes * calibration.get(c.layout.remat, 1.0)
+
+    pending = list(ranked)
+    while pending and len(compiled) < max_compiles and sum(bool(c.fits(chip.hbm_bytes)) for c in compiled) < top:
+        # Most layouts need far more memory than a chip has; compile only those predicted to fit.
+        candidate = next((c for c in pending if predicted(c) <= usable(chip.hbm_bytes)), None) if search else pending[0]
+        if candidate is None:
+            if compiled:
+                break
+            candidate = pending[0]  # nothing is predicted to fit: compile the best to say by how much
+        pending.remove(candidate)
         progress(f"compiling {candidate.layout.describe()} for {topology.describe()} ...")
         try:
             candidate.compiled = compile_step(cfg, candidate.layout, devices)
@@ -128,13 +138,17 @@ def plan(
             else:
                 candidate.error = message[:300]
         compiled.append(candidate)
+        remat, estimated = candidate.layout.remat, candidate.estimate.memory_bytes
         if candidate.oom_bytes is not None:
             progress(f"  does not fit: temporaries alone need {candidate.oom_bytes / 2**30:.1f} GiB per chip")
+            # a lower bound on what it needs: never lowers the correction
+            calibration[remat] = max(calibration.get(remat, 1.0), candidate.oom_bytes / estimated)
         if candidate.compiled is not None:
             progress(f"  {candidate.compiled.peak_bytes / 2**30:.1f} GiB per chip, compiled in "
                      f"{candidate.compiled.compile_seconds:.0f} s")
+            calibration[remat] = candidate.compiled.peak_bytes / estimated
     compiled.sort(key=lambda c: (not c.fits(chip.hbm_bytes), _rank(c)))
-    rest = [c for c in ranked if c not in compiled and c.estimate.memory_bytes <= usable(chip.hbm_bytes)]
+    rest = [c for c in ranked if c not in compiled and predicted(c) <= usable(chip.hbm_bytes)]
     return Plan(cfg, topology, compiled + rest, len(pool))
 
 
