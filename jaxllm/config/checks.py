@@ -1,0 +1,163 @@
+"""Validation of a whole config, once, at load: every failure is a ConfigError naming the key and the fix."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig
+
+def validate(cfg: Config) -> None:
+    """Checks that do not need devices. Mesh/batch divisibility is checked in `sharding.make_mesh`."""
+    m = cfg.model
+    _positive(m, "model", ["vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"])
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads} "
+            "(each key/value head serves a whole group of query heads)"
+        )
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} does not divide by model.num_heads={m.num_heads}; "
+            "change one of them or set model.head_dim explicitly"
+        )
+    if m.positions == "rope" and m.dim_per_head % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got {m.dim_per_head}; change model.head_dim")
+    if m.head != "lm" and m.arch != "encoder":
+        raise ConfigError(f"model.head={m.head} belongs to encoders; set model.arch=encoder or model.head=lm")
+    if m.arch == "encoder" and m.head == "lm":
+        raise ConfigError("an encoder needs model.head=mlm (masked LM), discriminator (ELECTRA) or none")
+    if m.electra_generator is not None and m.head != "discriminator":
+        raise ConfigError("model.electra_generator needs model.head=discriminator (ELECTRA trains a discriminator)")
+    if m.sliding_window is not None and m.sliding_window < 1:
+        raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
+    _validate_policies(m)
+    d, t = cfg.data, cfg.train
+    _positive(d, "data", ["seq_len"])
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if not d.sources:
+        raise ConfigError("data.sources is empty; list at least one source (e.g. path: builtin:kjv)")
+    for i, s in enumerate(d.sources):
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources.{i}.weight must be > 0, got {s.weight}")
+    for key in ("shuffle_window", "prefetch"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
+    _validate_objective(d.objective, m.max_seq_len)
+    _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not divide into train.grad_accum={t.grad_accum} "
+            "micro-batches; pick a batch size that is a multiple of grad_accum"
+        )
+    if t.spike_threshold < 0 or t.spike_window < 2:
+        raise ConfigError("train.spike_threshold must be >= 0 (0 = off) and train.spike_window >= 2")
+    _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
+    if cfg.eval.every < 0 or cfg.eval.batches < 0:
+        raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(
+            f"mesh sizes (data, fsdp, tensor, expert) = {tuple(sizes)}: each must be >= 1, and at most one -1")
+    if cfg.mesh.dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data must be >= 1 (the number of slices), got {cfg.mesh.dcn_data}")
+    _positive(cfg.distributed, "distributed", ["timeout_s"])
+    g = cfg.generate
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+def _validate_policies(m: ModelConfig) -> None:
+    """Mixture of experts, LoRA and quantisation settings."""
+    if m.moe is not None:
+        e = m.moe
+        where = "model.moe"
+        _positive(e, where, ["num_experts", "experts_per_token", "every"])
+        if e.experts_per_token > e.num_experts:
+            raise ConfigError(f"{where}.experts_per_token={e.experts_per_token} is more than num_experts={e.num_experts}")
+        if m.arch != "decoder":
+            raise ConfigError(f"{where} is implemented for decoders (model.arch=decoder), not {m.arch}")
+        if e.every > 1 and m.share_layers:
+            raise ConfigError(f"{where}.every={e.every} needs distinct layers; set model.share_layers=false or every=1")
+        if e.every > 1 and m.scan_layers and m.num_layers % e.every:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} does not divide into groups of {where}.every={e.every} "
+                "(scanned layers repeat one group of `every` layers); change one of them"
+            )
+        if e.expert_mlp_dim is not None and e.expert_mlp_dim < 1:
+            raise ConfigError(f"{where}.expert_mlp_dim must be >= 1 or null (= model.mlp_dim), got {e.expert_mlp_dim}")
+        if e.shared_mlp_dim < 0 or (e.shared_gate and not e.shared_mlp_dim):
+            raise ConfigError(f"{where}.shared_gate needs a shared expert: set {where}.shared_mlp_dim > 0")
+        if e.capacity_factor <= 0:
+            raise ConfigError(f"{where}.capacity_factor must be > 0 (1.0 = an even share per expert), got {e.capacity_factor}")
+        if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
+            raise ConfigError(f"{where}.aux_loss_weight and z_loss_weight must be >= 0")
+    if m.lora is not None:
+        lo = m.lora
+        if lo.rank < 1 or lo.alpha <= 0:
+            raise ConfigError(f"model.lora.rank must be >= 1 and alpha > 0, got rank={lo.rank}, alpha={lo.alpha}")
+        _fraction(lo.dropout, "model.lora.dropout", high_open=True)
+        try:
+            re.compile(lo.targets)
+        except re.error as err:
+            raise ConfigError(f"model.lora.targets {lo.targets!r} is not a regular expression: {err}") from None
+    if m.quant is not None and (m.quant.block_size < 2 or m.quant.block_size % 2):
+        raise ConfigError(f"model.quant.block_size must be an even number >= 2 (QLoRA: 64), got {m.quant.block_size}")
+
+
+def _validate_objective(o: ObjectiveConfig, max_seq_len: int) -> None:
+    """Ranges only; whether data.seq_len leaves room for an example is checked when the pipeline is built."""
+    where = "data.objective"
+    _fraction(o.mask_prob, f"{where}.mask_prob", low_open=True)
+    _fraction(o.mask_token_prob, f"{where}.mask_token_prob")
+    _fraction(o.random_token_prob, f"{where}.random_token_prob")
+    if o.mask_token_prob + o.random_token_prob > 1:
+        raise ConfigError(
+            f"{where}.mask_token_prob + random_token_prob = {o.mask_token_prob + o.random_token_prob} is more "
+            "than 1: they share the selected tokens with those kept as they are (BERT: 0.8 + 0.1, 0.1 kept)"
+        )
+    _span_params(o.noise_density, o.mean_span_length, where)
+    for key in ("encoder_len", "decoder_len"):
+        value = getattr(o, key)
+        if value is not None and not 1 <= value <= max_seq_len:
+            raise ConfigError(
+                f"{where}.{key}={value} must be between 1 and model.max_seq_len={max_seq_len} (or null for the default)"
+            )
+    if o.decoder_start_id is not None and o.decoder_start_id < 0:
+        raise ConfigError(f"{where}.decoder_start_id must be a token id >= 0 or null, got {o.decoder_start_id}")
+    if o.poisson_lambda <= 0:
+        raise ConfigError(f"{where}.poisson_lambda must be > 0 (BART: 3), got {o.poisson_lambda}")
+    _fraction(o.mask_ratio, f"{where}.mask_ratio", high_open=True)
+    if o.name == "ul2" and not o.denoisers:
+        raise ConfigError(f"{where}.denoisers is empty; list at least one (see the defaults in jaxllm/config.py)")
+    for i, dn in enumerate(o.denoisers):
+        if dn.weight <= 0:
+            raise ConfigError(f"{where}.denoisers.{i}.weight must be > 0, got {dn.weight}")
+        if not dn.mode_token:
+            raise ConfigError(f"{where}.denoisers.{i}.mode_token is empty; name a token such as [R], [X] or [S]")
+        if dn.kind == "span":
+            _span_params(dn.noise_density, dn.mean_span_length, f"{where}.denoisers.{i}")
+
+
+def _span_params(noise_density: float, mean_span_length: float, where: str) -> None:
+    if not 0 < noise_density < 1:
+        raise ConfigError(f"{where}.noise_density must be in (0, 1) (T5: 0.15), got {noise_density}")
+    if mean_span_length < 1:
+        raise ConfigError(f"{where}.mean_span_length must be >= 1 token (T5: 3), got {mean_span_length}")
+
+
+def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:
+    if (value <= 0 if low_open else value < 0) or (value >= 1 if high_open else value > 1):
+        bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ConfigError(f"{where} must be in {bounds}, got {value}")
+
+
+def _positive(section: Any, name: str, keys: list[str]) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if value < 1:
+            raise ConfigError(f"{name}.{key} must be >= 1, got {value}")
