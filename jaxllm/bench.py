@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import models, sharding
+from jaxllm.models import lora
 from jaxllm.config import Config, ModelConfig
 from jaxllm.utils import atomic_write_text
 
@@ -32,13 +33,17 @@ PEAK_FLOPS = {
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """total parameters; `matmul`: those that multiply every token (all but the input embedding
-    lookups; a tied output projection counts once more, since it is a matmul of every token)."""
+    lookups; a tied output projection counts once more, since it is a matmul of every token; of a
+    mixture's experts only the `experts_per_token` a token visits)."""
     _, abstract, _ = models.model_spec(cfg)
     flat = {"/".join(str(k.key) for k in path): math.prod(a.shape)
             for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     total = sum(flat.values())
     lookups = sum(n for p, n in flat.items() if p.endswith("embedding") and "relative_bias" not in p)
     matmul = total - lookups + (cfg.vocab_size * cfg.embedding_dim if cfg.tie_embeddings else 0)
+    if cfg.moe is not None:
+        experts = sum(n for p, n in flat.items() if "/experts/" in f"/{p}")
+        matmul -= experts * (cfg.moe.num_experts - cfg.moe.experts_per_token) // cfg.moe.num_experts
     return {"total": total, "matmul": matmul}
 
 
@@ -112,10 +117,11 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
     m = cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
+    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
     spec = train_state_spec(cfg, mesh, rules)
     _, params, _ = models.init_params(m, mesh, rules, seed=0)
     zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731  (separate: both are donated)
-    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(params), zero())
+    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params)), zero())
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(m, cfg.train.batch_size, cfg.data.seq_len).items()}
@@ -145,6 +151,130 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
         peak_memory_bytes=_peak_memory(devices[0], compiled), final_loss=float(run()),
     )
     return out
+
+
+def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
+    """Where a decoder's train step spends its time, each part jitted with the step's shardings and
+    timed alone on one micro-batch (`train.batch_size / train.grad_accum` rows):
+
+    forward (the loss), backward (gradients minus forward), the loss head alone (output projection
+    + cross-entropy, forward and backward, chunked as configured), and the optimizer update. The
+    parts run as separate programs, so they do not overlap as they do inside the step; `other` is
+    what the whole step takes beyond them (negative when fusion across parts saves time)."""
+    import optax
+
+    from jaxllm.train.step import TrainState, chunked_cross_entropy, jit_train_step, loss_fn, loss_mask, normalizers
+    from jaxllm.train.step import train_state_spec
+
+    m, t = cfg.model, cfg.train
+    if m.arch != "decoder" or m.lora is not None:
+        raise ValueError("the step-time breakdown measures decoders without adapters (synthetic CLM batches)")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
+    spec = train_state_spec(cfg, mesh, rules)
+    graphdef, tx = spec.graphdef, spec.tx
+    _, params, _ = models.init_params(m, mesh, rules, seed=0)
+    opt_state = jax.jit(tx.init, out_shardings=spec.shardings.opt_state)(params)
+    batch_sh = sharding.batch_sharding(mesh, rules, 2)
+    micro = t.batch_size // t.grad_accum
+    batch = {k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(m, micro, cfg.data.seq_len).items()}
+    key = jax.random.key(0)
+
+    def objective(p, b):
+        return loss_fn(p, graphdef, b, normalizers(b), t.z_loss, key, t.loss_chunk)[0]
+
+    def head(p, x_BLD, b):
+        model = models.bind(graphdef, p)
+        nll, zl = chunked_cross_entropy(x_BLD, model.logits, b["targets"], loss_mask(b).astype(jnp.float32),
+                                        t.z_loss, t.loss_chunk)
+        return (nll + zl) / normalizers(b)["tokens"]
+
+    def update(grads, opt, p):
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt
+
+    with sharding.activate(mesh, rules):
+        hidden = jax.jit(lambda p, b: models.bind(graphdef, p).hidden(b["inputs"], b["positions"],
+                                                                      b["segment_ids"])[0])(params, batch)
+        parts = {
+            "forward": (jax.jit(objective), (params, batch)),
+            "forward+backward": (jax.jit(jax.grad(objective), out_shardings=spec.shardings.params), (params, batch)),
+            "loss head (fwd+bwd)": (jax.jit(jax.grad(head, argnums=(0, 1))), (params, hidden, batch)),
+            "optimizer update": (jax.jit(update, donate_argnums=(1,)), None),
+        }
+        grads = parts["forward+backward"][0](params, batch)
+        times: dict[str, float] = {}
+        for name, (fn, args) in parts.items():
+            if name == "optimizer update":
+                holder = {"opt": opt_state}
+
+                def run(fn=fn, holder=holder):
+                    new_params, holder["opt"] = fn(grads, holder["opt"], params)
+                    return new_params
+            else:
+                def run(fn=fn, args=args):
+                    return fn(*args)
+            times[name] = statistics.median(_timed(run, warmup, steps))
+        full_batch = {k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(m, t.batch_size, cfg.data.seq_len).items()}
+        step_fn = jit_train_step(graphdef, tx, spec.schedule, t.grad_accum, t.z_loss, 0, spec.shardings, batch_sh,
+                                 t.loss_chunk)
+        zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731
+        state = {"s": TrainState(zero(), params, jax.jit(tx.init, out_shardings=spec.shardings.opt_state)(params),
+                                 zero())}
+
+        def run_step():
+            state["s"], metrics = step_fn(state["s"], full_batch)
+            return metrics["loss"]
+
+        step = statistics.median(_timed(run_step, warmup, steps))
+    accum = t.grad_accum
+    seconds = {
+        "forward": accum * times["forward"],
+        "backward": accum * (times["forward+backward"] - times["forward"]),
+        "loss head, fwd+bwd (inside the two above)": accum * times["loss head (fwd+bwd)"],
+        "optimizer update": times["optimizer update"],
+    }
+    seconds["other"] = step - seconds["forward"] - seconds["backward"] - seconds["optimizer update"]
+    return {"step_s": step, "micro_batches": accum, "micro_batch_rows": micro, "seconds": seconds,
+            "share": {k: v / step for k, v in seconds.items()}}
+
+
+def profile_steps(cfg: Config, directory: str | Path, steps: int = 3) -> Path:
+    """A `jax.profiler` trace of `steps` train steps (after one compile-and-warm-up step) in
+    `directory`: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
+    from jaxllm.train.step import TrainState, jit_train_step, train_state_spec
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
+    spec = train_state_spec(cfg, mesh, rules)
+    _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
+    zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731
+    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params)), zero())
+    batch_sh = sharding.batch_sharding(mesh, rules, 2)
+    batch = {k: jax.device_put(v, batch_sh)
+             for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
+    with sharding.activate(mesh, rules):
+        step_fn = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss, 0,
+                                 spec.shardings, batch_sh, cfg.train.loss_chunk)
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        directory = Path(directory)
+        with jax.profiler.trace(str(directory)):
+            for i in range(steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = step_fn(state, batch)
+                    jax.block_until_ready(metrics["loss"])
+    return directory
+
+
+def format_breakdown(result: dict[str, Any]) -> str:
+    lines = [f"step {1e3 * result['step_s']:.1f} ms ({result['micro_batches']} micro-batch(es) of "
+             f"{result['micro_batch_rows']} rows), parts timed alone:"]
+    for name, sec in result["seconds"].items():
+        lines.append(f"  {name:<42} {1e3 * sec:9.1f} ms  {100 * result['share'][name]:6.1f}%")
+    return "\n".join(lines)
 
 
 def _peak_memory(device: jax.Device, compiled) -> dict[str, Any]:

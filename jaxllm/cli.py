@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", action="store_true", help="also measure the data pipeline alone")
     b.add_argument("--generate", action="store_true", help="also measure prefill and decode tokens/s")
     b.add_argument("--out", help="write the results as JSON here")
+    b.add_argument("--breakdown", action="store_true",
+                   help="also time the step's parts alone: forward, backward, loss head, optimizer update")
+    b.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 train steps to DIR")
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plan", help="compile the train step for a TPU topology here: memory per chip, FLOPs, "
@@ -233,6 +236,10 @@ def cmd_bench(args) -> int:
         results["data pipeline"] = bench.bench_data(cfg)
     if args.generate:
         results["generate (jaxllm)"] = bench.bench_generate(cfg)
+    if args.breakdown:
+        results["step breakdown"] = bench.bench_breakdown(cfg, min(args.warmup, 2), max(args.steps // 2, 3))
+    if args.profile:
+        results["profile"] = str(bench.profile_steps(cfg, args.profile))
     bench.write_report(results, args.out)
     ours = results["jaxllm"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "
@@ -245,6 +252,13 @@ def cmd_bench(args) -> int:
             print(f"{name}: {r['error']}")
         if isinstance(r, dict) and ("prefill_tokens_per_sec" in r or name == "data pipeline"):
             print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if "step breakdown" in results:
+        print(bench.format_breakdown(results["step breakdown"]))
+    if "profile" in results:
+        print(f"profile: {results['profile']} (tensorboard --logdir {results['profile']}, or its .trace.json.gz "
+              "in ui.perfetto.dev)")
+    return 0
+
 
 def cmd_plan(args) -> int:
     from jaxllm.config import load_config
