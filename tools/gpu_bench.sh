@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/performance.md, in one run (about 8 minutes on one H100).
 # Usage, from the repository root on a GPU machine:  OUT=results bash tools/gpu_bench.sh [part]
-# part: all (default) | check | train | scaling | generate
+# part: all (default) | check | train | scaling | generate | profile
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -27,4 +27,8 @@ if [ "$part" = all ] || [ "$part" = scaling ]; then
 fi
 if [ "$part" = all ] || [ "$part" = generate ]; then
   run python3 tools/bench.py configs/bench-1b.yaml --peer eager --steps 3 --warmup 1 --generate --out "$OUT/generate-1b.json"
+fi
+if [ "$part" = all ] || [ "$part" = profile ]; then
+  # Where the 1B step's time goes: its parts timed alone, and a trace to read in TensorBoard/Perfetto.
+  run python3 tools/bench.py configs/bench-1b.yaml train.batch_size=8 --peer none --steps 6 --breakdown --profile "$OUT/trace-1b-b8" --out "$OUT/breakdown-1b-b8.json"
 fi
