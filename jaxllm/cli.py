@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except JaxllmError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: other threads' output cannot split the line
+        sys.stderr.write(f"error: {e}\n")  # one write, so other threads' output does not split it
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
