@@ -8,6 +8,7 @@ Speed is measured here, never in the test suite. The formulas are in docs/perfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -110,26 +111,47 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
     }
 
 
-def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
-    """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
+@dataclasses.dataclass
+class _Setup:
+    """A train state of a config (random init) on all devices, a synthetic batch, and the jitted step."""
+
+    mesh: Any
+    rules: Any
+    spec: Any
+    params: Any
+    state: Any
+    batch: dict[str, jax.Array]
+    batch_sharding: Any
+    step_fn: Callable
+
+
+def _setup(cfg: Config) -> _Setup:
     from jaxllm.train.step import TrainState, jit_train_step, train_state_spec
 
-    m = cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
     spec = train_state_spec(cfg, mesh, rules)
-    _, params, _ = models.init_params(m, mesh, rules, seed=0)
+    _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
     zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731  (separate: both are donated)
-    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params)), zero())
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params))
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
-             for k, v in synthetic_batch(m, cfg.train.batch_size, cfg.data.seq_len).items()}
+             for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
     with sharding.activate(mesh, rules):
         step_fn = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss, 0,
                                  spec.shardings, batch_sh, cfg.train.loss_chunk)
+    return _Setup(mesh, rules, spec, params, TrainState(zero(), params, opt_state, zero()), batch, batch_sh, step_fn)
+
+
+def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
+    """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
+    m = cfg.model
+    setup = _setup(cfg)
+    mesh, state, batch = setup.mesh, setup.state, setup.batch
+    with sharding.activate(setup.mesh, setup.rules):
         t = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = setup.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
     holder = {"state": state}
 
@@ -153,6 +175,8 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
     return out
 
 
+
+
 def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
     """Where a decoder's train step spends its time, each part jitted with the step's shardings and
     timed alone on one micro-batch (`train.batch_size / train.grad_accum` rows):
@@ -163,22 +187,16 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
     what the whole step takes beyond them (negative when fusion across parts saves time)."""
     import optax
 
-    from jaxllm.train.step import TrainState, chunked_cross_entropy, jit_train_step, loss_fn, loss_mask, normalizers
-    from jaxllm.train.step import train_state_spec
+    from jaxllm.train.step import chunked_cross_entropy, loss_fn, loss_mask, normalizers
 
     m, t = cfg.model, cfg.train
     if m.arch != "decoder" or m.lora is not None:
         raise ValueError("the step-time breakdown measures decoders without adapters (synthetic CLM batches)")
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.make_rules(cfg.mesh.rules)
-    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
-    spec = train_state_spec(cfg, mesh, rules)
-    graphdef, tx = spec.graphdef, spec.tx
-    _, params, _ = models.init_params(m, mesh, rules, seed=0)
-    opt_state = jax.jit(tx.init, out_shardings=spec.shardings.opt_state)(params)
-    batch_sh = sharding.batch_sharding(mesh, rules, 2)
+    setup = _setup(cfg)
+    graphdef, tx, params = setup.spec.graphdef, setup.spec.tx, setup.params
     micro = t.batch_size // t.grad_accum
-    batch = {k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(m, micro, cfg.data.seq_len).items()}
+    batch = {k: jax.device_put(v, setup.batch_sharding)
+             for k, v in synthetic_batch(m, micro, cfg.data.seq_len).items()}
     key = jax.random.key(0)
 
     def objective(p, b):
@@ -194,37 +212,29 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt
 
-    with sharding.activate(mesh, rules):
+    with sharding.activate(setup.mesh, setup.rules):
         hidden = jax.jit(lambda p, b: models.bind(graphdef, p).hidden(b["inputs"], b["positions"],
                                                                       b["segment_ids"])[0])(params, batch)
-        parts = {
-            "forward": (jax.jit(objective), (params, batch)),
-            "forward+backward": (jax.jit(jax.grad(objective), out_shardings=spec.shardings.params), (params, batch)),
-            "loss head (fwd+bwd)": (jax.jit(jax.grad(head, argnums=(0, 1))), (params, hidden, batch)),
-            "optimizer update": (jax.jit(update, donate_argnums=(1,)), None),
-        }
-        grads = parts["forward+backward"][0](params, batch)
-        times: dict[str, float] = {}
-        for name, (fn, args) in parts.items():
-            if name == "optimizer update":
-                holder = {"opt": opt_state}
+        grad_fn = jax.jit(jax.grad(objective), out_shardings=setup.spec.shardings.params)
+        grads = grad_fn(params, batch)
+        opt = {"state": jax.tree.map(jnp.copy, setup.state.opt_state)}  # the step donates its own
+        update_fn = jax.jit(update, donate_argnums=(1,))
 
-                def run(fn=fn, holder=holder):
-                    new_params, holder["opt"] = fn(grads, holder["opt"], params)
-                    return new_params
-            else:
-                def run(fn=fn, args=args):
-                    return fn(*args)
-            times[name] = statistics.median(_timed(run, warmup, steps))
-        full_batch = {k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(m, t.batch_size, cfg.data.seq_len).items()}
-        step_fn = jit_train_step(graphdef, tx, spec.schedule, t.grad_accum, t.z_loss, 0, spec.shardings, batch_sh,
-                                 t.loss_chunk)
-        zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731
-        state = {"s": TrainState(zero(), params, jax.jit(tx.init, out_shardings=spec.shardings.opt_state)(params),
-                                 zero())}
+        def run_update():
+            new_params, opt["state"] = update_fn(grads, opt["state"], params)
+            return new_params
+
+        parts = {
+            "forward": functools.partial(jax.jit(objective), params, batch),
+            "forward+backward": functools.partial(grad_fn, params, batch),
+            "loss head (fwd+bwd)": functools.partial(jax.jit(jax.grad(head, argnums=(0, 1))), params, hidden, batch),
+            "optimizer update": run_update,
+        }
+        times = {name: statistics.median(_timed(run, warmup, steps)) for name, run in parts.items()}
+        state = {"s": setup.state}  # timed last: the step donates the parameters the parts above read
 
         def run_step():
-            state["s"], metrics = step_fn(state["s"], full_batch)
+            state["s"], metrics = setup.step_fn(state["s"], setup.batch)
             return metrics["loss"]
 
         step = statistics.median(_timed(run_step, warmup, steps))
@@ -243,28 +253,16 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
 def profile_steps(cfg: Config, directory: str | Path, steps: int = 3) -> Path:
     """A `jax.profiler` trace of `steps` train steps (after one compile-and-warm-up step) in
     `directory`: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
-    from jaxllm.train.step import TrainState, jit_train_step, train_state_spec
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.make_rules(cfg.mesh.rules)
-    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
-    spec = train_state_spec(cfg, mesh, rules)
-    _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
-    zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731
-    state = TrainState(zero(), params, jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params)), zero())
-    batch_sh = sharding.batch_sharding(mesh, rules, 2)
-    batch = {k: jax.device_put(v, batch_sh)
-             for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
-    with sharding.activate(mesh, rules):
-        step_fn = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss, 0,
-                                 spec.shardings, batch_sh, cfg.train.loss_chunk)
-        state, metrics = step_fn(state, batch)
+    setup = _setup(cfg)
+    state, batch = setup.state, setup.batch
+    with sharding.activate(setup.mesh, setup.rules):
+        state, metrics = setup.step_fn(state, batch)
         jax.block_until_ready(metrics["loss"])
         directory = Path(directory)
         with jax.profiler.trace(str(directory)):
             for i in range(steps):
                 with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = step_fn(state, batch)
+                    state, metrics = setup.step_fn(state, batch)
                     jax.block_until_ready(metrics["loss"])
     return directory
 
