@@ -12,6 +12,7 @@ Per-process sharding (no document ever reaches two processes):
 
 from __future__ import annotations
 
+import abc
 import glob
 import logging
 import os
@@ -164,17 +165,23 @@ class EpochIterator(grain.DatasetIterator):
         self.epoch, self._yielded = state["epoch"], state["yielded"]
         self._seek(state)
 
+    # What a source implements (FilesIterator, hub_sources.HFIterator, hub_sources.TfdsIterator):
+
+    @abc.abstractmethod
     def _read(self) -> Optional[dict[str, str]]:
-        raise NotImplementedError
+        """The next record of this process's share in the current epoch, or None at its end."""
 
+    @abc.abstractmethod
     def _restart(self) -> None:
-        raise NotImplementedError
+        """Go back to the start of the share for a new epoch."""
 
+    @abc.abstractmethod
     def _position(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Where the next `_read` continues (JSON-serialisable; saved with checkpoints)."""
 
+    @abc.abstractmethod
     def _seek(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Continue from a `_position` (and the epoch already set)."""
 
 
 class FilesIterator(EpochIterator):

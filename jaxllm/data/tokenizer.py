@@ -12,6 +12,7 @@ config files) so it can travel inside a checkpoint; `load_tokenizer_from_files` 
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import os
@@ -28,17 +29,20 @@ BUILTIN_TOKENIZERS = {"kjv-sp4k": "kjv-sp4k.model"}
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-class Tokenizer:
-    """What the rest of jaxllm uses of a tokenizer; see the module docstring for special-token rules."""
+class Tokenizer(abc.ABC):
+    """What the rest of jaxllm uses of a tokenizer; see the module docstring for special-token rules.
+    Implementations: SentencePieceTokenizer, HFTokenizer."""
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of `text`, without BOS/EOS (the data pipeline adds those)."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """The text of `ids`, special tokens dropped."""
 
     vocab_size: int
     bos_id: Optional[int]
@@ -60,8 +64,9 @@ class Tokenizer:
         """Ids that never stand for text (BOS, EOS, pad, control tokens): objectives never draw them at random."""
         return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
 
+    @abc.abstractmethod
     def files(self) -> dict[str, bytes]:
-        raise NotImplementedError
+        """The files that recreate this tokenizer (name -> bytes): they travel with checkpoints."""
 
 
 class SentencePieceTokenizer(Tokenizer):

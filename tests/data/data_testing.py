@@ -26,6 +26,9 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return "".join(chr(i) for i in ids if i > 2)
 
+    def files(self) -> dict[str, bytes]:
+        raise TypeError("CharTokenizer is a test fixture: it is never saved with a checkpoint")
+
 
 def write_jsonl(path: Path, texts: list[str], compress: bool = False) -> Path:
     data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
