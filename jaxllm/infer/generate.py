@@ -162,7 +162,7 @@ def generate_text(
     Decoders continue [BOS] + prompt. Encoder-decoders read the prompt framed as in training (T5:
     prompt + EOS; BART: BOS + prompt + EOS; UL2: the [S] mode token first) and write an answer.
     """
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad = tokenizer.pad_id
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     start = None

@@ -22,9 +22,9 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
         logits_BV = jnp.where(logits_BV < kth_BV, neg_inf, logits_BV)
     if top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # Probability mass strictly before each sorted token; keep tokens whose preceding mass < top_p.
-        keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
+        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
         threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < threshold_B1, neg_inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.quant import QuantizedKernel
+from jaxllm.quant import kernel_array
 from jaxllm.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,9 +87,7 @@ class Dense(nnx.Module):
 
     def kernel_value(self) -> jax.Array:
         """W in the compute dtype (dequantised when stored quantised)."""
-        if isinstance(self.kernel, QuantizedKernel):
-            return self.kernel.value(self.dtype)
-        return self.kernel[...].astype(self.dtype)
+        return kernel_array(self.kernel, self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
@@ -167,6 +165,11 @@ ACTIVATIONS = {
 GATED = ("swiglu", "geglu")
 
 
+def mlp_hidden(kind: str, gate, up):
+    """The MLP's hidden activation: act(gate) * up for gated kinds (SwiGLU, GeGLU), act(up) otherwise."""
+    return ACTIVATIONS[kind](gate) * up if kind in GATED else ACTIVATIONS[kind](up)
+
+
 class MLP(nnx.Module):
     """Gated: down(act(gate(x)) * up(x)) (LLaMA's SwiGLU, T5's GeGLU); else down(act(up(x))) (GPT-2, BERT)."""
 
@@ -179,10 +182,6 @@ class MLP(nnx.Module):
         self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs, use_bias=bias)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.kind]
-        if self.kind in GATED:
-            h_BLF = act(self.gate(x_BLD)) * self.up(x_BLD)
-        else:
-            h_BLF = act(self.up(x_BLD))
+        h_BLF = mlp_hidden(self.kind, self.gate(x_BLD) if self.kind in GATED else None, self.up(x_BLD))
         h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
         return self.down(h_BLF)

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.models.layers import Dense, dropout_key
 from jaxllm.models.moe import Experts
-from jaxllm.quant import QuantizedKernel
+from jaxllm.quant import QuantizedKernel, kernel_array
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
 UNQUANTISED = ("router", "shared_gate")  # small, and they decide where tokens go
@@ -172,7 +172,7 @@ def merge(params: Any, cfg: ModelConfig, shardings: Any = None) -> Any:
             elif isinstance(module, Experts):
                 for part in ("gate", "up", "down"):
                     if isinstance(getattr(module, part), QuantizedKernel):
-                        setattr(module, part, nnx.Param(getattr(module, part).value(_float_dtype(cfg))))
+                        setattr(module, part, nnx.Param(kernel_array(getattr(module, part), _float_dtype(cfg))))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     return jax.jit(fold, out_shardings=shardings)(params)
@@ -202,12 +202,11 @@ def _float_dtype(cfg: ModelConfig):
 
 def _merged(dense: Dense, sign: int) -> jax.Array:
     """W + sign * scale * A B in float32, in W's shape (layers stacked in front stay stacked)."""
-    kernel = dense.kernel.value(jnp.float32) if isinstance(dense.kernel, QuantizedKernel) else dense.kernel[...]
-    kernel = kernel.astype(jnp.float32)
+    kernel = kernel_array(dense.kernel, jnp.float32)
     if dense.lora_a is None:
         return kernel
     a, b = dense.lora_a[...], dense.lora_b[...]
-    n_in, n_out = len(dense.in_shape), len(dense.out_shape)
+    n_in = len(dense.in_shape)
     n_lead = a.ndim - n_in - 1
     lead = a.shape[:n_lead]
     a2 = a.reshape(*lead, math.prod(dense.in_shape), a.shape[-1])

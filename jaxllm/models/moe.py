@@ -27,8 +27,8 @@ from flax import nnx
 
 from jaxllm import sharding
 from jaxllm.config import ConfigError, ModelConfig, MoEConfig
-from jaxllm.models.layers import ACTIVATIONS, DTYPES, GATED, MLP, Dense, make_param
-from jaxllm.quant import QuantizedKernel
+from jaxllm.models.layers import DTYPES, GATED, MLP, Dense, make_param, mlp_hidden
+from jaxllm.quant import kernel_array
 from jaxllm.sharding import constrain
 
 
@@ -86,18 +86,8 @@ class Experts(nnx.Module):
 
     def kernels(self) -> dict[str, jax.Array]:
         """The kernels in the compute dtype (dequantised when the quantisation policy stored them)."""
-        out = {}
-        for name in ("gate", "up", "down"):
-            kernel = getattr(self, name)
-            if isinstance(kernel, QuantizedKernel):
-                out[name] = kernel.value(self.dtype)
-            elif kernel is not None:
-                out[name] = kernel[...].astype(self.dtype)
-        return out
-
-
-def _hidden(kind: str, gate, up):
-    return ACTIVATIONS[kind](gate) * up if kind in GATED else ACTIVATIONS[kind](up)
+        return {name: kernel_array(getattr(self, name), self.dtype)
+                for name in ("gate", "up", "down") if getattr(self, name) is not None}
 
 
 def capacity_dispatch(x_BLD, weights_BLK, experts_BLK, valid_BL, kernels, kind: str, capacity: int):
@@ -109,7 +99,7 @@ def capacity_dispatch(x_BLD, weights_BLK, experts_BLK, valid_BL, kernels, kind: 
     by_rank_BME = onehot_BLKE.transpose(0, 2, 1, 3).reshape(B, K * L, E)
     slot_BME = jnp.cumsum(by_rank_BME, axis=1) - 1
     slot_BLK = jnp.sum(slot_BME * by_rank_BME, axis=-1).reshape(B, K, L).transpose(0, 2, 1)
-    keep_BLK = jnp.any(onehot_BLKE > 0, axis=-1) & (slot_BLK < capacity)
+    keep_BLK = valid_BL[..., None] & (slot_BLK < capacity)  # a valid token's copy has exactly one expert
     dropped = jnp.sum(valid_BL[..., None] & ~keep_BLK)
     expert_BLKE = (onehot_BLKE * keep_BLK[..., None]).astype(x_BLD.dtype)
     slot_BLKC = jax.nn.one_hot(slot_BLK, capacity, dtype=x_BLD.dtype)
@@ -121,7 +111,7 @@ def capacity_dispatch(x_BLD, weights_BLK, experts_BLK, valid_BL, kernels, kind: 
     x_EBCD = constrain(x_BECD.transpose(1, 0, 2, 3), ("expert", "batch", None, "act_embed"))
     up_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, kernels["up"])
     gate_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, kernels["gate"]) if "gate" in kernels else None
-    h_EBCF = constrain(_hidden(kind, gate_EBCF, up_EBCF), ("expert", "batch", None, "act_mlp"))
+    h_EBCF = constrain(mlp_hidden(kind, gate_EBCF, up_EBCF), ("expert", "batch", None, "act_mlp"))
     y_EBCD = constrain(jnp.einsum("ebcf,efd->ebcd", h_EBCF, kernels["down"]), ("expert", "batch", None, "act_embed"))
     y_BECD = constrain(y_EBCD.transpose(1, 0, 2, 3), ("batch", None, None, "act_embed"))
     return jnp.einsum("blec,becd->bld", combine_BLEC, y_BECD), dropped
@@ -138,7 +128,7 @@ def _grouped_experts(x_TD, weights_TK, local_TK, routed_TK, kernels, kind: str):
     xs_MD = jnp.take(x_TD, order_M // K, axis=0)
     up_MF = jax.lax.ragged_dot(xs_MD, kernels["up"], sizes_X)
     gate_MF = jax.lax.ragged_dot(xs_MD, kernels["gate"], sizes_X) if "gate" in kernels else None
-    ys_MD = jax.lax.ragged_dot(_hidden(kind, gate_MF, up_MF), kernels["down"], sizes_X)
+    ys_MD = jax.lax.ragged_dot(mlp_hidden(kind, gate_MF, up_MF), kernels["down"], sizes_X)
     y_TKD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD).reshape(T, K, -1)
     weights_TK = jnp.where(routed_TK, weights_TK, 0.0).astype(y_TKD.dtype)
     return jnp.einsum("tkd,tk->td", y_TKD, weights_TK)

@@ -112,6 +112,11 @@ class QuantizedKernel(nnx.Module):
         return dequantize(parts, shape, n_lead, self.n_in, self.kind, dtype)
 
 
+def kernel_array(kernel, dtype) -> jax.Array:
+    """A kernel as an array in `dtype`: dequantised when it is a QuantizedKernel, cast when it is a Param."""
+    return kernel.value(dtype) if isinstance(kernel, QuantizedKernel) else kernel[...].astype(dtype)
+
+
 def quantize_part_names(cfg: QuantConfig) -> tuple[str, ...]:
     if cfg.kind == "int8":
         return ("codes", "scale")

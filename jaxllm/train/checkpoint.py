@@ -224,8 +224,8 @@ class Checkpointer:
 
     def restore_params(self, step: int, target: Any) -> Any:
         """Only the parameters of `step` (never reading the optimizer state), into `target`:
-        ShapeDtypeStructs carrying the shardings they should have."""
-        self.verify(step)
+        ShapeDtypeStructs carrying the shardings they should have. The step must already be verified
+        (`find_checkpoint` and `newest_good_step` do it)."""
         item = {"params": target}
         restore = ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True

@@ -29,7 +29,7 @@ from jaxllm.models.layers import DTYPES
 from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml, validate
 from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import make_pipeline
-from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
@@ -47,7 +47,8 @@ class Trainer:
         if cfg.train.init_from:
             # The starting checkpoint decides the architecture (see TrainConfig.init_from).
             init_checkpointer, init_step = find_checkpoint(cfg.train.init_from)
-            init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None))
+            # Config and tokenizer only: the data position belongs to that run (and its process count).
+            init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None, with_data=False))
             saved = config_from_yaml_text(init[2].config_yaml).model
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
@@ -256,8 +257,7 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
-        if hasattr(self.data, "close"):
-            self.data.close()
+        self.data.close()
 
 
 def _any_process(flag: bool) -> bool:
