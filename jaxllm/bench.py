@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import models, sharding
-from jaxllm.models import lora
 from jaxllm.config import Config, ModelConfig
 from jaxllm.utils import atomic_write_text
 
@@ -126,22 +125,19 @@ class _Setup:
 
 
 def _setup(cfg: Config) -> _Setup:
-    from jaxllm.train.step import TrainState, jit_train_step, train_state_spec
+    from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
     spec = train_state_spec(cfg, mesh, rules)
     _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
-    zero = lambda: jax.device_put(np.int32(0), spec.shardings.step)  # noqa: E731  (separate: both are donated)
-    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params))
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
     with sharding.activate(mesh, rules):
-        step_fn = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss, 0,
-                                 spec.shardings, batch_sh, cfg.train.loss_chunk)
-    return _Setup(mesh, rules, spec, params, TrainState(zero(), params, opt_state, zero()), batch, batch_sh, step_fn)
+        step_fn = jit_train_step(cfg, spec, batch_sh, seed=0)
+    return _Setup(mesh, rules, spec, params, init_train_state(spec, params), batch, batch_sh, step_fn)
 
 
 def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
@@ -341,7 +337,7 @@ def format_table(results: dict[str, Any]) -> str:
         ratio = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"] if name != "jaxllm" else 1.0
         rows.append((
             name, f"{r['tokens_per_sec']:,.0f}",
-            f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}" if "step_time_median" in r else "-",
+            f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}",
             f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
             f"{mem / 2**30:.2f} GiB" if mem else "-",
             f"{ratio:.2f}x" if name != "jaxllm" else "-",

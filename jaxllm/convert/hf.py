@@ -110,8 +110,7 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, mesh: Mesh, rules_ta
     hf_cfg = read_hf_config(directory)
     family = family_of(hf_cfg)
     reader = SafetensorsReader(directory)
-    _, abstract, logical = models.model_spec(cfg)
-    shardings = sharding.tree_shardings(abstract, logical, mesh, rules_table)
+    _, abstract, shardings = models.sharded_spec(cfg, mesh, rules_table)
     abstract_flat, sharding_flat = _leaves(abstract), _leaves(shardings)
     rules = family.rules(cfg)
     plan = _plan(rules, abstract_flat, family)
@@ -256,8 +255,7 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
     model_cfg, params = loaded.config, loaded.params
     if adapter is not None:
         def placement(c):
-            _, abstract, logical = models.model_spec(c)
-            return sharding.tree_shardings(abstract, logical, loaded.mesh, sharding.make_rules())
+            return models.sharded_spec(c, loaded.mesh, sharding.make_rules())[2]
 
         params, model_cfg = load_peft_adapters(adapter, params, model_cfg, placement)
     out = Path(out)

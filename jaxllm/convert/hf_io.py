@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -45,7 +45,6 @@ class SafetensorsReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: directory / shard for name, shard in weight_map.items()}
         elif single.is_file():
-            self.files = {}
             with safe_open(single, framework="numpy") as f:
                 self.files = {name: single for name in f.keys()}
         else:
@@ -75,12 +74,6 @@ class SafetensorsReader:
                 raise ConversionError(f"shard {path} listed in the index does not exist")
             self._handles[path] = safe_open(path, framework="numpy")
         return self._handles[path].get_tensor(name)
-
-    def dtype(self) -> str:
-        """The dtype of the first tensor (e.g. 'BF16', 'F32'): the checkpoint's storage precision."""
-        name = next(iter(self.files))
-        self.get(name)
-        return self._handles[self.files[name]].get_slice(name).get_dtype()
 
 
 class ShardedWriter:
@@ -123,8 +116,3 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_text(self.directory / "model.safetensors.index.json", json.dumps(index, indent=2))
         return names
-
-
-def iter_layers(template: str, count: int) -> Iterator[tuple[int, str]]:
-    for i in range(count):
-        yield i, template.format(i=i)

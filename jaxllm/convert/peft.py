@@ -148,8 +148,7 @@ def load_peft_adapters(directory: str | Path, params: Any, cfg: ModelConfig, sha
     if not adapters:
         raise ConversionError(f"the PEFT adapter in {directory} holds no LoRA weights")
     paths = sorted({p.rsplit("/", 1)[0] for p in adapters})
-    lora_cfg = LoraConfig(rank=lora_cfg.rank, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout, rslora=lora_cfg.rslora,
-                          targets="^(" + "|".join(re.escape(p) for p in paths) + ")$")
+    lora_cfg = dataclasses.replace(lora_cfg, targets="^(" + "|".join(re.escape(p) for p in paths) + ")$")
     new_cfg = dataclasses.replace(cfg, lora=lora_cfg)
     tree = lora.combine(params, _nest({k: jax.numpy.asarray(v) for k, v in adapters.items()}))
     if shardings is not None:

@@ -33,9 +33,7 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None) ->
     cfg = config_from_yaml_text(meta.config_yaml)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
     rules = sharding.make_rules(cfg.mesh.rules)
-    graphdef, abstract, logical = models.model_spec(cfg.model)
-    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    graphdef, target, _ = models.sharded_spec(cfg.model, mesh, rules)
     return LoadedModel(
         config=cfg,
         graphdef=graphdef,

@@ -13,7 +13,7 @@ from jaxllm.models.transformer import DecodeCache, model_class, Decoder, Encoder
 from jaxllm.sharding import Rules, tree_shardings
 
 __all__ = ["Decoder", "Encoder", "EncoderDecoder", "DecodeCache", "init_cache", "build", "create_model", "model_spec",
-           "init_params", "bind"]
+           "sharded_spec", "init_params", "bind"]
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -43,13 +43,22 @@ def model_spec(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, abstract, logical
 
 
+def sharded_spec(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, target, shardings): the parameters as ShapeDtypeStructs carrying their NamedShardings
+    on `mesh` (what a restore or a conversion fills, or an ahead-of-time compile takes), and the
+    shardings alone."""
+    graphdef, abstract, logical = model_spec(cfg)
+    shardings = tree_shardings(abstract, logical, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, target, shardings
+
+
 def init_params(cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int) -> tuple[nnx.GraphDef, Any, Any]:
     """Initialises parameters directly into their shardings (no host ever holds the whole model).
 
     Returns (graphdef, params, param_shardings).
     """
-    graphdef, abstract, logical = model_spec(cfg)
-    shardings = tree_shardings(abstract, logical, mesh, rules)
+    graphdef, _, shardings = sharded_spec(cfg, mesh, rules)
 
     def init():
         with nnx.use_eager_sharding(False):

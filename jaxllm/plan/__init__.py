@@ -3,7 +3,7 @@ compile-only devices, read the memory per chip, and estimate step time and MFU (
 
 from __future__ import annotations
 
-from jaxllm.plan.chips import CHIPS, Topology, parse_topology, topology_devices
+from jaxllm.plan.chips import CHIPS, GiB, Topology, parse_topology, topology_devices
 from jaxllm.plan.compile import CompiledStep, apply_layout, compile_step, layout_of
 from jaxllm.plan.estimate import Estimate, Layout, estimate, param_count
 from jaxllm.plan.search import HEADROOM, Candidate, Plan, best, best_config, layouts, plan
@@ -13,8 +13,6 @@ __all__ = [
     "layout_of", "Estimate", "Layout", "estimate", "param_count", "Candidate", "Plan", "best", "best_config",
     "layouts", "plan", "format_plan", "HEADROOM",
 ]
-
-GiB = 1024**3
 
 
 def format_plan(p: Plan, rows: int = 10) -> str:

@@ -68,8 +68,7 @@ def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
                       for k, (shape, dtype) in batch_spec(cfg.data, batch).items()}
     start = time.perf_counter()
     with sharding.activate(mesh, rules):
-        step = jit_train_step(spec.graphdef, spec.tx, spec.schedule, cfg.train.grad_accum, cfg.train.z_loss,
-                              cfg.train.seed, spec.shardings, batch_sharding, cfg.train.loss_chunk)
+        step = jit_train_step(cfg, spec, batch_sharding)
         compiled = step.lower(spec.abstract, abstract_batch).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()

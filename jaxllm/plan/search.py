@@ -19,7 +19,7 @@ import re
 from typing import Callable
 
 from jaxllm.config import Config, ConfigError
-from jaxllm.plan.chips import Topology, topology_devices
+from jaxllm.plan.chips import GiB, Topology, topology_devices
 from jaxllm.plan.compile import CompiledStep, apply_layout, compile_step, layout_of
 from jaxllm.plan.estimate import Estimate, Layout, estimate
 
@@ -134,17 +134,17 @@ def plan(
             message = (str(e).strip().splitlines() or [type(e).__name__])[0]
             needed = re.search(r"temporaries \(([\d.]+)G\)", message)
             if "RESOURCE_EXHAUSTED" in message and needed:
-                candidate.oom_bytes = int(float(needed.group(1)) * 2**30)
+                candidate.oom_bytes = int(float(needed.group(1)) * GiB)
             else:
                 candidate.error = message[:300]
         compiled.append(candidate)
         remat, estimated = candidate.layout.remat, candidate.estimate.memory_bytes
         if candidate.oom_bytes is not None:
-            progress(f"  does not fit: temporaries alone need {candidate.oom_bytes / 2**30:.1f} GiB per chip")
+            progress(f"  does not fit: temporaries alone need {candidate.oom_bytes / GiB:.1f} GiB per chip")
             # a lower bound on what it needs: never lowers the correction
             calibration[remat] = max(calibration.get(remat, 1.0), candidate.oom_bytes / estimated)
         if candidate.compiled is not None:
-            progress(f"  {candidate.compiled.peak_bytes / 2**30:.1f} GiB per chip, compiled in "
+            progress(f"  {candidate.compiled.peak_bytes / GiB:.1f} GiB per chip, compiled in "
                      f"{candidate.compiled.compile_seconds:.0f} s")
             calibration[remat] = candidate.compiled.peak_bytes / estimated
     compiled.sort(key=lambda c: (not c.fits(chip.hbm_bytes), _rank(c)))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -34,7 +35,7 @@ from jaxllm.models import lora
 from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
-from jaxllm.train.step import TrainState, eval_step, jit_train_step, train_state_spec
+from jaxllm.train.step import TrainState, eval_step, init_train_state, jit_train_step, train_state_spec
 from jaxllm.utils import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("jaxllm")
@@ -95,10 +96,7 @@ class Trainer:
                 log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(lora.trainable(params))
-            # Separate buffers for the two counters: both are donated to the step.
-            step, skipped = (jax.device_put(np.int32(0), self.state_shardings.step) for _ in range(2))
-            self.state = TrainState(step=step, params=params, opt_state=opt_state, skipped=skipped)
+            self.state = init_train_state(spec, params)
         # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
         truncate_metrics(self.run_dir, resume_step or 0)
         if resume_step is None:
@@ -113,17 +111,7 @@ class Trainer:
         uses_cudnn = resolve_impl(cfg.model.attention_impl, DTYPES[cfg.model.dtype], False, False) == "cudnn"
         self._segment_limit = MAX_SEGMENTS if uses_cudnn and cfg.model.positions not in ("alibi", "relative") else None
         with sharding.activate(self.mesh, self.rules):
-            self._step_fn = jit_train_step(
-                self.graphdef,
-                self.tx,
-                self.schedule,
-                cfg.train.grad_accum,
-                cfg.train.z_loss,
-                cfg.train.seed,
-                self.state_shardings,
-                self.batch_sharding,
-                cfg.train.loss_chunk,
-            )
+            self._step_fn = jit_train_step(cfg, spec, self.batch_sharding)
         self._eval_fn = jax.jit(
             functools.partial(eval_step, graphdef=self.graphdef, loss_chunk=cfg.train.loss_chunk),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
@@ -163,7 +151,7 @@ class Trainer:
         per_process = cfg.train.batch_size // jax.process_count()
         pipeline = make_pipeline(data_cfg, self.tokenizer, per_process, jax.process_index(), jax.process_count(),
                                  num_epochs=1)
-        nll, tokens, count = 0.0, 0.0, 0
+        sums, count = None, 0  # summed on the device: one transfer after the loop, not one per batch
         try:
             while cfg.eval.batches == 0 or count < cfg.eval.batches:
                 local = next(pipeline, None)
@@ -174,10 +162,12 @@ class Trainer:
                     local = {k: np.zeros((per_process, *shape[1:]), dtype) for k, (shape, dtype) in self.batch_spec.items()}
                 batch = self._global_batch(local)
                 with sharding.activate(self.mesh, self.rules):
-                    out = jax.device_get(self._eval_fn(self.state.params, batch))
-                nll, tokens, count = nll + float(out["nll_sum"]), tokens + float(out["tokens"]), count + 1
+                    out = self._eval_fn(self.state.params, batch)
+                sums, count = out if sums is None else jax.tree.map(jnp.add, sums, out), count + 1
         finally:
             pipeline.close()
+        sums = jax.device_get(sums) if sums is not None else {"nll_sum": 0.0, "tokens": 0.0}
+        nll, tokens = float(sums["nll_sum"]), float(sums["tokens"])
         if tokens == 0:
             raise JaxllmError(f"eval.sources {[s.path for s in cfg.eval.sources]} produced no tokens")
         loss = nll / tokens
@@ -270,17 +260,10 @@ def _any_process(flag: bool) -> bool:
 def _init_params_from(init, saved, model_cfg, mesh, rules, shardings, seed):
     """The starting parameters from a checkpoint of the `saved` model: a LoRA run's adapters are merged
     into its base first; this run's policies (model.lora, model.quant) then apply to that base."""
-    params = init[0].restore_params(init[1], _abstract_params(saved, mesh, rules))
+    params = init[0].restore_params(init[1], models.sharded_spec(saved, mesh, rules)[1])
     if saved.lora is not None or saved.quant is not None:
-        base = _abstract_params(lora.base_config(saved), mesh, rules)
-        params = lora.merge(params, saved, jax.tree.map(lambda a: a.sharding, base))
+        params = lora.merge(params, saved, models.sharded_spec(lora.base_config(saved), mesh, rules)[2])
     return lora.adapt(params, model_cfg, shardings, seed)
-
-
-def _abstract_params(model_cfg, mesh, rules):
-    _, abstract, logical = models.model_spec(model_cfg)
-    shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:

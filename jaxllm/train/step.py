@@ -55,8 +55,7 @@ class StateSpec:
 def train_state_spec(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> StateSpec:
     """Model, optimizer and the shapes and shardings of their state on `mesh`, allocating nothing.
     With LoRA the optimizer state covers the adapters only."""
-    graphdef, abstract_params, logical = models.model_spec(cfg.model)
-    param_shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+    graphdef, abstract_params, param_shardings = models.sharded_spec(cfg.model, mesh, rules)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     abstract_opt = jax.eval_shape(tx.init, lora.trainable(abstract_params))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -236,15 +235,25 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDe
     return {"nll_sum": metrics.get("mlm_loss", metrics["loss"]), "tokens": tokens}
 
 
-def jit_train_step(graphdef, tx, schedule, grad_accum, z_loss, seed, state_shardings, batch_shardings,
-                   loss_chunk: int = 0):
+def init_train_state(spec: StateSpec, params: Any) -> TrainState:
+    """Step 0 of `params`: a fresh optimizer state (of the trainable part) in its shardings."""
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(lora.trainable(params))
+    # Separate buffers for the two counters: both are donated to the step.
+    step, skipped = (jax.device_put(jnp.int32(0), spec.shardings.step) for _ in range(2))
+    return TrainState(step=step, params=params, opt_state=opt_state, skipped=skipped)
+
+
+def jit_train_step(cfg: Config, spec: StateSpec, batch_shardings: Any, seed: int | None = None):
+    """The train step of `cfg` jitted with the state's shardings (donated) and the batch's; dropout and
+    noise keys from `seed` (default `train.seed`)."""
+    t = cfg.train
     step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum, z_loss=z_loss, seed=seed,
-        loss_chunk=loss_chunk,
+        train_step, graphdef=spec.graphdef, tx=spec.tx, schedule=spec.schedule, grad_accum=t.grad_accum,
+        z_loss=t.z_loss, seed=t.seed if seed is None else seed, loss_chunk=t.loss_chunk,
     )
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
+        in_shardings=(spec.shardings, batch_shardings),
+        out_shardings=(spec.shardings, None),
         donate_argnums=(0,),
     )

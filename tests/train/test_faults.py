@@ -4,6 +4,7 @@ steps and loss spikes. Where a run goes on, its end is compared bit for bit with
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,8 +157,8 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(r
     assert proc.wait(timeout=300) == 2, log_path.read_text()
     log = log_path.read_text()
     # Around it Orbax's dying writer threads print their own asyncio tracebacks about the aborted writes,
-    # concurrently: a fragment of theirs (indentation) can land in front of our line.
-    errors = [line.lstrip() for line in log.splitlines() if line.lstrip().startswith("error:")]
+    # concurrently: a fragment of theirs can land in front of our message, on the same line.
+    errors = re.findall(r"(?<!\w)error: [^\n]*", log)
     assert len(errors) == 1, log
     assert f"error: saving checkpoint 10 to {(run_dir / 'checkpoints').absolute()} failed: " in errors[0]
     assert "File too large" in errors[0] and "The newest complete checkpoint is step 8" in errors[0], errors[0]
