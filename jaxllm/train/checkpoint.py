@@ -103,6 +103,7 @@ class Checkpointer:
         self._async = cfg.async_save
         self._read_only = read_only
         self._saving: int | None = None  # the step being written, until its save has finished
+        self._failed_step: int | None = None  # a step whose save failed: its partial files are removed
         if not read_only and jax.process_index() == 0:
             self._remove_leftovers()
         options = ocp.CheckpointManagerOptions(
@@ -261,6 +262,8 @@ class Checkpointer:
             self.manager.close()
             if not self._read_only and jax.process_index() == 0:
                 shutil.rmtree(self.directory / _TRASH, ignore_errors=True)
+                if self._failed_step is not None:  # again, now that no writer thread can still add files
+                    self._remove_partials(self._failed_step)
 
     # ------------------------------------------------------------------------------------ internals
 
@@ -275,9 +278,9 @@ class Checkpointer:
 
     def _save_failed(self, error: Exception) -> JaxllmError:
         step, self._saving = self._saving, None
+        self._failed_step = step
         if jax.process_index() == 0:
-            for partial in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._remove_partials(step)
         reason = _reason(error)
         latest = self.latest_step()
         newest = f"step {latest}" if latest is not None else "none (this run has no checkpoint yet)"
@@ -285,6 +288,10 @@ class Checkpointer:
             f"saving checkpoint {step} to {self.directory} failed: {reason}. The newest complete checkpoint is "
             f"{newest}; fix the cause (disk space, permissions) and run the same command to resume from it"
         )
+
+    def _remove_partials(self, step: int) -> None:
+        for partial in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:
         """Deletes partial steps of an interrupted save and the remains of an interrupted deletion."""
