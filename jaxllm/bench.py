@@ -147,12 +147,12 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
     mesh, state, batch = setup.mesh, setup.state, setup.batch
     with sharding.activate(setup.mesh, setup.rules):
         t = time.perf_counter()
-        compiled = setup.step_fn.lower(state, batch).compile()
+        compiled = setup.step_fn.lower(state, batch, {}).compile()
         compile_s = time.perf_counter() - t
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, {})
         return metrics["loss"]
 
     times = _timed(run, warmup, steps)
@@ -183,7 +183,7 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
     what the whole step takes beyond them (negative when fusion across parts saves time)."""
     import optax
 
-    from jaxllm.train.step import chunked_cross_entropy, loss_fn, loss_mask, normalizers
+    from jaxllm.train.losses import chunked_cross_entropy, loss_mask, normalizers, pretraining_loss
 
     m, t = cfg.model, cfg.train
     if m.arch != "decoder" or m.lora is not None:
@@ -196,7 +196,7 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
     key = jax.random.key(0)
 
     def objective(p, b):
-        return loss_fn(p, graphdef, b, normalizers(b), t.z_loss, key, t.loss_chunk)[0]
+        return pretraining_loss(p, graphdef, b, normalizers(b), t.z_loss, key, t.loss_chunk)[0]
 
     def head(p, x_BLD, b):
         model = models.bind(graphdef, p)
@@ -230,7 +230,7 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
         state = {"s": setup.state}  # timed last: the step donates the parameters the parts above read
 
         def run_step():
-            state["s"], metrics = setup.step_fn(state["s"], setup.batch)
+            state["s"], metrics = setup.step_fn(state["s"], setup.batch, {})
             return metrics["loss"]
 
         step = statistics.median(_timed(run_step, warmup, steps))
@@ -252,13 +252,13 @@ def profile_steps(cfg: Config, directory: str | Path, steps: int = 3) -> Path:
     setup = _setup(cfg)
     state, batch = setup.state, setup.batch
     with sharding.activate(setup.mesh, setup.rules):
-        state, metrics = setup.step_fn(state, batch)
+        state, metrics = setup.step_fn(state, batch, {})
         jax.block_until_ready(metrics["loss"])
         directory = Path(directory)
         with jax.profiler.trace(str(directory)):
             for i in range(steps):
                 with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = setup.step_fn(state, batch)
+                    state, metrics = setup.step_fn(state, batch, {})
                     jax.block_until_ready(metrics["loss"])
     return directory
 

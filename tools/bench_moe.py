@@ -64,7 +64,7 @@ def run_synthetic(overrides: list[str], steps: int) -> dict[str, float]:
     from jaxllm import models, sharding
     from jaxllm.models import lora
     from jaxllm.train.optim import make_optimizer, make_schedule
-    from jaxllm.train.step import TrainState, train_step
+    from jaxllm.train.step import TrainState, bound_loss, train_step
 
     cfg = load_config(CONFIG, [*overrides, "eval.sources=[]"])
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.make_rules(cfg.mesh.rules)
@@ -78,8 +78,8 @@ def run_synthetic(overrides: list[str], steps: int) -> dict[str, float]:
              "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)), "loss_mask": np.ones((B, L), np.float32)}
     batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules, 2))
     with sharding.activate(mesh, rules):
-        step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=make_schedule(cfg.optim, steps),
-                                         grad_accum=cfg.train.grad_accum, z_loss=0.0), donate_argnums=(0,))
+        step = jax.jit(functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=make_schedule(cfg.optim, steps),
+                                         grad_accum=cfg.train.grad_accum, loss=bound_loss(cfg)), donate_argnums=(0,))
         times = []
         for _ in range(steps):
             start = time.perf_counter()

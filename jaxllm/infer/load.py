@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from jaxllm import models, sharding
-from jaxllm.config import Config, MeshConfig, config_from_yaml_text
+from jaxllm.config import Config, MeshConfig
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import find_checkpoint
 
@@ -29,8 +29,8 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None) ->
     """Restores only the parameters (not the optimizer state) of the newest checkpoint under `path`,
     sharded fsdp-style over `devices` (default: all)."""
     checkpointer, step = find_checkpoint(path)
-    meta = checkpointer.restore(step, None, with_data=False)  # any process count may load it
-    cfg = config_from_yaml_text(meta.config_yaml)
+    meta = checkpointer.restore_meta(step, with_data=False)  # any process count may load it
+    cfg = meta.config
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
     rules = sharding.make_rules(cfg.mesh.rules)
     graphdef, target, _ = models.sharded_spec(cfg.model, mesh, rules)

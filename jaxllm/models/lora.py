@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ConfigError, ModelConfig
-from jaxllm.models.layers import Dense, dropout_key
+from jaxllm.models.layers import Dense
 from jaxllm.models.moe import Experts
 from jaxllm.quant import QuantizedKernel, kernel_array
 
@@ -128,16 +128,6 @@ def split_trainable(params: Any) -> tuple[dict, dict]:
 
 def trainable(params: Any) -> dict:
     return split_trainable(params)[0]
-
-
-def with_dropout(loss_fn: Callable) -> Callable:
-    """loss_fn(params, graphdef, batch, norms, z_loss, key, *rest) with LoRA dropout drawn from `key`."""
-
-    def wrapped(params, graphdef, batch, norms, z_loss, key, *rest):
-        with dropout_key(jax.random.fold_in(key, 0x10A)):
-            return loss_fn(params, graphdef, batch, norms, z_loss, key, *rest)
-
-    return wrapped
 
 
 def adapt(base_params: Any, cfg: ModelConfig, shardings: Any = None, seed: int = 0) -> Any:
