@@ -12,7 +12,7 @@ from grain.experimental import index_shuffle
 
 from jaxllm.config import JaxllmError, SourceConfig
 from jaxllm.data import readers
-from jaxllm.data.sources import BadRecordPolicy, EpochIterator
+from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
 
 def load_hf_dataset(target: str, cfg: SourceConfig, process_index: int, process_count: int) -> Any:
