@@ -19,7 +19,8 @@ from jaxllm.train.metrics import read_metrics
 tfds = pytest.importorskip("tensorflow_datasets")
 
 NAME = "jaxllm_tiny_text"
-DOCS = [d["text"] for d in itertools.islice(make_source(SourceConfig(path="builtin:kjv")), 30)]  # 30 chapters
+CHAPTERS = [d["text"] for d in itertools.islice(make_source(SourceConfig(path="builtin:kjv")), 4)]
+DOCS = [line for chapter in CHAPTERS for line in chapter.splitlines()][:90]  # verses: ~25 tokens each
 TEST_DOCS = ["a held-out document", "and another"]
 BAD = [b"", b"not UTF-8 \xff"]  # an empty text is skipped silently, invalid UTF-8 with a warning
 
@@ -74,30 +75,46 @@ def test_processes_take_disjoint_strides_in_a_shuffled_order(data_dir, process_c
     assert sorted(epoch0) == sorted(epoch1) == sorted(shares[1]) and epoch0 != epoch1  # shuffled anew each epoch
 
 
-@pytest.mark.parametrize("skip", [0, 6, 23])
+@pytest.mark.parametrize("skip", [0, 6, 40])
 def test_source_resume_is_exact_across_epochs(data_dir, skip):
     it = iter(_source(data_dir, seed=4, process_index=0, process_count=2))
     for _ in range(skip):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it)["text"] for _ in range(25)]  # 15 per epoch for this process: crosses an epoch
+    expected = [next(it)["text"] for _ in range(60)]  # about 45 per epoch for this process: crosses an epoch
     fresh = iter(_source(data_dir, seed=4, process_index=0, process_count=2))
     fresh.set_state(state)
-    assert [next(fresh)["text"] for _ in range(25)] == expected
+    assert [next(fresh)["text"] for _ in range(60)] == expected
 
 
 def test_training_from_tfds_resumes_exactly(data_dir, tmp_path):
-    """20 straight steps vs 10 + 10 (test_loop's protocol and programs on one device: compiled once per session)."""
-    source = [f"data.sources.0.path=tfds:{NAME}", f"data.sources.0.data_dir={data_dir}", "checkpoint.every=10"]
+    """20 straight steps vs 10 + 10 (test_loop's protocol and programs on one device: compiled once per session);
+    the 90 verses are read several times over."""
+    source = [f"data.sources.0.path=tfds:{NAME}", f"data.sources.0.data_dir={data_dir}", "data.shuffle_window=8",
+              "checkpoint.every=10"]  # fmt: skip
     one = jax.devices()[:1]
     straight, straight_params = _train(micro_config(tmp_path / "straight", *source), devices=one)
     cfg = micro_config(tmp_path / "resumed", *source)
     first, _ = _train(cfg, devices=one, stop_at_step=10)
     assert first["end_step"] == 10 and first["stopped_early"]
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "resumed").rglob("*iterator.json")]
+    assert saved["layout"]["sources"] == [f"tfds:{NAME}"]
+    source_state = saved["iterator"]
+    assert _find(source_state, "epoch") >= 1 and _find(source_state, "index") > 0  # resumes mid-source, mid-epoch
     second, params = _train(cfg, devices=one)
     assert second["start_step"] == 10 and second["end_step"] == 20
     jax.tree.map(np.testing.assert_array_equal, params, straight_params)
     assert {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed")} == straight["losses"]
+
+
+def _find(state, key):
+    """The value of `key` somewhere in a nested iterator state (the source's, under the pipeline's)."""
+    if isinstance(state, dict):
+        if key in state:
+            return state[key]
+        found = [v for v in (_find(child, key) for child in state.values()) if v is not None]
+        return found[0] if found else None
+    return None
 
 
 def test_errors_are_one_line_and_name_the_fix(data_dir, monkeypatch):
