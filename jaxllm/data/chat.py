@@ -129,8 +129,10 @@ class ChatEncoder:
         """Ids and mask of a conversation; assistant turns before `messages[loss_from]` stay masked out."""
         template = self.template
         if template is None:
-            raise JaxllmError("records in the messages format need a chat template; choose one (a tokenizer "
-                              "directory's, a .jinja file, or builtin:chatml / builtin:llama3 / builtin:zephyr)")  # fmt: skip
+            raise JaxllmError(
+                "records in the messages format need a chat template; choose one (a tokenizer directory's, a .jinja "
+                "file, or builtin:chatml / builtin:llama3 / builtin:zephyr)"
+            )
         if self.train_on_all:
             ids, _ = self.tokenizer.encode_with_offsets(template.render(messages, variables=self.variables))
             return ids, [1] * len(ids)

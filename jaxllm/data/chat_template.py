@@ -119,6 +119,16 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def _as_transformers_passes(message: dict) -> dict:
+    """The message without None values, its reasoning under every name templates read (`reasoning_content`,
+    `thinking`), as transformers hands messages to templates."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
 class ChatTemplate:
     """A Jinja chat template. `special_tokens`: tokens the template writes that the tokenizer should hold as
     single tokens (named by built-ins; empty for templates read from files, whose tokenizer has them)."""
@@ -151,7 +161,7 @@ class ChatTemplate:
         return self._render(messages, False, variables or {}, spans), spans
 
     def _render(self, messages, add_generation_prompt, variables, spans) -> str:
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        messages = [_as_transformers_passes(m) for m in messages]
         kwargs = dict(variables, messages=messages, tools=None, documents=None,
                       add_generation_prompt=add_generation_prompt)  # fmt: skip
         try:
@@ -246,8 +256,11 @@ def load_chat_template(spec: str) -> ChatTemplate:
             template = template_from_tokenizer_config(config, str(config_path))
             if template is not None:
                 return template
-        raise JaxllmError(f"tokenizer directory {p} has no chat template (no chat_template.jinja, no chat_template in "
-                          f"tokenizer_config.json); pass a .jinja file or one of builtin:{', builtin:'.join(BUILTIN_TEMPLATES)}")  # fmt: skip
+        builtins = ", ".join(f"builtin:{n}" for n in BUILTIN_TEMPLATES)
+        raise JaxllmError(
+            f"tokenizer directory {p} has no chat template (no chat_template.jinja, no chat_template in "
+            f"tokenizer_config.json); pass a .jinja file or one of {builtins}"
+        )
     if p.is_file():
         return ChatTemplate(p.read_text(encoding="utf-8"), str(p))
     raise JaxllmError(f"chat template {spec} does not exist; expected a .jinja file, a tokenizer directory, or "
