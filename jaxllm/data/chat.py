@@ -118,8 +118,7 @@ class ChatEncoder:
             text = record[f.text]
             if not isinstance(text, str):
                 raise JaxllmError(f"field {f.text!r} holds {type(text).__name__}, expected a string")
-            ids = self.tokenizer.encode_with_offsets(text)[0] + [i for i in [self.tokenizer.eos_id] if i is not None]
-            return ids, [1] * len(ids)
+            return self._encode_plain("", text)
         raise JaxllmError(
             f"the record has none of the fields {f.messages!r}, {f.prompt!r} + {f.completion!r}, {f.text!r} (it has "
             f"{', '.join(map(repr, record)) or 'none'}); name the fields that hold the conversation in ChatFields"
@@ -165,9 +164,11 @@ class ChatEncoder:
         return text, spans
 
     def _encode_plain(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """`prompt + completion` without a template, then EOS; the loss on the completion's tokens and EOS."""
         text = prompt + completion
         ids, offsets = self.tokenizer.encode_with_offsets(text)
-        mask = [1] * len(ids) if self.train_on_all else spans_to_mask(offsets, [(len(prompt), len(text))])
+        all_tokens = self.train_on_all or not prompt
+        mask = [1] * len(ids) if all_tokens else spans_to_mask(offsets, [(len(prompt), len(text))])
         if self.tokenizer.eos_id is not None:
             ids, mask = ids + [self.tokenizer.eos_id], mask + [1]
         return ids, mask
