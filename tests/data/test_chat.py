@@ -145,7 +145,8 @@ def test_plain_text_and_prompt_completion_without_template(tmp_path):
     assert ids == tokenizer.encode("What is 2+2? Four.") + [tokenizer.eos_id]
     (a, b), = _runs(mask)
     assert b == len(ids) and tokenizer.decode(ids[a:b]) == " Four." and sum(mask[:a]) == 0
-    everything = ChatEncoder(tokenizer, None, train_on_all=True).encode({"prompt": "What is 2+2?", "completion": " Four."})
+    record = {"prompt": "What is 2+2?", "completion": " Four."}
+    everything = ChatEncoder(tokenizer, None, train_on_all=True).encode(record)
     assert everything == (ids, [1] * len(ids))
 
 
