@@ -32,7 +32,7 @@ def test_xla_kernel_matches_reference_with_packing_gqa_window_and_bias():
     idx = jnp.arange(L)
     mask = attention_mask(seg, pos, idx, seg, pos, idx, True, 4)
     bias = jax.random.normal(kb, (B, N, L, L))
-    out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 4), bias, H**-0.5, "xla")
+    out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 4, "xla"), bias, H**-0.5)
     ref = reference(q, k, v, mask, bias, H**-0.5)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
@@ -62,14 +62,14 @@ def test_splash_kernel_matches_xla_sharded_with_packing_gqa_and_window():
     for window in (None, 40):
         dense = attention_mask(seg, pos, idx, seg, pos, idx, True, window)
 
-        def loss(q, k, v, impl, masking):  # padding outputs are undefined: only real positions count
-            out = dot_product_attention(q, k, v, masking, None, H**-0.5, impl)
+        def loss(q, k, v, masking):  # padding outputs are undefined: only real positions count
+            out = dot_product_attention(q, k, v, masking, None, H**-0.5)
             return jnp.sum(out**2 * (seg > 0)[:, :, None, None])
 
-        ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "xla", Masking(dense, seg, seg, True, window))
+        ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, Masking(dense, seg, seg, True, window, "xla"))
         with sharding.activate(mesh, sharding.make_rules()):
             got = jax.jit(jax.value_and_grad(
-                lambda q, k, v: loss(q, k, v, "splash_interpret", Masking(None, seg, seg, True, window)),
+                lambda q, k, v: loss(q, k, v, Masking(None, seg, seg, True, window, "splash_interpret")),
                 argnums=(0, 1, 2)))(q, k, v)
         real = np.asarray(seg) > 0
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
