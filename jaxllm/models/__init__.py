@@ -9,11 +9,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.transformer import DecodeCache, model_class, Decoder, Encoder, EncoderDecoder, init_cache
+from jaxllm.models.electra import Electra
+from jaxllm.models.transformer import MODEL_CLASSES, DecodeCache, Decoder, Encoder, EncoderDecoder, init_cache
 from jaxllm.sharding import Rules, tree_shardings
 
 __all__ = ["Decoder", "Encoder", "EncoderDecoder", "DecodeCache", "init_cache", "build", "create_model", "model_spec",
            "sharded_spec", "init_params", "bind"]
+
+
+def model_class(cfg: ModelConfig) -> type[nnx.Module]:
+    """The module class of `cfg`: ELECTRA pre-training (generator + discriminator) or the class of `cfg.arch`."""
+    return Electra if cfg.electra_generator is not None else MODEL_CLASSES[cfg.arch]
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -149,6 +149,18 @@ def adapt(base_params: Any, cfg: ModelConfig, shardings: Any = None, seed: int =
 def merge(params: Any, cfg: ModelConfig, shardings: Any = None) -> Any:
     """Parameters of `base_config(cfg)`: each adapted kernel becomes W + scale * A B (dequantised first
     when quantised; a merged QLoRA model is float). `shardings`: those of the base's parameters."""
+    return _fold(params, cfg, +1, _float_dtype(cfg), shardings)
+
+
+def unmerge(merged: Any, adapters: Any, cfg: ModelConfig) -> Any:
+    """The float base back from merged parameters and the adapters (`partition(params, is_adapter)[0]`)."""
+    return _fold(combine(merged, adapters), dataclasses.replace(cfg, quant=None), -1, None)
+
+
+def _fold(params: Any, cfg: ModelConfig, sign: int, dtype, shardings: Any = None) -> Any:
+    """One walk for merge (sign +1) and unmerge (-1): every adapted kernel of `params` (parameters of
+    `cfg`) becomes W + sign * scale * A B without its adapters, and every quantised kernel a float one.
+    New kernels are in `dtype`; None keeps each kernel's own (unmerge: its float base has no quantised kernels)."""
     from jaxllm.models import bind, model_spec
 
     graphdef = model_spec(cfg)[0]
@@ -157,33 +169,15 @@ def merge(params: Any, cfg: ModelConfig, shardings: Any = None) -> Any:
         model = bind(graphdef, params)
         for _, module in list(nnx.iter_modules(model)):
             if isinstance(module, Dense) and (module.lora_a is not None or isinstance(module.kernel, QuantizedKernel)):
-                module.kernel = nnx.Param(_merged(module, +1).astype(_float_dtype(cfg)))
+                module.kernel = nnx.Param(_merged(module, sign).astype(dtype or module.kernel.dtype))
                 module.lora_a = module.lora_b = None
             elif isinstance(module, Experts):
                 for part in ("gate", "up", "down"):
                     if isinstance(getattr(module, part), QuantizedKernel):
-                        setattr(module, part, nnx.Param(kernel_array(getattr(module, part), _float_dtype(cfg))))
+                        setattr(module, part, nnx.Param(kernel_array(getattr(module, part), dtype)))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     return jax.jit(fold, out_shardings=shardings)(params)
-
-
-def unmerge(merged: Any, adapters: Any, cfg: ModelConfig) -> Any:
-    """The float base back from merged parameters and the adapters (`partition(params, is_adapter)[0]`)."""
-    from jaxllm.models import bind, model_spec
-
-    float_cfg = dataclasses.replace(cfg, quant=None)
-    graphdef = model_spec(float_cfg)[0]
-
-    def unfold(merged, adapters):
-        model = bind(graphdef, combine(merged, adapters))
-        for _, module in list(nnx.iter_modules(model)):
-            if isinstance(module, Dense) and module.lora_a is not None:
-                module.kernel = nnx.Param(_merged(module, -1).astype(module.kernel.dtype))
-                module.lora_a = module.lora_b = None
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    return jax.jit(unfold)(merged, adapters)
 
 
 def _float_dtype(cfg: ModelConfig):

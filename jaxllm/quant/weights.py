@@ -93,13 +93,11 @@ class QuantizedKernel(nnx.Module):
         lead_names, in_name = tuple(names[:n_lead]), names[n_lead]
         out_names = tuple(names[n_lead + n_in:])
         for name, part in quantize(kernel, n_lead, n_in, cfg).items():
-            if name == "codes" and cfg.kind == "int8":
-                part_names = tuple(names[:n_lead]) + (in_name,) + out_names
-            elif name == "codes":
+            if name == "codes" and cfg.kind != "int8":  # nf4: [lead..., R/bs, bs/2, *out]
                 part_names = lead_names + (in_name, None) + out_names
             elif name in ("scale_spread", "scale_mean") or (name == "scale" and cfg.kind == "int8"):
-                part_names = lead_names + out_names
-            else:  # per-block scales
+                part_names = lead_names + out_names  # one per output column
+            else:  # int8 codes [lead..., R, *out] and per-block scales [lead..., R/bs, *out]
                 part_names = lead_names + (in_name,) + out_names
             setattr(self, name, nnx.Param(part, out_sharding=part_names))
         self.part_names = tuple(sorted(quantize_part_names(cfg)))
