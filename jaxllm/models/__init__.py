@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.electra import Electra
+from jaxllm.models.policies import apply_policies
 from jaxllm.models.transformer import MODEL_CLASSES, DecodeCache, Decoder, Encoder, EncoderDecoder, init_cache
 from jaxllm.sharding import Rules, tree_shardings
 
@@ -24,8 +25,6 @@ def model_class(cfg: ModelConfig) -> type[nnx.Module]:
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The model of `cfg.arch` with the config's policies applied (LoRA adapters, quantised base)."""
-    from jaxllm.models.lora import apply_policies
-
     return apply_policies(model_class(cfg)(cfg, rngs), cfg, rngs)
 
 

@@ -84,7 +84,7 @@ def dequantize(parts: dict[str, jax.Array], shape: Sequence[int], n_lead: int, n
 class QuantizedKernel(nnx.Module):
     """A Dense or expert kernel stored quantised; `value(dtype)` is the dequantised kernel.
 
-    Made from a float kernel by the quantisation policy (models/lora.py `apply_policies`); its parts are
+    Made from a float kernel by the quantisation policy (models/policies.py `apply_policies`); its parts are
     parameters (checkpointed and sharded like any other) that never train."""
 
     def __init__(self, kernel: jax.Array, names: Sequence[str | None], n_lead: int, n_in: int, cfg: QuantConfig):
