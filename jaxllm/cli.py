@@ -13,11 +13,18 @@ import sys
 from typing import Sequence
 
 from jaxllm.config import GenerateConfig, JaxllmError
+from jaxllm.platforms import keep_off_tpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may stand anywhere on the line: argparse takes those before the first option.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    keep_off_tpu()  # before any command imports JAX's backends
     logging.basicConfig(level=logging.INFO, format="jaxllm: %(message)s")
     # basicConfig does nothing when an imported library configured logging first; jaxllm's own messages
     # (resumed from ..., stopped at ...) must show regardless.
