@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, ModelConfig
+from jaxllm.plan.estimate import flops_per_token, matmul_params
 from jaxllm.utils import atomic_write_text
 
 # bf16 dense matrix peak per chip, FLOP/s (vendor datasheets; H100/H200 SXM without sparsity).
@@ -29,32 +30,6 @@ PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
     "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
 }
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total parameters; `matmul`: those that multiply every token (all but the input embedding
-    lookups; a tied output projection counts once more, since it is a matmul of every token; of a
-    mixture's experts only the `experts_per_token` a token visits)."""
-    _, abstract, _ = models.model_spec(cfg)
-    flat = {"/".join(str(k.key) for k in path): math.prod(a.shape)
-            for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    total = sum(flat.values())
-    lookups = sum(n for p, n in flat.items() if p.endswith("embedding") and "relative_bias" not in p)
-    matmul = total - lookups + (cfg.vocab_size * cfg.embedding_dim if cfg.tie_embeddings else 0)
-    if cfg.moe is not None:
-        experts = sum(n for p, n in flat.items() if "/experts/" in f"/{p}")
-        matmul -= experts * (cfg.moe.num_experts - cfg.moe.experts_per_token) // cfg.moe.num_experts
-    return {"total": total, "matmul": matmul}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_matmul (forward 2N, backward 4N) plus the attention scores and
-    values, 12 * layers * d_attn * seq (PaLM's convention: the full, not the causal half). An MoE counts
-    its active parameters only (N over the experts a token visits)."""
-    n = param_counts(cfg)["matmul"]
-    layers = cfg.num_layers + (cfg.decoder_layers if cfg.arch == "encoder_decoder" else 0)
-    d_attn = cfg.num_heads * cfg.dim_per_head
-    return 6.0 * n + 12.0 * layers * d_attn * seq_len
 
 
 def device_peak_flops(device: jax.Device) -> tuple[float, str]:
@@ -160,12 +135,14 @@ def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]
     out = _summary(times, tokens)
     devices = mesh.devices.flatten()
     peak, peak_source = device_peak_flops(devices[0])
-    fpt = flops_per_token(m, cfg.data.seq_len)
+    fpt, fpt_causal = flops_per_token(m, cfg.data.seq_len), flops_per_token(m, cfg.data.seq_len, causal=True)
+    achieved = out["tokens_per_sec"] / (peak * len(devices))
     out.update(
         compile_s=compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
         tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
-        peak_flops_per_device=peak, peak_source=peak_source,
-        mfu=fpt * out["tokens_per_sec"] / (peak * len(devices)), params=param_counts(m),
+        flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
+        mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
+        params={**models.param_counts(m), "matmul": matmul_params(m)},
         peak_memory_bytes=_peak_memory(devices[0], compiled), final_loss=float(run()),
     )
     return out
@@ -328,19 +305,22 @@ def write_report(results: dict[str, Any], path: str | Path | None) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU", "peak memory", "vs jaxllm")]
+    """One row per train-step measurement. MFU in both conventions (docs/performance.md): PaLM's full
+    T x T attention, and causal attention halved (MaxText, torchtitan). The last column is how many
+    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's)."""
+    rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU PaLM / causal", "peak memory", "jaxllm is x faster")]
     ours = results.get("jaxllm", {})
     for name, r in results.items():
         if not isinstance(r, dict) or "step_time_median" not in r:
             continue
         mem = r.get("peak_memory_bytes", {}).get("peak_bytes_in_use")
-        ratio = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"] if name != "jaxllm" else 1.0
+        speedup = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"]
         rows.append((
             name, f"{r['tokens_per_sec']:,.0f}",
             f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}",
-            f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+            f"{100 * r['mfu']:.1f}% / {100 * r['mfu_causal']:.1f}%" if "mfu" in r else "-",
             f"{mem / 2**30:.2f} GiB" if mem else "-",
-            f"{ratio:.2f}x" if name != "jaxllm" else "-",
+            f"{speedup:.2f}x" if name != "jaxllm" else "-",
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
