@@ -56,7 +56,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / min(times)
 
 
-def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+def timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -67,7 +67,7 @@ def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
     return times
 
 
-def _summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
+def summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
     med = statistics.median(times)
     p90 = sorted(times)[max(int(math.ceil(0.9 * len(times))) - 1, 0)]
     return {"step_time_median": med, "step_time_p90": p90, "tokens_per_sec": tokens_per_step / med}
@@ -86,20 +86,28 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
 
 
 @dataclasses.dataclass
-class _Setup:
-    """A train state of a config (random init) on all devices, a synthetic batch, and the jitted step."""
+class Setup:
+    """A train state of a config (random init) on all devices, a synthetic batch, and the train step
+    compiled once: throughput, breakdown and profile all run on it. The step donates the state;
+    `run_step` keeps the newest one."""
 
+    cfg: Config
     mesh: Any
     rules: Any
     spec: Any
-    params: Any
     state: Any
     batch: dict[str, jax.Array]
     batch_sharding: Any
-    step_fn: Callable
+    step: Callable
+    compile_s: float
+
+    def run_step(self) -> jax.Array:
+        self.state, metrics = self.step(self.state, self.batch)
+        return metrics["loss"]
 
 
-def _setup(cfg: Config) -> _Setup:
+def setup(cfg: Config) -> Setup:
+    """Initialises `cfg`'s parameters in their shardings and compiles its train step (timed)."""
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
     mesh = sharding.make_mesh(cfg.mesh)
@@ -110,47 +118,36 @@ def _setup(cfg: Config) -> _Setup:
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
+    state = init_train_state(spec, params)
     with sharding.activate(mesh, rules):
-        step_fn = jit_train_step(cfg, spec, batch_sh, seed=0)
-    return _Setup(mesh, rules, spec, params, init_train_state(spec, params), batch, batch_sh, step_fn)
-
-
-def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
-    """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
-    m = cfg.model
-    setup = _setup(cfg)
-    mesh, state, batch = setup.mesh, setup.state, setup.batch
-    with sharding.activate(setup.mesh, setup.rules):
         t = time.perf_counter()
-        compiled = setup.step_fn.lower(state, batch).compile()
+        step = jit_train_step(cfg, spec, batch_sh, seed=0).lower(state, batch).compile()
         compile_s = time.perf_counter() - t
-    holder = {"state": state}
+    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s)
 
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        return metrics["loss"]
 
-    times = _timed(run, warmup, steps)
+def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
+    """Train-step throughput of the setup's config (random init, synthetic batches) on all devices."""
+    cfg, m = s.cfg, s.cfg.model
+    times = timed(s.run_step, warmup, steps)
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    out = _summary(times, tokens)
-    devices = mesh.devices.flatten()
+    out = summary(times, tokens)
+    devices = s.mesh.devices.flatten()
     peak, peak_source = device_peak_flops(devices[0])
     fpt, fpt_causal = flops_per_token(m, cfg.data.seq_len), flops_per_token(m, cfg.data.seq_len, causal=True)
     achieved = out["tokens_per_sec"] / (peak * len(devices))
     out.update(
-        compile_s=compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        compile_s=s.compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
         tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
         flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
         mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
         params={**models.param_counts(m), "matmul": matmul_params(m)},
-        peak_memory_bytes=_peak_memory(devices[0], compiled), final_loss=float(run()),
+        peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()),
     )
     return out
 
 
-
-
-def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
+def bench_breakdown(s: Setup, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
     """Where a decoder's train step spends its time, each part jitted with the step's shardings and
     timed alone on one micro-batch (`train.batch_size / train.grad_accum` rows):
 
@@ -162,14 +159,14 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
 
     from jaxllm.train.step import chunked_cross_entropy, loss_fn, loss_mask, normalizers
 
-    m, t = cfg.model, cfg.train
+    m, t = s.cfg.model, s.cfg.train
     if m.arch != "decoder" or m.lora is not None:
         raise ValueError("the step-time breakdown measures decoders without adapters (synthetic CLM batches)")
-    setup = _setup(cfg)
-    graphdef, tx, params = setup.spec.graphdef, setup.spec.tx, setup.params
+    graphdef, tx = s.spec.graphdef, s.spec.tx
+    params = jax.tree.map(jnp.copy, s.state.params)  # the step donates the state's own
     micro = t.batch_size // t.grad_accum
-    batch = {k: jax.device_put(v, setup.batch_sharding)
-             for k, v in synthetic_batch(m, micro, cfg.data.seq_len).items()}
+    batch = {k: jax.device_put(v, s.batch_sharding)
+             for k, v in synthetic_batch(m, micro, s.cfg.data.seq_len).items()}
     key = jax.random.key(0)
 
     def objective(p, b):
@@ -185,12 +182,12 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt
 
-    with sharding.activate(setup.mesh, setup.rules):
+    with sharding.activate(s.mesh, s.rules):
         hidden = jax.jit(lambda p, b: models.bind(graphdef, p).hidden(b["inputs"], b["positions"],
                                                                       b["segment_ids"])[0])(params, batch)
-        grad_fn = jax.jit(jax.grad(objective), out_shardings=setup.spec.shardings.params)
+        grad_fn = jax.jit(jax.grad(objective), out_shardings=s.spec.shardings.params)
         grads = grad_fn(params, batch)
-        opt = {"state": jax.tree.map(jnp.copy, setup.state.opt_state)}  # the step donates its own
+        opt = {"state": jax.tree.map(jnp.copy, s.state.opt_state)}  # the step donates its own
         update_fn = jax.jit(update, donate_argnums=(1,))
 
         def run_update():
@@ -203,14 +200,8 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
             "loss head (fwd+bwd)": functools.partial(jax.jit(jax.grad(head, argnums=(0, 1))), params, hidden, batch),
             "optimizer update": run_update,
         }
-        times = {name: statistics.median(_timed(run, warmup, steps)) for name, run in parts.items()}
-        state = {"s": setup.state}  # timed last: the step donates the parameters the parts above read
-
-        def run_step():
-            state["s"], metrics = setup.step_fn(state["s"], setup.batch)
-            return metrics["loss"]
-
-        step = statistics.median(_timed(run_step, warmup, steps))
+        times = {name: statistics.median(timed(run, warmup, steps)) for name, run in parts.items()}
+        step = statistics.median(timed(s.run_step, warmup, steps))
     accum = t.grad_accum
     seconds = {
         "forward": accum * times["forward"],
@@ -223,20 +214,15 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
             "share": {k: v / step for k, v in seconds.items()}}
 
 
-def profile_steps(cfg: Config, directory: str | Path, steps: int = 3) -> Path:
-    """A `jax.profiler` trace of `steps` train steps (after one compile-and-warm-up step) in
-    `directory`: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
-    setup = _setup(cfg)
-    state, batch = setup.state, setup.batch
-    with sharding.activate(setup.mesh, setup.rules):
-        state, metrics = setup.step_fn(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        directory = Path(directory)
-        with jax.profiler.trace(str(directory)):
-            for i in range(steps):
-                with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = setup.step_fn(state, batch)
-                    jax.block_until_ready(metrics["loss"])
+def profile_steps(s: Setup, directory: str | Path, steps: int = 3) -> Path:
+    """A `jax.profiler` trace of `steps` train steps of the (compiled) setup in `directory`, after one
+    warm-up step: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
+    jax.block_until_ready(s.run_step())
+    directory = Path(directory)
+    with jax.profiler.trace(str(directory)):
+        for i in range(steps):
+            with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                jax.block_until_ready(s.run_step())
     return directory
 
 
@@ -292,8 +278,8 @@ def bench_generate(cfg: Config, batch: int = 1, prompt_len: int = 128, new_token
         gen = GenerateConfig(max_new_tokens=n, temperature=0.0)
         return generate(graphdef, params, m, prompts, gen, eos_id=None, pad_id=0)
 
-    prefill = statistics.median(_timed(lambda: run(1), 1, 3))
-    full = statistics.median(_timed(lambda: run(new_tokens), 1, 3))
+    prefill = statistics.median(timed(lambda: run(1), 1, 3))
+    full = statistics.median(timed(lambda: run(new_tokens), 1, 3))
     return {"prefill_tokens_per_sec": batch * prompt_len / prefill,
             "decode_tokens_per_sec": batch * (new_tokens - 1) / max(full - prefill, 1e-9),
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}

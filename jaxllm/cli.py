@@ -239,15 +239,17 @@ def cmd_bench(args) -> int:
         from jaxllm.bench_peer import bench_transformers_generate
 
         results["generate (transformers)"] = bench_transformers_generate(cfg)
-    results = {"jaxllm": bench.bench_train(cfg, args.warmup, args.steps), **results}
+    setup = bench.setup(cfg)  # initialised and compiled once, for throughput, breakdown and profile
+    results = {"jaxllm": bench.bench_train(setup, args.warmup, args.steps), **results}
+    if args.breakdown:
+        results["step breakdown"] = bench.bench_breakdown(setup, min(args.warmup, 2), max(args.steps // 2, 3))
+    if args.profile:
+        results["profile"] = str(bench.profile_steps(setup, args.profile))
+    del setup  # its state leaves the devices before generation builds its own
     if args.data:
         results["data pipeline"] = bench.bench_data(cfg)
     if args.generate:
         results["generate (jaxllm)"] = bench.bench_generate(cfg)
-    if args.breakdown:
-        results["step breakdown"] = bench.bench_breakdown(cfg, min(args.warmup, 2), max(args.steps // 2, 3))
-    if args.profile:
-        results["profile"] = str(bench.profile_steps(cfg, args.profile))
     bench.write_report(results, args.out)
     ours = results["jaxllm"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "

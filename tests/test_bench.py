@@ -40,12 +40,23 @@ def test_mixture_of_experts_counts_the_experts_a_token_visits():
     assert models.param_counts(moe)["total"] > 3 * models.param_counts(dense)["total"] / 2
 
 
-def test_bench_cli_reports_throughput_breakdown_and_profile(tmp_path, capsys):
+def test_bench_cli_reports_throughput_breakdown_and_profile(tmp_path, capsys, monkeypatch):
+    from jaxllm.train import step
+
+    calls = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+    counted(models, "init_params")
+    counted(step, "jit_train_step")
     out = tmp_path / "bench.json"
     code = main(["bench", TINY, "model.num_layers=2", "train.batch_size=8", "--peer", "none",
                  "--steps", "2", "--warmup", "1", "--breakdown", "--profile", str(tmp_path / "trace"),
                  "--out", str(out), "data.seq_len=64"])  # an override after the options counts too
     assert code == 0
+    assert calls == ["init_params", "jit_train_step"]  # throughput, breakdown and profile share one setup
     results = json.loads(out.read_text())
     ours = results["jaxllm"]
     assert ours["tokens_per_sec"] > 0 and 0 < ours["mfu"] < 1 and ours["tokens_per_step"] == 8 * 64
