@@ -101,9 +101,10 @@ class Setup:
     step: Callable
     compile_s: float
 
-    def run_step(self) -> jax.Array:
+    def run_step(self) -> dict[str, jax.Array]:
+        """One train step; its metrics (loss, grad_norm, ...)."""
         self.state, metrics = self.step(self.state, self.batch)
-        return metrics["loss"]
+        return metrics
 
 
 def setup(cfg: Config) -> Setup:
@@ -142,7 +143,7 @@ def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
         flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
         mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
         params={**models.param_counts(m), "matmul": matmul_params(m)},
-        peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()),
+        peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()["loss"]),
     )
     return out
 
