@@ -26,7 +26,7 @@ def test_table_says_which_way_the_ratio_goes_and_both_mfus():
     row = {"step_time_median": 0.1, "step_time_p90": 0.2}
     table = bench.format_table({"jaxllm": {**row, "tokens_per_sec": 300.0, "mfu": 0.5, "mfu_causal": 0.4},
                                 "transformers (eager)": {**row, "tokens_per_sec": 100.0}}).splitlines()
-    header, ours, peer = (line.split("  ") for line in table)
+    header, _, peer = (line.split("  ") for line in table)
     column = [c.strip() for c in header if c.strip()].index("jaxllm is x faster")
     assert [c.strip() for c in peer if c.strip()][column] == "3.00x"  # 300 / 100: jaxllm three times faster
     assert "MFU PaLM / causal" in table[0] and "50.0% / 40.0%" in table[1]

@@ -2,9 +2,9 @@
 
 import pytest
 
+from jaxllm import models
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, load_config
-from jaxllm import models
 from jaxllm.plan import CHIPS, Layout, estimate, layouts, matmul_params, parse_topology
 
 

@@ -93,8 +93,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     flat = {"/".join(str(k.key) for k in path): math.prod(a.shape)
             for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     total = sum(flat.values())
-    lookups = sum(n for p, n in flat.items() if p.endswith("/embedding") or p.endswith("token_types")
-                  or p == "embedding")
+    lookups = sum(n for p, n in flat.items() if p.endswith(("/embedding", "token_types")) or p == "embedding")
     untied_head = sum(n for p, n in flat.items() if p.endswith("lm_head/kernel"))
     inactive = 0
     if cfg.moe is not None:
