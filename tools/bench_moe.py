@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 
 from jaxllm.config import load_config
+from jaxllm.platforms import keep_off_tpu
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny-moe.yaml"
 MODES = {
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random tokens, no data pipeline")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.moe.num_experts=16")
     args = parser.parse_args()
+    keep_off_tpu()  # no libtpu noise off a TPU VM, as in `jaxllm` (before any device is touched)
     cfg = load_config(CONFIG, args.overrides)
     width = 2 * (cfg.model.moe.expert_mlp_dim or cfg.model.mlp_dim)
     rows = {"dense (reference)": ["model.moe=null", f"model.mlp_dim={width}"], **MODES}
