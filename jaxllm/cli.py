@@ -13,11 +13,18 @@ import sys
 from typing import Sequence
 
 from jaxllm.config import GenerateConfig, JaxllmError
+from jaxllm.platforms import keep_off_tpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may stand anywhere on the line: argparse takes those before the first option.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    keep_off_tpu()  # before any command imports JAX's backends
     logging.basicConfig(level=logging.INFO, format="jaxllm: %(message)s")
     # basicConfig does nothing when an imported library configured logging first; jaxllm's own messages
     # (resumed from ..., stopped at ...) must show regardless.
@@ -232,15 +239,17 @@ def cmd_bench(args) -> int:
         from jaxllm.bench_peer import bench_transformers_generate
 
         results["generate (transformers)"] = bench_transformers_generate(cfg)
-    results = {"jaxllm": bench.bench_train(cfg, args.warmup, args.steps), **results}
+    setup = bench.setup(cfg)  # initialised and compiled once, for throughput, breakdown and profile
+    results = {"jaxllm": bench.bench_train(setup, args.warmup, args.steps), **results}
+    if args.breakdown:
+        results["step breakdown"] = bench.bench_breakdown(setup, min(args.warmup, 2), max(args.steps // 2, 3))
+    if args.profile:
+        results["profile"] = str(bench.profile_steps(setup, args.profile))
+    del setup  # its state leaves the devices before generation builds its own
     if args.data:
         results["data pipeline"] = bench.bench_data(cfg)
     if args.generate:
         results["generate (jaxllm)"] = bench.bench_generate(cfg)
-    if args.breakdown:
-        results["step breakdown"] = bench.bench_breakdown(cfg, min(args.warmup, 2), max(args.steps // 2, 3))
-    if args.profile:
-        results["profile"] = str(bench.profile_steps(cfg, args.profile))
     bench.write_report(results, args.out)
     ours = results["jaxllm"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "
