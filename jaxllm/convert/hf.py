@@ -2,7 +2,7 @@
 `jaxllm convert` directions.
 
 Loading goes rule by rule: each HF tensor is read (memory-mapped) once, converted, and cut into the
-shards this host's devices hold, so a host holds at most its own shards of one of our parameters
+shards this host's devices hold, so a host holds at most its own shards of one rule's parameters
 besides the tensor being read, never the whole model. Saving gathers one layer's tensor at a time.
 """
 
@@ -112,7 +112,8 @@ def _load_rule(rule: Rule, read, targets: dict[str, Any], shardings: dict[str, A
         placed[path] = []
         for device, index in shardings[path].addressable_devices_indices_map(target.shape).items():
             ranges = tuple(range(n)[i] for n, i in zip(target.shape, index))
-            buffers.setdefault((part, ranges), np.empty([len(r) for r in ranges], target.dtype))
+            if (part, ranges) not in buffers:
+                buffers[part, ranges] = np.empty([len(r) for r in ranges], target.dtype)
             placed[path].append((device, ranges))
     for at in itertools.product(*map(range, lead_shape)):
         wanted = [(part, ranges) for part, ranges in buffers if all(a in r for a, r in zip(at, ranges))]

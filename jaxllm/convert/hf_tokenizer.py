@@ -6,7 +6,9 @@ framing as its post-processor and `tokenizer_config.json` names the special toke
 `transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]` is exactly what the model was
 trained on. A SentencePiece model gets a `tokenizer.json` written here with the `tokenizers` library
 (transformers' own conversion drops the dummy-prefix "▁" of text that starts with a space, so its ids
-differ); its `tokenizer.model` goes along for tools that want it.
+differ); its `tokenizer.model` goes along for tools that want it. One difference remains for unigram
+models only: text that spells a control token ("<s>") may come out as that token, where SentencePiece
+spells it in characters (BPE models match SentencePiece there too).
 """
 
 from __future__ import annotations
