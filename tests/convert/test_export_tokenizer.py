@@ -33,7 +33,7 @@ def _hf_ids(directory, texts):
 def test_sentencepiece_run_exports_a_tokenizer_with_the_trainers_ids(tmp_path):
     run = tmp_path / "run"
     assert main(["train", TINY, *MICRO, "train.steps=2", "checkpoint.every=2", "train.sample_prompt=",
-                 "eval.batches=1", f"run_dir={run}"]) == 0
+                 "eval.sources=[]", f"run_dir={run}"]) == 0
     out = tmp_path / "hf"
     assert main(["convert", "jaxllm-to-hf", str(run), str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
