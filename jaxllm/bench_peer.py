@@ -18,12 +18,12 @@ def _hf_model(cfg: Config, device: str):
     import torch
     import transformers as T
 
-    from jaxllm.convert.hf import _family_for
+    from jaxllm.convert.registry import family_for
 
     m = cfg.model
     if m.arch != "decoder":
         raise JaxllmError("the transformers peer benchmarks decoder (causal LM) configs")
-    hf = T.AutoConfig.for_model(**_family_for(m).config_to_hf(m))
+    hf = T.AutoConfig.for_model(**family_for(m).config_to_hf(m))
     model = T.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").to(device)
     return model.train(), torch
 

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
     g.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
     g.add_argument("--seed", type=int, default=defaults.seed)
+    g.add_argument("--tokenizer", help="use this tokenizer instead of the checkpoint's (needed when it has none): "
+                                       "a tokenizer.json, a directory with one, a SentencePiece .model, builtin:kjv-sp4k")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
@@ -186,9 +188,11 @@ def cmd_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     from jaxllm.config import validate, Config
     validate(dataclasses.replace(Config(), generate=gen))
-    loaded = load_model(args.run_dir or args.checkpoint)
+    source = args.run_dir or args.checkpoint
+    loaded = load_model(source, tokenizer=args.tokenizer)
     if loaded.tokenizer is None:
-        raise JaxllmError(f"{args.run_dir or args.checkpoint} carries no tokenizer; convert it with its tokenizer files")
+        raise JaxllmError(f"{source} carries no tokenizer; pass --tokenizer PATH (a tokenizer.json or a directory "
+                          "with one, a SentencePiece .model, or builtin:kjv-sp4k)")
     texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen)
     if jax.process_index() != 0:
         return 0

@@ -42,29 +42,45 @@ _CORRUPT = "corrupt"  # steps that failed their checksums, kept for inspection
 
 
 class FilesHandler(ocp.CheckpointHandler):
-    """Stores small named files (bytes) in a checkpoint item; per process, or once by process 0."""
+    """Stores small named files (bytes) in a checkpoint item; per process, or once by process 0.
+
+    Orbax adds files of its own to an item's directory (`commit_success.txt`), so a list of the names
+    we wrote (`MANIFEST`) goes with them and `restore` returns exactly those. Items saved before the
+    list existed are read as every file but Orbax's marker."""
+
+    MANIFEST = "jaxllm-files.json"
 
     def save(self, directory: epath.Path, args: "FilesSave") -> None:
-        if args.per_process:
-            prefix = f"process_{jax.process_index()}-of-{jax.process_count()}."
-        elif jax.process_index() == 0:
-            prefix = ""
-        else:
+        prefix = self._prefix(args.per_process)
+        if prefix is None:
             return
         for name, data in args.files.items():
             (directory / f"{prefix}{name}").write_bytes(data)
+        (directory / f"{prefix}{self.MANIFEST}").write_text(json.dumps(sorted(args.files)))
 
     def restore(self, directory: epath.Path, args: "FilesRestore | None" = None) -> dict[str, bytes]:
         per_process = args.per_process if args is not None else False
-        prefix = f"process_{jax.process_index()}-of-{jax.process_count()}." if per_process else ""
+        prefix = self._prefix(per_process) or ""
+        manifest = directory / f"{prefix}{self.MANIFEST}"
+        if manifest.exists():
+            return {name: (directory / f"{prefix}{name}").read_bytes() for name in json.loads(manifest.read_text())}
         out = {}
         for path in directory.iterdir():
             if per_process and not path.name.startswith(prefix):
                 continue
             if not per_process and path.name.startswith("process_"):
                 continue
+            if path.name == ocp.path.atomicity_types.COMMIT_SUCCESS_FILE:
+                continue
             out[path.name[len(prefix):]] = path.read_bytes()
         return out
+
+    @staticmethod
+    def _prefix(per_process: bool) -> str | None:
+        """File name prefix of this process's files; None when this process writes none."""
+        if per_process:
+            return f"process_{jax.process_index()}-of-{jax.process_count()}."
+        return "" if jax.process_index() == 0 else None
 
     def metadata(self, directory: epath.Path) -> None:
         return None
