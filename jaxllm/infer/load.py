@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,14 +30,13 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None,
     """Restores only the parameters (not the optimizer state) of the newest checkpoint under `path`,
     sharded fsdp-style over `devices` (default: all). `tokenizer` (any path `load_tokenizer` takes)
     replaces the checkpoint's own, or gives one to a checkpoint that has none."""
-    with _quiet_orbax_read_only():
-        checkpointer, step = find_checkpoint(path)
-        meta = checkpointer.restore_meta(step, with_data=False)  # any process count may load it
-        cfg = meta.config
-        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
-        rules = sharding.make_rules(cfg.mesh.rules)
-        graphdef, target, _ = models.sharded_spec(cfg.model, mesh, rules)
-        params = checkpointer.restore_params(step, target)
+    checkpointer, step = find_checkpoint(path)
+    meta = checkpointer.restore_meta(step, with_data=False)  # any process count may load it
+    cfg = meta.config
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    graphdef, target, _ = models.sharded_spec(cfg.model, mesh, rules)
+    params = checkpointer.restore_params(step, target)
     if tokenizer is not None:
         tok: Tokenizer | None = load_tokenizer(tokenizer)
         if tok.vocab_size > cfg.model.vocab_size:
@@ -50,22 +47,3 @@ def load_model(path: str | Path, devices: Sequence[jax.Device] | None = None,
         files = meta.tokenizer_files
         tok = load_tokenizer_from_files(files) if files else None
     return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, tokenizer_files=files, step=step)
-
-
-class _ReadOnlyNotices(logging.Filter):
-    """Orbax warns about every option it resets for a read-only manager ("read_only=True, setting
-    ...", "Given directory is read only"): loading is read-only by design, so they say nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return not ("read_only=True" in text or text.startswith("Given directory is read only"))
-
-
-@contextlib.contextmanager
-def _quiet_orbax_read_only():
-    logger, notices = logging.getLogger("absl"), _ReadOnlyNotices()
-    logger.addFilter(notices)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notices)

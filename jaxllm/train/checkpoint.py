@@ -41,6 +41,19 @@ _TRASH = ".deleted"  # old steps are renamed in here (atomic), then removed
 _CORRUPT = "corrupt"  # steps that failed their checksums, kept for inspection
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """Orbax warns about every option it resets for a read-only manager ("read_only=True, setting
+    ...", "Given directory is read only"); jaxllm opens checkpoints read-only by design (loading a model,
+    train.init_from, frozen models), so those notices say nothing to a user and are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not ("read_only=True" in text or text.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
+
 class FilesHandler(ocp.CheckpointHandler):
     """Stores small named files (bytes) in a checkpoint item; per process, or once by process 0.
 
