@@ -16,10 +16,10 @@ from jaxllm.config import load_config
                                     "tiny-bart.yaml"])
 def test_counts_match_transformers(config):
     transformers = pytest.importorskip("transformers")
-    from jaxllm.convert.hf import _family_for
+    from jaxllm.convert.registry import family_for
 
     m = dataclasses.replace(load_config(f"configs/{config}").model, num_layers=2, vocab_size=512)
-    hf_dict = _family_for(m).config_to_hf(m)
+    hf_dict = family_for(m).config_to_hf(m)
     hf = getattr(transformers, hf_dict["architectures"][0])(transformers.AutoConfig.for_model(**hf_dict))
     counts = models.param_counts(m)
     # BART's learned position tables (encoder, decoder) carry 2 rows for an offset no position reaches,
