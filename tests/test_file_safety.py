@@ -20,6 +20,7 @@ NON_ATOMIC = {
     ("utils.py", "os.fdopen(fd, \"wb\")"): "the temporary file of atomic_write_bytes itself",
     ("utils.py", "probe.write_bytes("): "a throw-away probe of ensure_writable_dir",
     ("train/checkpoint.py", ").write_bytes(data)"): "inside Orbax's temporary step directory, renamed as a whole",
+    ("train/checkpoint.py", "self.MANIFEST}\").write_text("): "the item's file list, in the same temporary directory",
     ("train/metrics.py", "open(run_dir / \"metrics.jsonl\", \"a\""): "an append-only log; a cut last line is dropped",
 }
 _WRITE = re.compile(r"\.write_(text|bytes)\(|open\([^)]*[\"'](w|a|x)b?[\"']|\.dump\(|np\.save")
