@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, ModelConfig
+from jaxllm.plan.estimate import flops_per_token, matmul_params
 from jaxllm.utils import atomic_write_text
 
 # bf16 dense matrix peak per chip, FLOP/s (vendor datasheets; H100/H200 SXM without sparsity).
@@ -29,32 +30,6 @@ PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
     "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
 }
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total parameters; `matmul`: those that multiply every token (all but the input embedding
-    lookups; a tied output projection counts once more, since it is a matmul of every token; of a
-    mixture's experts only the `experts_per_token` a token visits)."""
-    _, abstract, _ = models.model_spec(cfg)
-    flat = {"/".join(str(k.key) for k in path): math.prod(a.shape)
-            for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    total = sum(flat.values())
-    lookups = sum(n for p, n in flat.items() if p.endswith("embedding") and "relative_bias" not in p)
-    matmul = total - lookups + (cfg.vocab_size * cfg.embedding_dim if cfg.tie_embeddings else 0)
-    if cfg.moe is not None:
-        experts = sum(n for p, n in flat.items() if "/experts/" in f"/{p}")
-        matmul -= experts * (cfg.moe.num_experts - cfg.moe.experts_per_token) // cfg.moe.num_experts
-    return {"total": total, "matmul": matmul}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_matmul (forward 2N, backward 4N) plus the attention scores and
-    values, 12 * layers * d_attn * seq (PaLM's convention: the full, not the causal half). An MoE counts
-    its active parameters only (N over the experts a token visits)."""
-    n = param_counts(cfg)["matmul"]
-    layers = cfg.num_layers + (cfg.decoder_layers if cfg.arch == "encoder_decoder" else 0)
-    d_attn = cfg.num_heads * cfg.dim_per_head
-    return 6.0 * n + 12.0 * layers * d_attn * seq_len
 
 
 def device_peak_flops(device: jax.Device) -> tuple[float, str]:
@@ -81,7 +56,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / min(times)
 
 
-def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+def timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -92,7 +67,7 @@ def _timed(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
     return times
 
 
-def _summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
+def summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
     med = statistics.median(times)
     p90 = sorted(times)[max(int(math.ceil(0.9 * len(times))) - 1, 0)]
     return {"step_time_median": med, "step_time_p90": p90, "tokens_per_sec": tokens_per_step / med}
@@ -111,20 +86,29 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
 
 
 @dataclasses.dataclass
-class _Setup:
-    """A train state of a config (random init) on all devices, a synthetic batch, and the jitted step."""
+class Setup:
+    """A train state of a config (random init) on all devices, a synthetic batch, and the train step
+    compiled once: throughput, breakdown and profile all run on it. The step donates the state;
+    `run_step` keeps the newest one."""
 
+    cfg: Config
     mesh: Any
     rules: Any
     spec: Any
-    params: Any
     state: Any
     batch: dict[str, jax.Array]
     batch_sharding: Any
-    step_fn: Callable
+    step: Callable
+    compile_s: float
+
+    def run_step(self) -> dict[str, jax.Array]:
+        """One train step; its metrics (loss, grad_norm, ...)."""
+        self.state, metrics = self.step(self.state, self.batch, {})
+        return metrics
 
 
-def _setup(cfg: Config) -> _Setup:
+def setup(cfg: Config) -> Setup:
+    """Initialises `cfg`'s parameters in their shardings and compiles its train step (timed)."""
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
     mesh = sharding.make_mesh(cfg.mesh)
@@ -135,45 +119,36 @@ def _setup(cfg: Config) -> _Setup:
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
              for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
+    state = init_train_state(spec, params)
     with sharding.activate(mesh, rules):
-        step_fn = jit_train_step(cfg, spec, batch_sh, seed=0)
-    return _Setup(mesh, rules, spec, params, init_train_state(spec, params), batch, batch_sh, step_fn)
-
-
-def bench_train(cfg: Config, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
-    """Train-step throughput of `cfg` (random init, synthetic batches) on all devices."""
-    m = cfg.model
-    setup = _setup(cfg)
-    mesh, state, batch = setup.mesh, setup.state, setup.batch
-    with sharding.activate(setup.mesh, setup.rules):
         t = time.perf_counter()
-        compiled = setup.step_fn.lower(state, batch).compile()
+        step = jit_train_step(cfg, spec, batch_sh, seed=0).lower(state, batch, {}).compile()
         compile_s = time.perf_counter() - t
-    holder = {"state": state}
+    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s)
 
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        return metrics["loss"]
 
-    times = _timed(run, warmup, steps)
+def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
+    """Train-step throughput of the setup's config (random init, synthetic batches) on all devices."""
+    cfg, m = s.cfg, s.cfg.model
+    times = timed(s.run_step, warmup, steps)
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    out = _summary(times, tokens)
-    devices = mesh.devices.flatten()
+    out = summary(times, tokens)
+    devices = s.mesh.devices.flatten()
     peak, peak_source = device_peak_flops(devices[0])
-    fpt = flops_per_token(m, cfg.data.seq_len)
+    fpt, fpt_causal = flops_per_token(m, cfg.data.seq_len), flops_per_token(m, cfg.data.seq_len, causal=True)
+    achieved = out["tokens_per_sec"] / (peak * len(devices))
     out.update(
-        compile_s=compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        compile_s=s.compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
         tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
-        peak_flops_per_device=peak, peak_source=peak_source,
-        mfu=fpt * out["tokens_per_sec"] / (peak * len(devices)), params=param_counts(m),
-        peak_memory_bytes=_peak_memory(devices[0], compiled), final_loss=float(run()),
+        flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
+        mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
+        params={**models.param_counts(m), "matmul": matmul_params(m)},
+        peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()["loss"]),
     )
     return out
 
 
-
-
-def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
+def bench_breakdown(s: Setup, warmup: int = 2, steps: int = 5) -> dict[str, Any]:
     """Where a decoder's train step spends its time, each part jitted with the step's shardings and
     timed alone on one micro-batch (`train.batch_size / train.grad_accum` rows):
 
@@ -183,20 +158,20 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
     what the whole step takes beyond them (negative when fusion across parts saves time)."""
     import optax
 
-    from jaxllm.train.step import chunked_cross_entropy, loss_fn, loss_mask, normalizers
+    from jaxllm.train.losses import chunked_cross_entropy, loss_mask, normalizers, pretraining_loss
 
-    m, t = cfg.model, cfg.train
+    m, t = s.cfg.model, s.cfg.train
     if m.arch != "decoder" or m.lora is not None:
         raise ValueError("the step-time breakdown measures decoders without adapters (synthetic CLM batches)")
-    setup = _setup(cfg)
-    graphdef, tx, params = setup.spec.graphdef, setup.spec.tx, setup.params
+    graphdef, tx = s.spec.graphdef, s.spec.tx
+    params = jax.tree.map(jnp.copy, s.state.params)  # the step donates the state's own
     micro = t.batch_size // t.grad_accum
-    batch = {k: jax.device_put(v, setup.batch_sharding)
-             for k, v in synthetic_batch(m, micro, cfg.data.seq_len).items()}
+    batch = {k: jax.device_put(v, s.batch_sharding)
+             for k, v in synthetic_batch(m, micro, s.cfg.data.seq_len).items()}
     key = jax.random.key(0)
 
     def objective(p, b):
-        return loss_fn(p, graphdef, b, normalizers(b), t.z_loss, key, t.loss_chunk)[0]
+        return pretraining_loss(p, graphdef, b, normalizers(b), t.z_loss, key, t.loss_chunk)[0]
 
     def head(p, x_BLD, b):
         model = models.bind(graphdef, p)
@@ -208,12 +183,12 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt
 
-    with sharding.activate(setup.mesh, setup.rules):
+    with sharding.activate(s.mesh, s.rules):
         hidden = jax.jit(lambda p, b: models.bind(graphdef, p).hidden(b["inputs"], b["positions"],
                                                                       b["segment_ids"])[0])(params, batch)
-        grad_fn = jax.jit(jax.grad(objective), out_shardings=setup.spec.shardings.params)
+        grad_fn = jax.jit(jax.grad(objective), out_shardings=s.spec.shardings.params)
         grads = grad_fn(params, batch)
-        opt = {"state": jax.tree.map(jnp.copy, setup.state.opt_state)}  # the step donates its own
+        opt = {"state": jax.tree.map(jnp.copy, s.state.opt_state)}  # the step donates its own
         update_fn = jax.jit(update, donate_argnums=(1,))
 
         def run_update():
@@ -226,14 +201,8 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
             "loss head (fwd+bwd)": functools.partial(jax.jit(jax.grad(head, argnums=(0, 1))), params, hidden, batch),
             "optimizer update": run_update,
         }
-        times = {name: statistics.median(_timed(run, warmup, steps)) for name, run in parts.items()}
-        state = {"s": setup.state}  # timed last: the step donates the parameters the parts above read
-
-        def run_step():
-            state["s"], metrics = setup.step_fn(state["s"], setup.batch)
-            return metrics["loss"]
-
-        step = statistics.median(_timed(run_step, warmup, steps))
+        times = {name: statistics.median(timed(run, warmup, steps)) for name, run in parts.items()}
+        step = statistics.median(timed(s.run_step, warmup, steps))
     accum = t.grad_accum
     seconds = {
         "forward": accum * times["forward"],
@@ -246,20 +215,15 @@ def bench_breakdown(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, A
             "share": {k: v / step for k, v in seconds.items()}}
 
 
-def profile_steps(cfg: Config, directory: str | Path, steps: int = 3) -> Path:
-    """A `jax.profiler` trace of `steps` train steps (after one compile-and-warm-up step) in
-    `directory`: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
-    setup = _setup(cfg)
-    state, batch = setup.state, setup.batch
-    with sharding.activate(setup.mesh, setup.rules):
-        state, metrics = setup.step_fn(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        directory = Path(directory)
-        with jax.profiler.trace(str(directory)):
-            for i in range(steps):
-                with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                    state, metrics = setup.step_fn(state, batch)
-                    jax.block_until_ready(metrics["loss"])
+def profile_steps(s: Setup, directory: str | Path, steps: int = 3) -> Path:
+    """A `jax.profiler` trace of `steps` train steps of the (compiled) setup in `directory`, after one
+    warm-up step: open it with TensorBoard's profile plugin, or the .trace.json.gz in Perfetto."""
+    jax.block_until_ready(s.run_step())
+    directory = Path(directory)
+    with jax.profiler.trace(str(directory)):
+        for i in range(steps):
+            with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                jax.block_until_ready(s.run_step())
     return directory
 
 
@@ -315,8 +279,8 @@ def bench_generate(cfg: Config, batch: int = 1, prompt_len: int = 128, new_token
         gen = GenerateConfig(max_new_tokens=n, temperature=0.0)
         return generate(graphdef, params, m, prompts, gen, eos_id=None, pad_id=0)
 
-    prefill = statistics.median(_timed(lambda: run(1), 1, 3))
-    full = statistics.median(_timed(lambda: run(new_tokens), 1, 3))
+    prefill = statistics.median(timed(lambda: run(1), 1, 3))
+    full = statistics.median(timed(lambda: run(new_tokens), 1, 3))
     return {"prefill_tokens_per_sec": batch * prompt_len / prefill,
             "decode_tokens_per_sec": batch * (new_tokens - 1) / max(full - prefill, 1e-9),
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
@@ -328,19 +292,22 @@ def write_report(results: dict[str, Any], path: str | Path | None) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU", "peak memory", "vs jaxllm")]
+    """One row per train-step measurement. MFU in both conventions (docs/performance.md): PaLM's full
+    T x T attention, and causal attention halved (MaxText, torchtitan). The last column is how many
+    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's)."""
+    rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU PaLM / causal", "peak memory", "jaxllm is x faster")]
     ours = results.get("jaxllm", {})
     for name, r in results.items():
         if not isinstance(r, dict) or "step_time_median" not in r:
             continue
         mem = r.get("peak_memory_bytes", {}).get("peak_bytes_in_use")
-        ratio = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"] if name != "jaxllm" else 1.0
+        speedup = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"]
         rows.append((
             name, f"{r['tokens_per_sec']:,.0f}",
             f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}",
-            f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+            f"{100 * r['mfu']:.1f}% / {100 * r['mfu_causal']:.1f}%" if "mfu" in r else "-",
             f"{mem / 2**30:.2f} GiB" if mem else "-",
-            f"{ratio:.2f}x" if name != "jaxllm" else "-",
+            f"{speedup:.2f}x" if name != "jaxllm" else "-",
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from typing import Any
 
 import numpy as np
 
-from jaxllm.bench import _summary, synthetic_batch
+from jaxllm.bench import summary, synthetic_batch, timed
 from jaxllm.config import Config, JaxllmError
 
 
@@ -19,12 +18,12 @@ def _hf_model(cfg: Config, device: str):
     import torch
     import transformers as T
 
-    from jaxllm.convert.hf import _family_for
+    from jaxllm.convert.registry import family_for
 
     m = cfg.model
     if m.arch != "decoder":
         raise JaxllmError("the transformers peer benchmarks decoder (causal LM) configs")
-    hf = T.AutoConfig.for_model(**_family_for(m).config_to_hf(m))
+    hf = T.AutoConfig.for_model(**family_for(m).config_to_hf(m))
     model = T.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").to(device)
     return model.train(), torch
 
@@ -59,23 +58,19 @@ def bench_transformers(cfg: Config, compiled: bool, warmup: int = 3, steps: int 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    t = time.perf_counter()
-    step()
-    _sync(torch, torch_device)
-    first_step_s = time.perf_counter() - t
-    for _ in range(warmup):
-        step()
-    _sync(torch, torch_device)
-    if torch_device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
+    def synced_step():
         loss = step()
         _sync(torch, torch_device)
-        times.append(time.perf_counter() - t)
-    out = _summary(times, cfg.train.batch_size * cfg.data.seq_len)
-    out.update(first_step_s=first_step_s, final_loss=loss.item(), torch=torch.__version__)
+        return loss
+
+    # bench's own timer, so both sides are timed alike: the first step (torch.compile compiles there), warm-up
+    (first_step_s,) = timed(synced_step, 0, 1)
+    timed(synced_step, warmup, 0)
+    if torch_device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(synced_step, 0, steps)
+    out = summary(times, cfg.train.batch_size * cfg.data.seq_len)
+    out.update(first_step_s=first_step_s, final_loss=synced_step().item(), torch=torch.__version__)
     if torch_device == "cuda":
         out["peak_memory_bytes"] = {"peak_bytes_in_use": torch.cuda.max_memory_allocated(), "source": "torch.cuda"}
         del model, step_model, opt
@@ -97,16 +92,8 @@ def bench_transformers_generate(cfg: Config, batch: int = 1, prompt_len: int = 1
             model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync(torch, torch_device)
 
-    def timed(n):
-        run(n)
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            run(n)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    prefill, full = timed(1), timed(new_tokens)
+    prefill = statistics.median(timed(lambda: run(1), 1, 3))
+    full = statistics.median(timed(lambda: run(new_tokens), 1, 3))
     if torch_device == "cuda":
         del model
         torch.cuda.empty_cache()

@@ -13,11 +13,18 @@ import sys
 from typing import Sequence
 
 from jaxllm.config import GenerateConfig, JaxllmError
+from jaxllm.platforms import keep_off_tpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may stand anywhere on the line: argparse takes those before the first option.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    keep_off_tpu()  # before any command imports JAX's backends
     logging.basicConfig(level=logging.INFO, format="jaxllm: %(message)s")
     # basicConfig does nothing when an imported library configured logging first; jaxllm's own messages
     # (resumed from ..., stopped at ...) must show regardless.
@@ -56,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
     g.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
     g.add_argument("--seed", type=int, default=defaults.seed)
+    g.add_argument("--tokenizer", help="use this tokenizer instead of the checkpoint's (needed when it has none): "
+                                       "a tokenizer.json, a directory with one, a SentencePiece .model, builtin:kjv-sp4k")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
@@ -179,9 +188,11 @@ def cmd_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     from jaxllm.config import validate, Config
     validate(dataclasses.replace(Config(), generate=gen))
-    loaded = load_model(args.run_dir or args.checkpoint)
+    source = args.run_dir or args.checkpoint
+    loaded = load_model(source, tokenizer=args.tokenizer)
     if loaded.tokenizer is None:
-        raise JaxllmError(f"{args.run_dir or args.checkpoint} carries no tokenizer; convert it with its tokenizer files")
+        raise JaxllmError(f"{source} carries no tokenizer; pass --tokenizer PATH (a tokenizer.json or a directory "
+                          "with one, a SentencePiece .model, or builtin:kjv-sp4k)")
     texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen)
     if jax.process_index() != 0:
         return 0
@@ -232,15 +243,17 @@ def cmd_bench(args) -> int:
         from jaxllm.bench_peer import bench_transformers_generate
 
         results["generate (transformers)"] = bench_transformers_generate(cfg)
-    results = {"jaxllm": bench.bench_train(cfg, args.warmup, args.steps), **results}
+    setup = bench.setup(cfg)  # initialised and compiled once, for throughput, breakdown and profile
+    results = {"jaxllm": bench.bench_train(setup, args.warmup, args.steps), **results}
+    if args.breakdown:
+        results["step breakdown"] = bench.bench_breakdown(setup, min(args.warmup, 2), max(args.steps // 2, 3))
+    if args.profile:
+        results["profile"] = str(bench.profile_steps(setup, args.profile))
+    del setup  # its state leaves the devices before generation builds its own
     if args.data:
         results["data pipeline"] = bench.bench_data(cfg)
     if args.generate:
         results["generate (jaxllm)"] = bench.bench_generate(cfg)
-    if args.breakdown:
-        results["step breakdown"] = bench.bench_breakdown(cfg, min(args.warmup, 2), max(args.steps // 2, 3))
-    if args.profile:
-        results["profile"] = str(bench.profile_steps(cfg, args.profile))
     bench.write_report(results, args.out)
     ours = results["jaxllm"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, "

@@ -17,13 +17,12 @@ A single process (no coordinator, no multi-task Slurm step, no TPU) does nothing
 from __future__ import annotations
 
 import dataclasses
-import glob
-import importlib.util
 import logging
 import os
 from typing import Any, Mapping
 
 from jaxllm.config import ConfigError, DistributedConfig, JaxllmError
+from jaxllm.platforms import on_tpu_vm
 
 log = logging.getLogger("jaxllm")
 
@@ -64,7 +63,7 @@ def resolve(cfg: DistributedConfig, environ: Mapping[str, str] | None = None) ->
         if int(env.get("SLURM_NTASKS", "1")) == 1:
             return None
         return Setup("slurm", {"cluster_detection_method": "slurm", **timeout})
-    if cfg.mode == "tpu" or (cfg.mode == "auto" and _on_tpu(env)):
+    if cfg.mode == "tpu" or (cfg.mode == "auto" and on_tpu_vm(env)):
         hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
         if len(hosts) == 1:
             return None
@@ -100,15 +99,6 @@ def _number(value: int | None, env: Mapping[str, str], var: str, key: str) -> in
     if not text.strip().isdigit():
         raise ConfigError(f"environment variable {var}={text!r} must be a whole number (distributed.{key})")
     return int(text)
-
-
-def _on_tpu(env: Mapping[str, str]) -> bool:
-    # GKE sets the worker list. TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e,
-    # v5p, v6e); VFIO devices also appear on GPU VMs, so a TPU VM also needs libtpu installed.
-    if "TPU_WORKER_HOSTNAMES" in env:
-        return True
-    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
-    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def initialize(cfg: DistributedConfig) -> Setup | None:

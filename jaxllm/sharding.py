@@ -66,6 +66,14 @@ def make_rules(extra: Sequence[Sequence[Any]] = ()) -> Rules:
     return tuple(out) + DEFAULT_RULES
 
 
+def rule_axes(rules: Rules, name: str | None) -> tuple[str, ...]:
+    """The mesh axes the first rule for logical axis `name` maps it to; () when replicated or unnamed."""
+    for rule_name, axes in rules if name is not None else ():
+        if rule_name == name:
+            return (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return ()
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
     """The (data, fsdp, tensor, expert) mesh shape: resolves the -1 entry within one slice
     (num_devices / dcn_data devices) and checks the product; the returned data size includes the
@@ -135,14 +143,11 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     """Maps logical axis names to a PartitionSpec. A mesh axis is used at most once per array, and
     only where it divides the dimension (else that dimension stays replicated: e.g. 4 heads on an
     8-way tensor axis)."""
-    table = dict(reversed(rules))  # first rule wins
     used: set[str] = set()
     spec = []
     for name, dim in zip(names, shape):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         chosen = []
-        for ax in axes:
+        for ax in rule_axes(rules, name):
             size = mesh.shape[ax]
             if ax in used or size == 1:
                 continue
@@ -218,20 +223,21 @@ def shard_map_by_names(fn, in_names, out_names):
     return wrapped
 
 
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes that split a batch: those of the `batch` rule with more than one device (no
+    expert axis when mesh.expert=1). Input shardings, the data-parallel size and the batch check all
+    come from here."""
+    return tuple(ax for ax in rule_axes(rules, "batch") if mesh.shape[ax] > 1)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
-    table = dict(reversed(rules))
-    axes = table.get("batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1) or None  # e.g. no expert axis when mesh.expert=1
-    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
-    table = dict(reversed(rules))
-    axes = table.get("batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    """How many ways a batch is split: the product of `batch_axes`."""
+    return math.prod(mesh.shape[ax] for ax in batch_axes(mesh, rules))
 
 
 def check_batch_divides(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
@@ -240,7 +246,7 @@ def check_batch_divides(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rul
     if micro % dp:
         raise ConfigError(
             f"micro-batch of {micro} sequences (train.batch_size={batch_size} / train.grad_accum={grad_accum}) "
-            f"does not divide over the {dp} data-parallel devices (mesh data*fsdp*expert); "
+            f"does not divide over the {dp} data-parallel devices (mesh {'*'.join(batch_axes(mesh, rules))}); "
             f"use a batch size that is a multiple of {dp * grad_accum}"
         )
     if batch_size % jax.process_count():

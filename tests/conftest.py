@@ -20,7 +20,7 @@ import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
 
-from jaxllm.config import ModelConfig  # noqa: E402
+from jaxllm.config import Config, ModelConfig, TrainConfig  # noqa: E402
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -53,3 +53,10 @@ def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.1):
         return jax.numpy.asarray(base + std * rng.normal(size=a.shape), a.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def lm_loss(z_loss: float = 0.0, loss_chunk: int = 0):
+    """The clm objective's loss (what `train_step` takes as `loss`) with these train settings."""
+    from jaxllm.train.step import bound_loss
+
+    return bound_loss(Config(train=TrainConfig(z_loss=z_loss, loss_chunk=loss_chunk)))

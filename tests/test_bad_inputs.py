@@ -42,6 +42,12 @@ def test_spike_settings_out_of_range():
         load_config(None, ["train.spike_threshold=-1"])
 
 
+def test_a_learning_rate_that_ascends_is_refused(capsys, tmp_path):
+    # (the impossible mesh stops the run fast should the learning rate pass)
+    line = _one_line_error(["train", TINY, "optim.lr=-1", "mesh.data=1024", f"run_dir={tmp_path}"], capsys)
+    assert line == "error: optim.lr must be > 0 (e.g. 3e-4; a learning rate <= 0 does not descend), got -1.0"
+
+
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
     line = _one_line_error(["train", TINY, *MICRO, "model.vocab_size=1000", f"run_dir={tmp_path}"], capsys)
     assert "model.vocab_size=1000 is too small: the tokenizer has 4096 ids, 4096 in all; set model.vocab_size >= 4096" in line

@@ -1,5 +1,6 @@
 """The `jaxllm` command as a user runs it: train, generate, data tools, and one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_generate_from_run_dir_and_checkpoint(trained_run, capsys):
         (["train", TINY, "train.batch_size=12", "mesh.data=8", "run_dir=RUN"], "multiple of 8"),
         (["generate", "--run-dir", "/no/such/run", "--prompt", "x"], "error: checkpoint path /no/such/run does not exist"),
         (["train", "no_such.yaml"], "error: config file no_such.yaml does not exist"),
+        # overrides after the options reach the config (argparse alone calls them unrecognized arguments)
+        (["bench", TINY, "--peer", "none", "model.d_modle=3"], "error: unknown config key 'model.d_modle'"),
+        (["plan", TINY, "--topology", "v5e-4", "train.steps=2", "trian.steps=3"], "error: unknown config key 'trian'"),
     ],
 )
 def test_errors_are_one_line(argv, message, capsys, tmp_path):
@@ -66,6 +70,33 @@ def test_console_script_error_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: unknown config key 'model.d_modle'; did you mean 'd_model'?"
     assert "Traceback" not in proc.stderr
+
+
+LIBTPU_NOISE = ("could not determine TPU", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT", "Logging before InitGoogle")
+
+
+@pytest.mark.parametrize("argv", [["train", TINY, "mesh.data=1024", "run_dir=RUN"],
+                                  ["plan", TINY, "--topology", "v5e-4", "train.batch_size=2"]])
+def test_no_libtpu_noise_off_a_tpu_vm(argv, tmp_path):
+    """With libtpu installed, JAX would load it on any machine and libtpu would print its failed TPU
+    probe; `jaxllm` keeps JAX off the TPU platform there, and `plan` (which loads libtpu to compile)
+    names one host so libtpu stays quiet. Both commands here initialise their devices, then stop."""
+    pytest.importorskip("libtpu")
+    from jaxllm.platforms import on_tpu_vm
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    # Another process holding libtpu's lock file would make libtpu give up before its probe (and its noise).
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+    if on_tpu_vm(env):
+        pytest.skip("a TPU VM: libtpu is meant to initialise here")
+    argv = [a.replace("RUN", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.cli", *argv], capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+    assert [n for n in LIBTPU_NOISE if n in proc.stderr] == [], proc.stderr
+    if argv[0] == "train":
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: mesh data*fsdp")
+    else:
+        assert proc.returncode == 0 and "v5e-4: 4 v5e chips" in proc.stdout
 
 
 def test_data_train_tokenizer(tmp_path, capsys):

@@ -57,6 +57,65 @@ def test_errors_name_the_problem_and_fix(overrides, message):
     assert message in str(e.value)
 
 
+ENCODER = ["model.arch=encoder", "model.head=discriminator"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1"], "optim.lr must be > 0 (e.g. 3e-4; a learning rate <= 0 does not descend), got -1.0"),
+        (["optim.lr=0"], "optim.lr must be > 0"),
+        (["optim.lr=nan"], "optim.lr must be > 0"),
+        (["optim.eps=0"], "optim.eps must be > 0 (e.g. 1e-8)"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0 (0 = no warmup), got -1"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0 (0 = off), got -0.1"),
+        (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+        (["optim.b1=1"], "optim.b1 must be in [0, 1) (AdamW: b1 0.9, b2 0.95), got 1"),
+        (["optim.b2=-0.5"], "optim.b2 must be in [0, 1)"),
+        (["optim.grad_clip=0"], "optim.grad_clip must be > 0 (e.g. 1.0) or null for no clipping"),
+        (["train.seed=-1"], "train.seed must be >= 0, got -1"),
+        (["train.z_loss=-1"], "train.z_loss must be >= 0 (0 = off)"),
+        (["train.loss_chunk=-1"], "train.loss_chunk must be >= 0 (0 = all positions at once)"),
+        (["data.seed=-2"], "data.seed must be >= 0, got -2"),
+        (["checkpoint.keep_every=0"], "checkpoint.keep_every must be >= 1 or null (= no extra checkpoints kept)"),
+        (["distributed.heartbeat_timeout_s=0"], "distributed.heartbeat_timeout_s must be >= 1, got 0"),
+        (["distributed.num_processes=0"], "distributed.num_processes must be >= 1 or null"),
+        (["generate.max_new_tokens=0"], "generate.max_new_tokens must be >= 1"),
+        (["generate.seed=-1"], "generate.seed must be >= 0"),
+        (["model.num_decoder_layers=0"], "model.num_decoder_layers must be >= 1 or null (= model.num_layers)"),
+        (["model.num_kv_heads=0"], "model.num_kv_heads must be >= 1 or null"),
+        (["model.head_dim=0"], "model.head_dim must be >= 1 or null"),
+        (["model.embed_dim=0"], "model.embed_dim must be >= 1 or null"),
+        (["model.relative_buckets=0"], "model.relative_buckets must be >= 1"),
+        (["model.relative_max_distance=0"], "model.relative_max_distance must be >= 1"),
+        (["model.type_vocab_size=-1"], "model.type_vocab_size must be >= 0 (0 = no token-type embeddings)"),
+        (["model.norm_eps=0"], "model.norm_eps must be > 0 (e.g. 1e-5)"),
+        (["model.rope_theta=-1"], "model.rope_theta must be > 0"),
+        (["model.init_std=0"], "model.init_std must be > 0"),
+        (["model.rope_scaling.factor=0"], "model.rope_scaling.factor must be > 0"),
+        (["model.rope_scaling.low_freq_factor=-1"], "model.rope_scaling.low_freq_factor must be > 0"),
+        (["model.rope_scaling.high_freq_factor=0"], "model.rope_scaling.high_freq_factor must be > 0"),
+        (["model.rope_scaling.high_freq_factor=1"], "high_freq_factor=1.0 must be above low_freq_factor=1.0"),
+        (["model.rope_scaling.original_max_position_embeddings=0"], "original_max_position_embeddings must be >= 1"),
+        ([*ENCODER, "model.electra_generator.d_model=0"], "model.electra_generator.d_model must be >= 1 or null"),
+        ([*ENCODER, "model.electra_generator.discriminator_weight=-1"], "discriminator_weight must be >= 0"),
+    ],
+)
+def test_numbers_outside_their_domain(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_warmup_longer_than_the_run_is_a_warning(caplog):
+    cfg = load_config(None, ["train.steps=50", "optim.warmup_steps=50"])
+    assert cfg.optim.warmup_steps == 50
+    assert "optim.warmup_steps=50 is not shorter than train.steps=50: the warmup is cut to 49 steps" in caplog.text
+    caplog.clear()
+    load_config(None, ["train.steps=51", "optim.warmup_steps=50"])
+    assert "warmup" not in caplog.text
+
+
 def test_malformed_yaml_names_line(tmp_path):
     path = _write(tmp_path, "train:\n  steps: 3\n   bad: [1\n")
     with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.train.checkpoint import find_checkpoint

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -27,9 +29,30 @@ def test_impossible_mesh_is_a_clear_error(mesh, message):
 
 def test_batch_must_divide_over_data_parallel_devices():
     mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match=r"over the 8 data-parallel devices \(mesh data\*fsdp\); .* multiple of 8"):
         sharding.check_batch_divides(12, 1, mesh, sharding.make_rules())
     sharding.check_batch_divides(16, 2, mesh, sharding.make_rules())
+
+
+@pytest.mark.parametrize(
+    "rules, axes",
+    [([], ("data", "fsdp")), ([["batch", "data"]], ("data",)), ([["batch", ["tensor", "expert"]]], ("tensor",)),
+     ([["batch", None]], ())],
+)  # fmt: skip
+def test_one_batch_rule_for_inputs_data_parallel_size_and_the_check(rules, axes):
+    """A batch rule from the config moves the inputs, the data-parallel size and the batch check alike
+    (mesh axes of one device drop out: expert=1 here)."""
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = sharding.make_rules(rules)
+    dp = 2 ** len(axes)
+    assert sharding.batch_axes(mesh, rules) == axes
+    assert sharding.batch_sharding(mesh, rules, 2).spec == P(axes or None, None)
+    assert sharding.data_parallel_size(mesh, rules) == dp
+    sharding.check_batch_divides(dp, 1, mesh, rules)
+    if dp > 1:
+        named = re.escape("*".join(axes))
+        with pytest.raises(ConfigError, match=rf"over the {dp} data-parallel devices \(mesh {named}\)"):
+            sharding.check_batch_divides(dp + 1, 1, mesh, rules)
 
 
 def test_logical_rules_and_divisibility_fallback():

@@ -9,8 +9,9 @@ median step time after the first (compiling) step, the mean fraction of routed t
 over the last half of the steps, and the last loss. A dense model with the same active MLP width
 (2 x expert_mlp_dim) is the reference row.
 
-`--synthetic` times jitted train steps on one random batch instead (no data pipeline: for machines
-without grain); its dropped fraction is that of a router at initialisation.
+`--synthetic` times the same train step (`jaxllm.bench.setup`: compiled once, before timing) on one
+random batch instead (no data pipeline: for machines without grain); its dropped fraction is that of a
+router at initialisation.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 
 from jaxllm.config import load_config
+from jaxllm.platforms import keep_off_tpu
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny-moe.yaml"
 MODES = {
@@ -57,37 +59,15 @@ def run(overrides: list[str], steps: int) -> dict[str, float]:
 
 
 def run_synthetic(overrides: list[str], steps: int) -> dict[str, float]:
-    import functools
+    """The train step `jaxllm train` runs (bench's setup: compiled once, ahead of the timing) on one
+    random batch."""
+    from jaxllm import bench
 
-    import numpy as np
-
-    from jaxllm import models, sharding
-    from jaxllm.models import lora
-    from jaxllm.train.optim import make_optimizer, make_schedule
-    from jaxllm.train.step import TrainState, train_step
-
-    cfg = load_config(CONFIG, [*overrides, "eval.sources=[]"])
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.make_rules(cfg.mesh.rules)
-    graphdef, params, shardings = models.init_params(cfg.model, mesh, rules, seed=0)
-    tx = make_optimizer(cfg.optim, steps)
-    state = TrainState(step=jax.numpy.int32(0), params=params, opt_state=tx.init(lora.trainable(params)),
-                       skipped=jax.numpy.int32(0))
-    B, L = cfg.train.batch_size, cfg.data.seq_len
-    tokens = np.random.default_rng(0).integers(1, cfg.model.vocab_size, (B, L + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, L), np.int32),
-             "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)), "loss_mask": np.ones((B, L), np.float32)}
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules, 2))
-    with sharding.activate(mesh, rules):
-        step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=make_schedule(cfg.optim, steps),
-                                         grad_accum=cfg.train.grad_accum, z_loss=0.0), donate_argnums=(0,))
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            metrics = jax.device_get(metrics)
-            times.append(time.perf_counter() - start)
-    # The second call may compile again (the state comes back with the step's own shardings).
-    return {"step_ms": 1000 * statistics.median(times[2:]), "dropped": float(metrics.get("moe_dropped_fraction", 0.0)),
+    cfg = load_config(CONFIG, [*overrides, "eval.sources=[]", f"train.steps={steps}"])
+    setup = bench.setup(cfg)
+    times = bench.timed(setup.run_step, 1, steps)
+    metrics = jax.device_get(setup.run_step())
+    return {"step_ms": 1000 * statistics.median(times), "dropped": float(metrics.get("moe_dropped_fraction", 0.0)),
             "loss": float(metrics["loss"])}
 
 
@@ -97,6 +77,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random tokens, no data pipeline")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.moe.num_experts=16")
     args = parser.parse_args()
+    keep_off_tpu()  # no libtpu noise off a TPU VM, as in `jaxllm` (before any device is touched)
     cfg = load_config(CONFIG, args.overrides)
     width = 2 * (cfg.model.moe.expert_mlp_dim or cfg.model.mlp_dim)
     rows = {"dense (reference)": ["model.moe=null", f"model.mlp_dim={width}"], **MODES}

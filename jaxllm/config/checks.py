@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
-from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig
+from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+
+log = logging.getLogger("jaxllm")
 
 def validate(cfg: Config) -> None:
     """Checks that do not need devices. Mesh/batch divisibility is checked in `sharding.make_mesh`."""
@@ -31,6 +34,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.electra_generator needs model.head=discriminator (ELECTRA trains a discriminator)")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
+    _validate_model_numbers(m)
     _validate_policies(m)
     d, t = cfg.data, cfg.train
     _positive(d, "data", ["seq_len"])
@@ -49,6 +53,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
     _validate_objective(d.objective, m.max_seq_len)
     _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
+    _non_negative(t, "train", {"seed": "", "z_loss": " (0 = off)", "loss_chunk": " (0 = all positions at once)"})
+    _non_negative(d, "data", {"seed": ""})
+    _validate_optim(cfg.optim, t.steps)
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} does not divide into train.grad_accum={t.grad_accum} "
@@ -57,6 +64,7 @@ def validate(cfg: Config) -> None:
     if t.spike_threshold < 0 or t.spike_window < 2:
         raise ConfigError("train.spike_threshold must be >= 0 (0 = off) and train.spike_window >= 2")
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
+    _positive(cfg.checkpoint, "checkpoint", ["keep_every"], null="no extra checkpoints kept")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
@@ -65,10 +73,56 @@ def validate(cfg: Config) -> None:
             f"mesh sizes (data, fsdp, tensor, expert) = {tuple(sizes)}: each must be >= 1, and at most one -1")
     if cfg.mesh.dcn_data < 1:
         raise ConfigError(f"mesh.dcn_data must be >= 1 (the number of slices), got {cfg.mesh.dcn_data}")
-    _positive(cfg.distributed, "distributed", ["timeout_s"])
+    _positive(cfg.distributed, "distributed", ["timeout_s", "heartbeat_timeout_s"])
+    _positive(cfg.distributed, "distributed", ["num_processes"], null="read from JAXLLM_NUM_PROCESSES")
     g = cfg.generate
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+    _positive(g, "generate", ["max_new_tokens"])
+    _non_negative(g, "generate", {"seed": ""})
+
+
+def _validate_model_numbers(m: ModelConfig) -> None:
+    """Sizes, scales and epsilons of the model outside their domain (shapes across keys are checked above)."""
+    _positive(m, "model", ["num_decoder_layers"], null="model.num_layers")
+    _positive(m, "model", ["num_kv_heads"], null="model.num_heads, plain multi-head attention")
+    _positive(m, "model", ["head_dim"], null="model.d_model // model.num_heads")
+    _positive(m, "model", ["embed_dim"], null="model.d_model, no factorised embeddings")
+    _positive(m, "model", ["relative_buckets", "relative_max_distance"])
+    _non_negative(m, "model", {"type_vocab_size": " (0 = no token-type embeddings)"})
+    for key, example in (("norm_eps", "1e-5"), ("rope_theta", "10000"), ("init_std", "0.02")):
+        _above_zero(getattr(m, key), f"model.{key}", example)
+    r = m.rope_scaling
+    if r is not None:
+        for key, example in (("factor", "8"), ("low_freq_factor", "1"), ("high_freq_factor", "4")):
+            _above_zero(getattr(r, key), f"model.rope_scaling.{key}", example)
+        _positive(r, "model.rope_scaling", ["original_max_position_embeddings"])
+        if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+            raise ConfigError(
+                f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be above low_freq_factor="
+                f"{r.low_freq_factor} (Llama 3.1: 4 and 1): frequencies between them are interpolated")
+    gen = m.electra_generator
+    if gen is not None:
+        _positive(gen, "model.electra_generator", ["d_model", "num_layers", "num_heads", "mlp_dim"],
+                  null="a quarter of the discriminator's width, its depth")
+        _non_negative(gen, "model.electra_generator", {"discriminator_weight": " (ELECTRA: 50)"})
+
+
+def _validate_optim(o: OptimConfig, steps: int) -> None:
+    _above_zero(o.lr, "optim.lr", "3e-4; a learning rate <= 0 does not descend")
+    _above_zero(o.eps, "optim.eps", "1e-8")
+    _non_negative(o, "optim", {"warmup_steps": " (0 = no warmup)", "weight_decay": " (0 = off)"})
+    _fraction(o.min_lr_ratio, "optim.min_lr_ratio")
+    for key in ("b1", "b2"):
+        value = getattr(o, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"optim.{key} must be in [0, 1) (AdamW: b1 0.9, b2 0.95), got {value}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 (e.g. 1.0) or null for no clipping, got {o.grad_clip}")
+    if o.warmup_steps >= steps:
+        log.warning("optim.warmup_steps=%d is not shorter than train.steps=%d: the warmup is cut to %d steps and "
+                    "the learning rate reaches optim.lr only at the last step; lower optim.warmup_steps",
+                    o.warmup_steps, steps, max(steps - 1, 0))
 
 
 def _validate_policies(m: ModelConfig) -> None:
@@ -156,8 +210,25 @@ def _fraction(value: float, where: str, low_open: bool = False, high_open: bool 
         raise ConfigError(f"{where} must be in {bounds}, got {value}")
 
 
-def _positive(section: Any, name: str, keys: list[str]) -> None:
+def _positive(section: Any, name: str, keys: list[str], null: str | None = None) -> None:
+    """Whole numbers >= 1; with `null` (what null means) the keys may also be null."""
     for key in keys:
         value = getattr(section, key)
+        if value is None and null is not None:
+            continue
         if value < 1:
-            raise ConfigError(f"{name}.{key} must be >= 1, got {value}")
+            alternative = f" or null (= {null})" if null is not None else ""
+            raise ConfigError(f"{name}.{key} must be >= 1{alternative}, got {value}")
+
+
+def _non_negative(section: Any, name: str, keys: dict[str, str]) -> None:
+    """Numbers >= 0; `keys` maps each key to a note on what 0 means (or "")."""
+    for key, note in keys.items():
+        value = getattr(section, key)
+        if value < 0:
+            raise ConfigError(f"{name}.{key} must be >= 0{note}, got {value}")
+
+
+def _above_zero(value: float, where: str, example: str) -> None:
+    if not value > 0:  # also NaN
+        raise ConfigError(f"{where} must be > 0 (e.g. {example}), got {value}")

@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: `from_hf`, `load_hf_params`, `save_hf`, and the two
 `jaxllm convert` directions.
 
-Loading streams tensor by tensor into the sharded target: every device shard is filled by a callback
-that reads (memory-mapped) only the HF tensors of the layers it holds, so no host ever holds the whole
-model. Saving gathers one layer's tensor at a time.
+Loading goes rule by rule: each HF tensor is read (memory-mapped) once, converted, and cut into the
+shards this host's devices hold, so a host holds at most its own shards of one rule's parameters
+besides the tensor being read, never the whole model. Saving gathers one layer's tensor at a time.
 """
 
 from __future__ import annotations
@@ -21,24 +21,17 @@ from jax.sharding import Mesh
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, DataConfig, MeshConfig, ModelConfig, dump_yaml
-from jaxllm.convert import families_encoders, families_moe  # noqa: F401  (register their families)
-from jaxllm.convert.families import FAMILIES, Family
+from jaxllm.convert.families import Family
 from jaxllm.convert.hf_io import ConversionError, SafetensorsReader, ShardedWriter, read_hf_config
+from jaxllm.convert.hf_tokenizer import hf_tokenizer_files
+from jaxllm.convert.peft import load_peft_adapters, save_peft_adapters
+from jaxllm.convert.registry import family_for, family_of, leaves, nest
 from jaxllm.convert.rules import Rule, to_hf, to_ours
 from jaxllm.utils import atomic_write_bytes, atomic_write_text
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.txt", "vocab.json", "merges.txt")
-
-
-def family_of(hf_config: dict[str, Any]) -> Family:
-    model_type = hf_config.get("model_type")
-    if model_type not in FAMILIES:
-        raise ConversionError(
-            f"model_type {model_type!r} is not supported; jaxllm converts {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
 
 
 def config_from_hf(hf_config: dict[str, Any], param_dtype: str | None = None,
@@ -66,25 +59,6 @@ def config_from_hf(hf_config: dict[str, Any], param_dtype: str | None = None,
     return dataclasses.replace(cfg, family=hf_config["model_type"], param_dtype=param_dtype)
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out.update(_leaves(value, path + "/") if isinstance(value, dict) else {path: value})
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return tree
-
-
 def _plan(rules: list[Rule], abstract_flat: dict[str, Any], family: Family) -> dict[str, tuple[Rule, int]]:
     """Which rule (and which of its parts) fills each of our parameters; all must be covered once."""
     plan: dict[str, tuple[Rule, int]] = {}
@@ -106,35 +80,56 @@ def _check_config(cfg: ModelConfig) -> None:
 
 def load_hf_params(directory: str | Path, cfg: ModelConfig, mesh: Mesh, rules_table: sharding.Rules) -> Any:
     """Parameters for `cfg` from the safetensors in `directory`, born sharded on `mesh`."""
+    family = family_of(read_hf_config(directory))
+    return _load_params(SafetensorsReader(directory), family, cfg, mesh, rules_table)
+
+
+def _load_params(reader: SafetensorsReader, family: Family, cfg: ModelConfig, mesh: Mesh,
+                 rules_table: sharding.Rules) -> Any:
     _check_config(cfg)
-    hf_cfg = read_hf_config(directory)
-    family = family_of(hf_cfg)
-    reader = SafetensorsReader(directory)
     _, abstract, shardings = models.sharded_spec(cfg, mesh, rules_table)
-    abstract_flat, sharding_flat = _leaves(abstract), _leaves(shardings)
+    abstract_flat, sharding_flat = leaves(abstract), leaves(shardings)
     rules = family.rules(cfg)
-    plan = _plan(rules, abstract_flat, family)
+    _plan(rules, abstract_flat, family)
     resolve = _resolver(reader, family)
     _check_unused(reader, rules, family, abstract_flat, resolve)
     out = {}
-    for path, (rule, part) in plan.items():
-        target = abstract_flat[path]
-        shapes = [abstract_flat[p].shape[rule.lead:] for p in rule.ours]
-        memo: dict[tuple, np.ndarray] = {}
+    for rule in rules:
+        targets = {path: abstract_flat[path] for path in rule.ours}
+        out.update(_load_rule(rule, lambda at, rule=rule: reader.get(resolve(rule.name(at))), targets, sharding_flat))
+    return nest(out)
 
-        def read(index, rule=rule, part=part, shapes=shapes, target=target, memo=memo):
-            # Called once per device shard; identical shards (replicated axes) are read once. Only the
-            # layers (and experts) of this shard are read.
-            key = tuple((s.start, s.stop, s.step) for s in index)
-            if key not in memo:
-                lead = [range(n)[i] for n, i in zip(target.shape[:rule.lead], index[:rule.lead])]
-                blocks = [to_ours(rule, reader.get(resolve(rule.name(at))), shapes)[part][index[rule.lead:]]
-                          for at in itertools.product(*lead)]
-                memo[key] = np.stack(blocks).reshape(*map(len, lead), *blocks[0].shape).astype(target.dtype)
-            return memo[key]
 
-        out[path] = jax.make_array_from_callback(target.shape, sharding_flat[path], read)
-    return _nest(out)
+def _load_rule(rule: Rule, read, targets: dict[str, Any], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Our arrays of one rule (`targets`: path -> ShapeDtypeStruct). `read(at)` gives the HF tensor of
+    leading index `at` (unit[, expert]); each is read once, and only if a shard on this host holds it.
+    A shard is a range per axis; identical shards (replicated axes) share one host buffer."""
+    shapes = [t.shape[rule.lead:] for t in targets.values()]
+    lead_shape = next(iter(targets.values())).shape[:rule.lead]
+    buffers: dict[tuple[int, tuple[range, ...]], np.ndarray] = {}  # (part, shard ranges) -> its values
+    placed: dict[str, list[tuple[jax.Device, tuple[range, ...]]]] = {}
+    for part, (path, target) in enumerate(targets.items()):
+        placed[path] = []
+        for device, index in shardings[path].addressable_devices_indices_map(target.shape).items():
+            ranges = tuple(range(n)[i] for n, i in zip(target.shape, index))
+            if (part, ranges) not in buffers:
+                buffers[part, ranges] = np.empty([len(r) for r in ranges], target.dtype)
+            placed[path].append((device, ranges))
+    for at in itertools.product(*map(range, lead_shape)):
+        wanted = [(part, ranges) for part, ranges in buffers if all(a in r for a, r in zip(at, ranges))]
+        if not wanted:
+            continue
+        parts = to_ours(rule, read(at), shapes)
+        for part, ranges in wanted:
+            where = tuple(r.index(a) for a, r in zip(at, ranges))
+            inner = tuple(slice(r.start, r.stop, r.step) for r in ranges[rule.lead:])
+            buffers[part, ranges][where] = parts[part][inner]
+    return {
+        path: jax.make_array_from_single_device_arrays(
+            target.shape, shardings[path],
+            [jax.device_put(buffers[part, ranges], device) for device, ranges in placed[path]])
+        for part, (path, target) in enumerate(targets.items())
+    }
 
 
 def _resolver(reader: SafetensorsReader, family: Family):
@@ -185,38 +180,36 @@ class HFModel:
 
 
 def from_hf(path: str | Path, devices: Sequence[jax.Device] | None = None, param_dtype: str | None = None,
-            mesh: Mesh | None = None) -> HFModel:
+            mesh: Mesh | None = None, adapter: str | Path | None = None) -> HFModel:
     """A ready model from a Hugging Face directory (config.json + safetensors [+ tokenizer files]).
 
-    Parameters are sharded fsdp-style over `devices` (default: all) unless a `mesh` is given.
+    Parameters are sharded fsdp-style over `devices` (default: all) unless a `mesh` is given. With
+    `adapter` (a PEFT LoRA directory) the model carries those adapters (`config.lora`).
     """
     from jaxllm.data.tokenizer import load_tokenizer_from_files
 
     path = Path(path)
-    cfg = config_from_hf(read_hf_config(path), param_dtype, SafetensorsReader(path))
+    hf_config, reader = read_hf_config(path), SafetensorsReader(path)
+    cfg = config_from_hf(hf_config, param_dtype, reader)
     mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
-    params = load_hf_params(path, cfg, mesh, sharding.make_rules())
+    params = _load_params(reader, family_of(hf_config), cfg, mesh, sharding.make_rules())
+    if adapter is not None:
+        def placement(c):
+            return models.sharded_spec(c, mesh, sharding.make_rules())[2]
+
+        params, cfg = load_peft_adapters(adapter, params, cfg, placement)
     files = _read_tokenizer_files(path)
     tokenizer = load_tokenizer_from_files(files) if "tokenizer.json" in files or "tokenizer.model" in files else None
     return HFModel(cfg, models.model_spec(cfg)[0], params, tokenizer, mesh)
-
-
-def _family_for(cfg: ModelConfig) -> Family:
-    if cfg.family in FAMILIES:
-        return FAMILIES[cfg.family]
-    raise ConversionError(
-        f"model.family={cfg.family!r}: set it to the Hugging Face model_type to export as "
-        f"({', '.join(sorted(FAMILIES))}); the architecture must match that family"
-    )
 
 
 def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files: dict[str, bytes] | None = None,
             dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes config.json, safetensors (sharded above `max_shard_bytes`) and tokenizer files."""
     _check_config(cfg)
-    family = _family_for(cfg)
+    family = family_for(cfg)
     out_dir = Path(out_dir)
-    flat = _leaves(params)
+    flat = leaves(params)
     rules = family.rules(cfg)
     _plan(rules, flat, family)
     np_dtype = DTYPES[dtype or cfg.param_dtype]
@@ -248,16 +241,10 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
     """Converts a HF directory into a jaxllm run directory (config.yaml + checkpoints/0) that
     `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept; with `adapter` (a PEFT LoRA
     directory) the model carries those adapters (model.lora)."""
-    from jaxllm.convert.peft import load_peft_adapters
     from jaxllm.train.checkpoint import Checkpointer
 
-    loaded = from_hf(src, param_dtype=param_dtype)
+    loaded = from_hf(src, param_dtype=param_dtype, adapter=adapter)
     model_cfg, params = loaded.config, loaded.params
-    if adapter is not None:
-        def placement(c):
-            return models.sharded_spec(c, loaded.mesh, sharding.make_rules())[2]
-
-        params, model_cfg = load_peft_adapters(adapter, params, model_cfg, placement)
     out = Path(out)
     cfg = Config(run_dir=str(out), model=model_cfg,
                  data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
@@ -275,7 +262,6 @@ def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None 
                  max_shard_bytes: int = 5 * 2**30, adapters_only: bool = False) -> Path:
     """A Hugging Face model directory from a run or checkpoint. A LoRA/QLoRA run is merged into its
     base (dequantised) first; `adapters_only` writes its adapters alone in PEFT's format instead."""
-    from jaxllm.convert.peft import save_peft_adapters
     from jaxllm.infer.load import load_model
     from jaxllm.models import lora
 
@@ -285,4 +271,5 @@ def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None 
         return save_peft_adapters(params, model_cfg, out_dir)
     if model_cfg.lora is not None or model_cfg.quant is not None:
         params, model_cfg = lora.merge(params, model_cfg), lora.base_config(model_cfg)
-    return save_hf(params, model_cfg, out_dir, loaded.tokenizer_files, dtype, max_shard_bytes)
+    tokenizer_files = hf_tokenizer_files(loaded.tokenizer, loaded.config.data) if loaded.tokenizer else {}
+    return save_hf(params, model_cfg, out_dir, tokenizer_files, dtype, max_shard_bytes)

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm.config import LoraConfig, ModelConfig
-from jaxllm.convert.hf import _family_for, _leaves, _nest
 from jaxllm.convert.hf_io import ConversionError
+from jaxllm.convert.registry import family_for, leaves, nest
 from jaxllm.convert.rules import Rule
 from jaxllm.models import lora
 from jaxllm.utils import atomic_write_text
@@ -34,7 +34,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 def _projections(cfg: ModelConfig) -> dict[str, Rule]:
     """Our projection path ("layers/attn/q") -> the rule of its kernel, for every linear kernel rule."""
-    rules = _family_for(cfg).rules(lora.base_config(cfg))
+    rules = family_for(cfg).rules(lora.base_config(cfg))
     return {r.ours[0][: -len("/kernel")]: r for r in rules
             if r.kind == "linear" and len(r.ours) == 1 and r.ours[0].endswith("/kernel") and "{e}" not in r.hf}
 
@@ -48,7 +48,7 @@ def save_peft_adapters(params: Any, cfg: ModelConfig, out_dir: str | Path,
     """Writes the adapters of `params` (a model with `cfg.lora`) as a PEFT LoRA adapter directory."""
     if cfg.lora is None:
         raise ConversionError("this model has no LoRA adapters (model.lora is not set)")
-    flat = _leaves(params)
+    flat = leaves(params)
     projections = _projections(cfg)
     adapted = sorted({p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")})
     tensors, leaf_names = {}, {}
@@ -122,7 +122,7 @@ def load_peft_adapters(directory: str | Path, params: Any, cfg: ModelConfig, sha
     with safe_open(weights, framework="numpy") as f:
         stored = {name: f.get_tensor(name) for name in f.keys()}
     stored = {re.sub(r"\.default(\.weight)$", r"\1", k): v for k, v in stored.items()}  # adapter name, if kept
-    flat = _leaves(params)
+    flat = leaves(params)
     adapters: dict[str, np.ndarray] = {}
     used: set[str] = set()
     for path, rule in _projections(cfg).items():
@@ -150,7 +150,7 @@ def load_peft_adapters(directory: str | Path, params: Any, cfg: ModelConfig, sha
     paths = sorted({p.rsplit("/", 1)[0] for p in adapters})
     lora_cfg = dataclasses.replace(lora_cfg, targets="^(" + "|".join(re.escape(p) for p in paths) + ")$")
     new_cfg = dataclasses.replace(cfg, lora=lora_cfg)
-    tree = lora.combine(params, _nest({k: jax.numpy.asarray(v) for k, v in adapters.items()}))
+    tree = lora.combine(params, nest({k: jax.numpy.asarray(v) for k, v in adapters.items()}))
     if shardings is not None:
         tree = jax.device_put(tree, shardings(new_cfg))
     return tree, new_cfg

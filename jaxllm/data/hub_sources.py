@@ -12,7 +12,7 @@ from grain.experimental import index_shuffle
 
 from jaxllm.config import JaxllmError, SourceConfig
 from jaxllm.data import readers
-from jaxllm.data.sources import BadRecordPolicy, EpochIterator
+from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
 
 def load_hf_dataset(target: str, cfg: SourceConfig, process_index: int, process_count: int) -> Any:
@@ -100,8 +100,9 @@ class HFIterator(EpochIterator):
 
 
 class TfdsIterator(EpochIterator):
-    """Reads a TFDS random-access data source: this process takes indices i, i+P, ..., in an order
-    shuffled per epoch; the state is the count read this epoch."""
+    """Reads a TFDS random-access data source (`tfds.data_source`: a dataset built in ArrayRecord
+    format; TensorFlow is not needed). This process takes indices i, i+P, ..., in an order shuffled
+    per epoch; the state is the count read this epoch."""
 
     def __init__(self, target: str, cfg: SourceConfig, *, bad: BadRecordPolicy, seed: int, name: str,
                  process_index: int, process_count: int, num_epochs: Optional[int]):  # fmt: skip
@@ -109,16 +110,20 @@ class TfdsIterator(EpochIterator):
         try:
             import tensorflow_datasets as tfds
         except ImportError:
-            raise JaxllmError(
-                f"tfds:{target} needs tensorflow_datasets; pip install tensorflow-datasets array_record"
-            ) from None
+            raise JaxllmError(f"tfds:{target} needs tensorflow_datasets; pip install 'jaxllm[data]'") from None
         try:
             self._data = tfds.data_source(target, split=cfg.split, data_dir=cfg.data_dir)
-        except Exception as e:  # TFDS raises DatasetNotFoundError, AssertionError, ... for a missing dataset
+        except Exception as e:  # TFDS raises DatasetNotFoundError, ValueError, ... for a missing dataset or split
+            reason = str(e).strip().split("\n")[0]  # a missing dataset's message goes on to list the whole catalog
+            where = f"data_dir {cfg.data_dir}" if cfg.data_dir else "TFDS's default data_dir"
             raise JaxllmError(
-                f"tfds:{target}: cannot open split {cfg.split!r} ({type(e).__name__}: {e}); prepare it with "
-                "`tfds build` or set data_dir to where it was built"
+                f"tfds:{target}: cannot open split {cfg.split!r} in {where} ({type(e).__name__}: {reason}); "
+                "build the dataset with file_format='array_record' and set data_dir to where it was built"
             ) from None
+        features = sorted(self._data.dataset_info.features.keys())
+        if cfg.text_field not in features:
+            raise JaxllmError(f"tfds:{target} has no feature {cfg.text_field!r} (features: {', '.join(features)}); "
+                              "set text_field")  # fmt: skip
         self._count = len(range(process_index, len(self._data), process_count))
         self._field, self._bad, self._seed = cfg.text_field, bad, seed
         self._k = 0
@@ -129,12 +134,8 @@ class TfdsIterator(EpochIterator):
             seed = (self._seed + self.epoch) % 2**32
             shuffled = index_shuffle(self._k - 1, max_index=self._count - 1, seed=seed, rounds=4)
             index = self.process_index + self.process_count * shuffled
-            example = self._data[index]
-            value = example.get(self._field) if isinstance(example, dict) else None
-            if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-                value = value.item()  # TFDS gives text as a 0-d numpy array of bytes
-            try:
-                text = readers.text_value(value, self._field, index, "feature")
+            try:  # TFDS decodes text features to bytes
+                text = readers.text_value(self._data[index][self._field], self._field, index, "feature")
             except readers.BadRecord as e:
                 self._bad(f"{self.name}: example {index}", e.problem)
                 continue

@@ -1,6 +1,8 @@
-"""Pretraining objectives: the special ids each needs, the lengths of its examples, and the grain stages
-that turn documents into its rows (docs/objectives.md describes every batch).
+"""Batch formats: for each objective, the grain stages that turn documents into its rows and the arrays a
+batch holds (`BatchFormat`, registered by objective name), plus the special ids each pretraining objective
+needs and the lengths of its examples (docs/objectives.md describes every batch).
 
+    clm:             tokenize (+BOS/EOS; inputs = t[:-1], targets = t[1:]) -> pack into rows of seq_len
     mlm:             tokenize (+BOS/EOS) -> pack like clm, unshifted -> mask row `index` (masking.py)
     span, bart, ul2: tokenize -> cut into chunks that fit -> corrupt chunk `index` (denoising.py)
                      -> first-fit pack encoder and decoder sides together, never splitting an example
@@ -160,11 +162,19 @@ def check_vocab_size(model_vocab_size: int, cfg: DataConfig, tokenizer: Tokenize
 
 def batch_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in a batch of `batch_size` rows of `cfg.objective`."""
+    return batch_format(cfg.objective.name).spec(cfg, batch_size)
+
+
+def _token_rows_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """clm and mlm: [B, L] inputs, targets, segment_ids, positions (int32) and loss_mask (float32)."""
+    row = (batch_size, cfg.seq_len)
+    keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    return {k: (row, np.dtype(np.float32) if k == "loss_mask" else np.dtype(np.int32)) for k in keys}
+
+
+def _encoder_decoder_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """span, bart, ul2: encoder_* [B, Le] and decoder_* [B, Ld]."""
     f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
-    if cfg.objective.name not in ENCODER_DECODER:
-        row = (batch_size, cfg.seq_len)
-        keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-        return {k: (row, f32 if k == "loss_mask" else i32) for k in keys}
     lengths = encoder_decoder_lengths(cfg)
     enc, dec = (batch_size, lengths.encoder), (batch_size, lengths.decoder)
     return {
@@ -174,25 +184,95 @@ def batch_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, .
     }
 
 
+# ------------------------------------------------------------------------------------- batch formats
+
+Rows = Callable[[grain.IterDataset, DataConfig, Tokenizer, int, int], grain.IterDataset]
+Spec = Callable[[DataConfig, int], dict[str, tuple[tuple[int, ...], np.dtype]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFormat:
+    """What the pipeline makes of documents for one objective.
+
+    `rows(docs, data_cfg, tokenizer, batch_size, process_index)`: the grain stages from documents to
+    rows (dicts of [L] arrays), before batching; `spec(data_cfg, batch_size)`: the shape and dtype of
+    every array of a batch. An objective (jaxllm.train.objective) names its format by its own name."""
+
+    rows: Rows
+    spec: Spec
+
+
+_FORMATS: dict[str, BatchFormat] = {}
+
+
+def register_format(name: str, fmt: BatchFormat) -> None:
+    """Makes `fmt` the batch format of objective `name` (data.objective.name)."""
+    _FORMATS[name] = fmt
+
+
+def batch_format(name: str) -> BatchFormat:
+    if name not in _FORMATS:
+        raise ConfigError(f"data.objective.name={name} has no batch format; choose one of {', '.join(_FORMATS)}")
+    return _FORMATS[name]
+
+
 # ------------------------------------------------------------------------------------- grain stages
 
 
-def objective_rows(
-    docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, process_index: int
-) -> grain.IterDataset:
-    """Documents ({"text"}) -> rows (dicts of [L] arrays) of `cfg.objective` (mlm, span, bart, ul2)."""
-    o = cfg.objective
-    ids = special_ids(cfg, tokenizer)
-    if o.name == "mlm":
-        bos = [tokenizer.bos_id] if cfg.add_bos else []
-        eos = [tokenizer.eos_id] if cfg.add_eos else []
-        ds = docs.map(lambda doc: {"tokens": np.asarray(bos + tokenizer.encode(doc["text"]) + eos, np.int32)})
-        ds = ds.filter(lambda row: len(row["tokens"]) > 0)
-        ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len})
-        no_predict = tokenizer.special_ids() | {ids.mask}
-        mask_rows = MaskRows(cfg.seed, process_index, ids.mask, ordinary_ids(tokenizer, ids), no_predict,
-                             o.mask_prob, o.mask_token_prob, o.random_token_prob)  # fmt: skip
-        return ds.map_with_index(mask_rows)
+def _clm_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int,
+              process_index: int) -> grain.IterDataset:
+    """clm: tokenize (+BOS/EOS; inputs = t[:-1], targets = t[1:]) -> pack into rows of seq_len
+    (ConcatThenSplit: long documents continue on the next row)."""
+    ds = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
+    return ds.map(_finish_row)
+
+
+class _Tokenize:
+    """{"text"} -> {"inputs": t[:-1], "targets": t[1:]} (int32), t = [BOS] + tokens + [EOS] as configured."""
+
+    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+        self._encode = tokenizer.encode
+        self._bos = [tokenizer.bos_id] if add_bos else []
+        self._eos = [tokenizer.eos_id] if add_eos else []
+
+    def __call__(self, doc: dict[str, str]) -> dict[str, np.ndarray]:
+        tokens = np.asarray(self._bos + self._encode(doc["text"]) + self._eos, dtype=np.int32)
+        return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed row (grain's names) -> our batch fields, each [seq_len]."""
+    segment_ids = packed["inputs_segment_ids"]
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "segment_ids": segment_ids,
+        "positions": packed["inputs_positions"],
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+def _mlm_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int,
+              process_index: int) -> grain.IterDataset:
+    """mlm: tokenize (+BOS/EOS) -> pack like clm, unshifted -> mask row `index` (masking.py)."""
+    o, ids = cfg.objective, special_ids(cfg, tokenizer)
+    bos = [tokenizer.bos_id] if cfg.add_bos else []
+    eos = [tokenizer.eos_id] if cfg.add_eos else []
+    ds = docs.map(lambda doc: {"tokens": np.asarray(bos + tokenizer.encode(doc["text"]) + eos, np.int32)})
+    ds = ds.filter(lambda row: len(row["tokens"]) > 0)
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len})
+    no_predict = tokenizer.special_ids() | {ids.mask}
+    mask_rows = MaskRows(cfg.seed, process_index, ids.mask, ordinary_ids(tokenizer, ids), no_predict,
+                         o.mask_prob, o.mask_token_prob, o.random_token_prob)  # fmt: skip
+    return ds.map_with_index(mask_rows)
+
+
+def _encoder_decoder_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int,
+                          process_index: int) -> grain.IterDataset:
+    """span, bart, ul2: tokenize -> cut into chunks that fit -> corrupt chunk `index` (denoising.py) ->
+    first-fit pack encoder and decoder sides together, never splitting an example."""
+    o, ids = cfg.objective, special_ids(cfg, tokenizer)
     needs = {"EOS": tokenizer.eos_id, **({"BOS": tokenizer.bos_id} if o.name == "bart" else {})}
     for name, token_id in needs.items():
         if token_id is None:
@@ -307,3 +387,9 @@ def _finish_encoder_decoder_row(packed: dict[str, Any]) -> dict[str, np.ndarray]
         "decoder_positions": packed["decoder_targets_positions"],
         "decoder_loss_mask": (segment_ids > 0).astype(np.float32),
     }
+
+
+register_format("clm", BatchFormat(_clm_rows, _token_rows_spec))
+register_format("mlm", BatchFormat(_mlm_rows, _token_rows_spec))
+for _name in ENCODER_DECODER:
+    register_format(_name, BatchFormat(_encoder_decoder_rows, _encoder_decoder_spec))

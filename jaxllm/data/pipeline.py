@@ -4,9 +4,9 @@
     -> pack into rows of seq_len (ConcatThenSplit: long documents continue on the next row)
     -> batch -> background prefetch
 
-That is the clm objective's path, described below. The other objectives (data.objective: mlm, span,
-bart, ul2) replace tokenizing and packing with their own stages and batch fields: objectives.py and
-docs/objectives.md.
+That is the clm objective's path, described below. Each objective's batch format (objectives.py:
+`BatchFormat`, registered by data.objective.name) supplies the stages from documents to rows and the
+batch fields; mlm, span, bart and ul2 are described in docs/objectives.md.
 
 Targets are shifted inside each document before packing, so no target ever crosses into another
 document; packing is then free to place documents side by side. Each batch is a dict of numpy arrays
@@ -24,10 +24,10 @@ from typing import Any, Optional
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset, WindowShuffleIterDataset
+from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from jaxllm.config import DataConfig, JaxllmError
-from jaxllm.data.objectives import objective_rows
+from jaxllm.data.objectives import batch_format
 from jaxllm.data.sources import make_source
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -125,12 +125,7 @@ def make_pipeline(
     ds = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, [s.weight for s in cfg.sources])
     if cfg.shuffle_window > 0:
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
-    if cfg.objective.name == "clm":
-        ds = ds.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
-        ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
-        ds = ds.map(_finish_row)
-    else:
-        ds = objective_rows(ds, cfg, tokenizer, batch_size, process_index)
+    ds = batch_format(cfg.objective.name).rows(ds, cfg, tokenizer, batch_size, process_index)
     ds = ds.batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
     if cfg.prefetch > 0:
         ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
@@ -145,29 +140,14 @@ def make_pipeline(
     return Pipeline(ds, layout)
 
 
-class _Tokenize:
-    """{"text"} -> {"inputs": t[:-1], "targets": t[1:]} (int32), t = [BOS] + tokens + [EOS] as configured."""
+def process_pipeline(cfg: DataConfig, tokenizer: Tokenizer, global_batch_size: int,
+                     num_epochs: Optional[int] = None) -> Pipeline:
+    """This process's share of a global batch of `global_batch_size` rows (the trainer's, evaluation's and
+    a replayed batch's pipeline)."""
+    import jax
 
-    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
-        self._encode = tokenizer.encode
-        self._bos = [tokenizer.bos_id] if add_bos else []
-        self._eos = [tokenizer.eos_id] if add_eos else []
-
-    def __call__(self, doc: dict[str, str]) -> dict[str, np.ndarray]:
-        tokens = np.asarray(self._bos + self._encode(doc["text"]) + self._eos, dtype=np.int32)
-        return {"inputs": tokens[:-1], "targets": tokens[1:]}
-
-
-def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed row (grain's names) -> our batch fields, each [seq_len]."""
-    segment_ids = packed["inputs_segment_ids"]
-    return {
-        "inputs": packed["inputs"],
-        "targets": packed["targets"],
-        "segment_ids": segment_ids,
-        "positions": packed["inputs_positions"],
-        "loss_mask": (segment_ids > 0).astype(np.float32),
-    }
+    return make_pipeline(cfg, tokenizer, global_batch_size // jax.process_count(), jax.process_index(),
+                         jax.process_count(), num_epochs=num_epochs)
 
 
 class _Pad:

@@ -16,6 +16,7 @@ import abc
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -68,6 +69,13 @@ class Tokenizer(abc.ABC):
     def files(self) -> dict[str, bytes]:
         """The files that recreate this tokenizer (name -> bytes): they travel with checkpoints."""
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character span in `text`. Unlike `encode`,
+        special tokens written in the text (a chat template's `<|im_end|>`, `</s>`) become their own ids, as
+        in transformers; chat templates (jaxllm.data.chat) need this."""
+        raise JaxllmError(f"{type(self).__name__} gives no token offsets; chat templates need a SentencePiece "
+                          "or Hugging Face tokenizer")
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact."""
@@ -116,9 +124,57 @@ class SentencePieceTokenizer(Tokenizer):
     def files(self) -> dict[str, bytes]:
         return {"tokenizer.model": self._proto}
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # Control pieces (`<s>`, `</s>`) never come out of SentencePiece's encode: split them off and encode
+        # the text between them; text after a control piece gets no dummy prefix ("▁"), as transformers'
+        # non-legacy SentencePiece tokenizers do. Offsets come from the pieces' byte spans.
+        sp = self._sp
+        if getattr(self, "_controls", None) is None:
+            self._controls = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+        controls = self._controls
+        pattern = "|".join(map(re.escape, sorted(controls, key=len, reverse=True)))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for part in re.split(f"({pattern})", text) if pattern else [text]:
+            if part in controls:
+                ids.append(controls[part])
+                offsets.append((pos, pos + len(part)))
+            elif part:
+                processor = sp if pos == 0 else self._processor_without_dummy_prefix()
+                pieces = processor.encode(part, return_type="proto").pieces
+                char_at = _byte_to_char_offsets(part)
+                spans = [(char_at[p.begin], char_at[p.end]) for p in pieces]
+                for k in range(len(spans) - 2, -1, -1):  # a byte-fallback or dummy-prefix piece spans no
+                    if spans[k][0] == spans[k][1]:  # character: give it the span of the piece it leads into
+                        spans[k] = spans[k + 1]
+                ids += [p.id for p in pieces]
+                offsets += [(pos + a, pos + b) for a, b in spans]
+            pos += len(part)
+        return ids, offsets
+
+    def _processor_without_dummy_prefix(self) -> spm.SentencePieceProcessor:
+        if getattr(self, "_sp_no_prefix", None) is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._proto)
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_no_prefix = spm.SentencePieceProcessor()
+            self._sp_no_prefix.LoadFromSerializedProto(proto.SerializeToString())
+        return self._sp_no_prefix
+
 
 def _id_or_none(i: int) -> Optional[int]:
     return i if i >= 0 else None  # SentencePiece says -1 for "no such token"
+
+
+def _byte_to_char_offsets(text: str) -> list[int]:
+    """For each UTF-8 byte offset of `text` (and its end), the index of the character it falls in."""
+    out = []
+    for i, c in enumerate(text):
+        out += [i] * len(c.encode("utf-8"))
+    return out + [len(text)]
 
 
 class HFTokenizer(Tokenizer):
@@ -158,6 +214,10 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

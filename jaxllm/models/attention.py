@@ -3,7 +3,8 @@
 One mask rule serves packing, padding, causality, sliding windows and cached decoding: a query attends
 to a key when both belong to the same (non-zero) segment, the key is not later than the query (causal
 stacks), and (with a window) the key lies fewer than `sliding_window` positions back. Masks and
-position biases are computed once per stack and shared by its layers.
+position biases are computed once per stack and shared by its layers, and so is the choice of kernel
+(`resolve_impl`, carried in `Masking`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from jaxllm.sharding import active_platform, constrain
 
 
 class Masking(NamedTuple):
-    """What decides who attends to whom, computed once per stack and shared by its layers.
+    """What decides who attends to whom, and with which kernel: computed once per stack (`resolve_impl`)
+    and shared by its layers.
 
     dense_BLS: the boolean mask (built for the XLA kernel; None when the kernel builds its own).
-    The segment ids and the causal/window settings feed kernels that take them directly (cuDNN).
+    The segment ids and the causal/window settings feed kernels that take them directly (cuDNN, splash).
+    impl: the kernel ("xla", "cudnn", "splash", "splash_interpret"); cross-attention always uses XLA.
     """
 
     dense_BLS: jax.Array | None
@@ -32,6 +35,7 @@ class Masking(NamedTuple):
     kv_segment_BS: jax.Array
     causal: bool
     sliding_window: int | None
+    impl: str = "xla"
 
 
 class LayerCache(NamedTuple):
@@ -61,13 +65,21 @@ def attention_mask(
     return mask
 
 
+# Kernels that take segment ids instead of a dense mask, and aligned query/key rows.
+FUSED_KERNELS = ("cudnn", "splash", "splash_interpret")
+
+
 def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool, length: int | None = None) -> str:
-    """The kernel for this call. "auto": cuDNN flash attention on GPUs (bf16/fp16), Pallas splash
-    attention on TPUs (sequences a multiple of 128), for training and prefill without a position bias;
-    XLA otherwise (decoding, ALiBi/T5 biases, CPUs)."""
+    """The kernel of a stack's self-attention; the one place it is decided (`Stack.run` carries it to the
+    layers in `Masking`; the trainer asks it whether cuDNN's segment bound applies). The fused kernels
+    take aligned query/key rows, so decoding with a cache always uses XLA. "auto": cuDNN flash attention
+    on GPUs (bf16/fp16), Pallas splash attention on TPUs (sequences a multiple of 128), for training and
+    prefill without a position bias; XLA otherwise (ALiBi/T5 biases, CPUs). `dtype`: the compute dtype."""
+    if decoding:
+        return "xla"
     if impl != "auto":
         return impl
-    if has_bias or decoding:
+    if has_bias:
         return "xla"
     backend = active_platform()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -77,8 +89,10 @@ def resolve_impl(impl: str, dtype, has_bias: bool, decoding: bool, length: int |
     return "xla"
 
 
-def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, scale: float, impl: str) -> jax.Array:
-    """softmax(scale * q.k + bias, masked) . v, with K kv heads shared by groups of N/K query heads."""
+def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, scale: float) -> jax.Array:
+    """softmax(scale * q.k + bias, masked) . v, with K kv heads shared by groups of N/K query heads,
+    computed by the kernel `masking.impl`."""
+    impl = masking.impl
     if impl == "cudnn":
         return _cudnn_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, scale)
     if impl in ("splash", "splash_interpret"):
@@ -192,7 +206,6 @@ def splash_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, scale: float, int
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross: bool = False):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        self.impl = cfg.attention_impl
         self.scale = h**-0.5 if cfg.scale_attention else 1.0
         # RoPE rotates self-attention only. A tuple of floats: static, hashable module data.
         use_rope = cfg.positions == "rope" and not cross
@@ -230,9 +243,6 @@ class Attention(nnx.Module):
             v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start)
             new_cache = (k_BSKH, v_BSKH)
             k_BSKH, v_BSKH = k_BSKH.astype(q_BLNH.dtype), v_BSKH.astype(q_BLNH.dtype)
-        impl = resolve_impl(self.impl, q_BLNH.dtype, bias_BNLS is not None, cache is not None, x_BLD.shape[1])
-        if impl in ("cudnn", "splash", "splash_interpret") and (cache is not None or memory_BSD is not None):
-            impl = "xla"  # the fused kernels take aligned query/key rows: training and prefill self-attention
-        out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, self.scale, impl)
+        out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking, bias_BNLS, self.scale)
         out_BLNH = constrain(out_BLNH, ("batch", "length", "act_heads", None))
         return self.o(out_BLNH), new_cache

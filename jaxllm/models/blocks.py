@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import Attention, LayerCache, Masking, attention_mask, resolve_impl
+from jaxllm.models.attention import FUSED_KERNELS, Attention, LayerCache, Masking, attention_mask, resolve_impl
 from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param
 from jaxllm.models.moe import MoE, add_aux, is_moe_layer
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
@@ -88,35 +88,42 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg, rngs)
         self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
-    def _residual(self, norm, f, x_BLD):
-        out = x_BLD + f(norm(x_BLD)) if self.pre_norm else norm(x_BLD + f(x_BLD))
+    def _input(self, norm, x_BLD):
+        """What a sublayer f reads: norm(x) (pre-norm) or x (post-norm)."""
+        return norm(x_BLD) if self.pre_norm else x_BLD
+
+    def _residual(self, norm, x_BLD, out_BLD):
+        """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm), given f's output."""
+        out = x_BLD + out_BLD if self.pre_norm else norm(x_BLD + out_BLD)
         return constrain(out, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None,
                  valid_BL=None):
         """(x, this layer's new (k, v) or None, aux). valid_BL marks real tokens (for MoE routing)."""
-        new_cache, aux = None, {}
-
-        def self_attention(h_BLD):
-            nonlocal new_cache
-            out, new_cache = self.attn(h_BLD, positions_BL, masking, bias_BNLS, cache)
-            return out
-
-        x_BLD = self._residual(self.attn_norm, self_attention, x_BLD)
+        out_BLD, new_cache = self.attn(self._input(self.attn_norm, x_BLD), positions_BL, masking, bias_BNLS, cache)
+        x_BLD = self._residual(self.attn_norm, x_BLD, out_BLD)
         if self.cross is not None:
-            x_BLD = self._residual(
-                self.cross_norm, lambda h: self.cross(h, positions_BL, memory_masking, memory_BSD=memory)[0], x_BLD
-            )
-        if isinstance(self.mlp, MoE):
-            def mixture(h_BLD):
-                nonlocal aux
-                out, aux = self.mlp(h_BLD, valid_BL)
-                return out
+            out_BLD, _ = self.cross(self._input(self.cross_norm, x_BLD), positions_BL, memory_masking,
+                                    memory_BSD=memory)
+            x_BLD = self._residual(self.cross_norm, x_BLD, out_BLD)
+        h_BLD = self._input(self.mlp_norm, x_BLD)
+        out_BLD, aux = self.mlp(h_BLD, valid_BL) if isinstance(self.mlp, MoE) else (self.mlp(h_BLD), {})
+        return self._residual(self.mlp_norm, x_BLD, out_BLD), new_cache, aux
 
-            x_BLD = self._residual(self.mlp_norm, mixture, x_BLD)
-        else:
-            x_BLD = self._residual(self.mlp_norm, self.mlp, x_BLD)
-        return x_BLD, new_cache, aux
+
+def run_in_order(blocks, x_BLD, kv, apply):
+    """x through `blocks` one after another: the loop of an unrolled stack and of a `LayerGroup`.
+
+    apply(i, block, x_BLD, layer_kv) -> (x_BLD, the layer's new (k, v) or None, aux), where layer_kv is
+    the i-th layer's slice of kv = (k, v) [len(blocks), B, S, K, H], or None without a cache.
+    Returns x_BLD, the new (k, v) stacked like kv (None without a cache) and the layers' aux sums."""
+    outs, aux = [], {}
+    for i, block in enumerate(blocks):
+        x_BLD, out_kv, block_aux = apply(i, block, x_BLD, None if kv is None else (kv[0][i], kv[1][i]))
+        outs.append(out_kv)
+        aux = add_aux(aux, block_aux)
+    new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+    return x_BLD, new_kv, aux
 
 
 class LayerGroup(nnx.Module):
@@ -133,15 +140,12 @@ class LayerGroup(nnx.Module):
                  valid_BL=None):
         """As Block.__call__, with a cache of `size` layers (k, v: [size, B, S, K, H])."""
         blocks = [getattr(self, f"dense{j}") for j in range(self.size - 1)] + [self.moe]
-        kvs, aux = [], {}
-        for j, block in enumerate(blocks):
-            layer_cache = None if cache is None else LayerCache(cache.k_BSKH[j], cache.v_BSKH[j], cache.index)
-            x_BLD, kv, block_aux = block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache, memory,
-                                         memory_masking, valid_BL)
-            kvs.append(kv)
-            aux = add_aux(aux, block_aux)
-        new_cache = None if cache is None else (jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs]))
-        return x_BLD, new_cache, aux
+
+        def apply(j, block, x_BLD, layer_kv):
+            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
+            return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache, memory, memory_masking, valid_BL)
+
+        return run_in_order(blocks, x_BLD, None if cache is None else (cache.k_BSKH, cache.v_BSKH), apply)
 
 
 class Stack(nnx.Module):
@@ -202,22 +206,23 @@ class Stack(nnx.Module):
             bias_BNLS = self.relative_bias(positions_BL, kv_positions_BS)
         elif self.alibi is not None:
             bias_BNLS = alibi_bias(self.alibi, positions_BL, kv_positions_BS)
-        impl = resolve_impl(self.cfg.attention_impl, x_BLD.dtype, bias_BNLS is not None, cache is not None, L)
+        impl = resolve_impl(self.cfg.attention_impl, DTYPES[self.cfg.dtype], bias_BNLS is not None,
+                            cache is not None, L)
         dense = None
-        if impl not in ("cudnn", "splash", "splash_interpret") or cache is not None:  # fused kernels use segment ids
+        if impl not in FUSED_KERNELS:  # the fused kernels take the segment ids instead
             dense = attention_mask(segment_ids_BL, positions_BL, q_index_L, kv_segments_BS, kv_positions_BS,
                                    kv_index_S, self.causal, self.cfg.sliding_window)
-        masking = Masking(dense, segment_ids_BL, kv_segments_BS, self.causal, self.cfg.sliding_window)
+        masking = Masking(dense, segment_ids_BL, kv_segments_BS, self.causal, self.cfg.sliding_window, impl)
         memory_masking = None
         if memory is not None:
             cross_BLS = (segment_ids_BL[:, :, None] == memory.segment_ids_BS[:, None, :]) & (
                 memory.segment_ids_BS[:, None, :] != 0
             )
-            memory_masking = Masking(cross_BLS, segment_ids_BL, memory.segment_ids_BS, False, None)
+            memory_masking = Masking(cross_BLS, segment_ids_BL, memory.segment_ids_BS, False, None, "xla")
 
         valid_BL = segment_ids_BL > 0
 
-        def apply_block(block_state, x_BLD, layer_kv, index=None):
+        def apply_block(graphdef, block_state, x_BLD, layer_kv, index):
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
             with fold_dropout_key(index):  # LoRA dropout masks differ per layer (a no-op otherwise)
@@ -240,14 +245,16 @@ class Stack(nnx.Module):
                 kv = jax.tree.map(lambda a: a.reshape(-1, self.group, *a.shape[1:]), kv)
             if self.cfg.share_layers:  # the same weights every step; the cache still has one slot per layer
                 def body(x_BLD, xs):
-                    x_BLD, out_kv, aux = apply_block(state, x_BLD, *xs)
+                    layer_kv, index = xs
+                    x_BLD, out_kv, aux = apply_block(graphdef, state, x_BLD, layer_kv, index)
                     return x_BLD, (out_kv, aux)
 
                 x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (kv, indices), length=self.num_layers,
                                                     unroll=self.num_layers if unroll > 1 else 1)
             else:
                 def body(x_BLD, xs):
-                    x_BLD, out_kv, aux = apply_block(xs[0], x_BLD, xs[1], xs[2])
+                    layer_state, layer_kv, index = xs
+                    x_BLD, out_kv, aux = apply_block(graphdef, layer_state, x_BLD, layer_kv, index)
                     return x_BLD, (out_kv, aux)
 
                 x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv, indices), unroll=unroll)
@@ -255,14 +262,10 @@ class Stack(nnx.Module):
             if new_kv is not None and self.group > 1:
                 new_kv = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_kv)
         else:
-            outs, aux = [], {}
-            for i, block in enumerate(self.layers):
-                graphdef, state = nnx.split(block)
-                x_BLD, out_kv, block_aux = apply_block(state, x_BLD, None if kv is None else (kv[0][i], kv[1][i]),
-                                                       i if indices is not None else None)
-                outs.append(out_kv)
-                aux = add_aux(aux, block_aux)
-            new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+            def apply_layer(i, block, x_BLD, layer_kv):
+                return apply_block(*nnx.split(block), x_BLD, layer_kv, None if indices is None else i)
+
+            x_BLD, new_kv, aux = run_in_order(self.layers, x_BLD, kv, apply_layer)
         if cache is not None:
             cache = cache._replace(k=new_kv[0], v=new_kv[1], index=cache.index + L)
         if self.final_norm is not None:

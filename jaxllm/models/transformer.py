@@ -175,14 +175,6 @@ class EncoderDecoder(nnx.Module):
 MODEL_CLASSES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
 
 
-def model_class(cfg: ModelConfig) -> type[nnx.Module]:
-    if cfg.electra_generator is not None:
-        from jaxllm.models.electra import Electra
-
-        return Electra
-    return MODEL_CLASSES[cfg.arch]
-
-
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> StackCache:
     """An empty KV cache for the (decoder) self-attention layers of a decoder or encoder-decoder."""
     layers = cfg.decoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers

@@ -3,14 +3,15 @@ compile-only devices, read the memory per chip, and estimate step time and MFU (
 
 from __future__ import annotations
 
+from jaxllm import models
 from jaxllm.plan.chips import CHIPS, GiB, Topology, parse_topology, topology_devices
 from jaxllm.plan.compile import CompiledStep, apply_layout, compile_step, layout_of
-from jaxllm.plan.estimate import Estimate, Layout, estimate, param_count
+from jaxllm.plan.estimate import Estimate, Layout, estimate, flops_per_token, matmul_params
 from jaxllm.plan.search import HEADROOM, Candidate, Plan, best, best_config, layouts, plan
 
 __all__ = [
     "CHIPS", "Topology", "parse_topology", "topology_devices", "CompiledStep", "apply_layout", "compile_step",
-    "layout_of", "Estimate", "Layout", "estimate", "param_count", "Candidate", "Plan", "best", "best_config",
+    "layout_of", "Estimate", "Layout", "estimate", "flops_per_token", "matmul_params", "Candidate", "Plan", "best", "best_config",
     "layouts", "plan", "format_plan", "HEADROOM",
 ]
 
@@ -18,7 +19,7 @@ __all__ = [
 def format_plan(p: Plan, rows: int = 10) -> str:
     """The plan as a person reads it: model, topology, then one line per layout (compiled ones first)."""
     cfg, topo, chip = p.config, p.topology, p.topology.chip
-    total, _ = param_count(cfg.model)
+    total = models.param_counts(cfg.model)["total"]
     tokens = cfg.train.batch_size * cfg.data.seq_len
     lines = [
         f"model: {total / 1e9:.2f}B parameters; batch {cfg.train.batch_size} x {cfg.data.seq_len} = "

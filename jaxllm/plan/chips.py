@@ -15,6 +15,7 @@ import os
 import re
 
 from jaxllm.config import ConfigError
+from jaxllm.platforms import on_tpu_vm
 
 GiB = 1024**3
 
@@ -33,6 +34,11 @@ class Chip:
     torus_dims: int  # 3 (v4, v5p) or 2 (v5e, v6e)
     chip_config: str  # libtpu's chip_config_name: megacore = one JAX device per chip
     dcn_bw: float = 6.25e9
+
+    @property
+    def host_type(self) -> str:
+        """The accelerator type of one host of this generation (TPU_ACCELERATOR_TYPE), e.g. v5p-8."""
+        return f"{'v5litepod' if self.generation == 'v5e' else self.generation}-{4 * self.cores_per_chip}"
 
 
 CHIPS = {
@@ -113,6 +119,11 @@ def topology_devices(topology: Topology) -> list:
     """Compile-only devices of `topology` (no TPU needed; libtpu must be installed: pip install -e .[plan])."""
     # Compile-only use touches no chip, so several planners (or tests) may load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not on_tpu_vm(os.environ):
+        # Off a TPU VM libtpu finds no accelerator type or worker list in the VM metadata and prints
+        # warnings and an INVALID_ARGUMENT block; compile-only devices need neither, so name one host.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.chip.host_type)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies
 
     # Hosts hold 4 chips (2x2x1) in pod slices; smaller slices are one host.

@@ -69,7 +69,7 @@ def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     start = time.perf_counter()
     with sharding.activate(mesh, rules):
         step = jit_train_step(cfg, spec, batch_sharding)
-        compiled = step.lower(spec.abstract, abstract_batch).compile()
+        compiled = step.lower(spec.abstract, abstract_batch, {}).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))

@@ -1,8 +1,8 @@
 """An analytical model of one train step on a TPU slice: FLOPs, memory per chip and step time.
 
 It ranks many layouts in milliseconds; the compiler then checks the best of them (`plan.compile`).
-FLOPs are exact matmul counts of our decoder (the compiler's own count visits a scanned layer once,
-so it cannot be used for a whole step). Memory and time are first-order:
+FLOPs come from the exact parameter counts of the model's shapes (`models.param_counts`; the
+compiler's own count visits a scanned layer once, so it cannot be used for a whole step). Memory and time are first-order:
 
 - state: float32 parameters, gradients and Adam moments, sharded over fsdp x tensor (routed experts
   also over the expert axis);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxllm import models
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import GATED
 from jaxllm.plan.chips import Chip
@@ -72,38 +73,36 @@ def expert_params(m: ModelConfig) -> int:
     return moe_layers(m) * m.moe.num_experts * _mlp_params(m, m.moe.expert_mlp_dim or m.mlp_dim)
 
 
-def param_count(m: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters of the matmuls a token passes through, the output projection included).
+def matmul_params(m: ModelConfig) -> int:
+    """Parameters that multiply every token (what FLOPs count, `models.param_counts` being the one
+    exact count): the active ones (a mixture's experts a token visits) but the tables read by index,
+    and the output projection once more when it is the tied input table (a matmul of every token)."""
+    counts = models.param_counts(m)
+    head = m.vocab_size * m.embedding_dim if m.tie_embeddings and m.head in ("lm", "mlm") else 0
+    return counts["active"] - counts["embedding_lookups"] + head
 
-    A mixture-of-experts layer counts all its experts in the first and the `experts_per_token` a token
-    visits (plus router and shared expert) in the second, so FLOPs and MFU count active parameters."""
-    H, D = m.dim_per_head, m.d_model
-    attn = D * H * (m.num_heads * 2 + m.kv_heads * 2)
-    n_moe = moe_layers(m)
-    dense_mlps = (m.num_layers - n_moe) * _mlp_params(m, m.mlp_dim)
-    moe_total = moe_active = 0
-    if m.moe is not None:
-        mo = m.moe
-        per_expert = _mlp_params(m, mo.expert_mlp_dim or m.mlp_dim)
-        always = D * mo.num_experts + _mlp_params(m, mo.shared_mlp_dim) + (D if mo.shared_gate else 0)
-        moe_total = n_moe * (mo.num_experts * per_expert + always)
-        moe_active = n_moe * (mo.experts_per_token * per_expert + always)
-    norms = 2 * D
-    embed = m.vocab_size * D
-    head = 0 if m.tie_embeddings else embed
-    total = (m.num_layers * (attn + norms) + dense_mlps + moe_total + embed + head + D
-             + (m.max_seq_len * D if m.positions == "learned" else 0))
-    matmul = m.num_layers * attn + dense_mlps + moe_active + embed
-    return total, matmul
+
+def flops_per_token(m: ModelConfig, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token of sequences of `seq_len`: 6 x matmul parameters (forward 2N, backward
+    4N) plus attention scores and weighted sum, 12 x layers x heads x head_dim x seq_len. PaLM's
+    convention (`causal=False`) counts the full T x T scores; MaxText's and torchtitan's (`causal=True`)
+    half of a decoder's self-attention, which a causal mask leaves. Encoder layers attend both ways."""
+    d_attn = m.num_heads * m.dim_per_head
+    if m.arch == "encoder_decoder":  # decoder: causal self-attention plus full cross-attention
+        attention = m.num_layers + m.decoder_layers * ((0.5 + 1.0) if causal else 2.0)
+    elif m.arch == "encoder":
+        attention = float(m.num_layers)
+    else:
+        attention = m.num_layers * (0.5 if causal else 1.0)
+    return 6.0 * matmul_params(m) + 12.0 * attention * d_attn * seq_len
 
 
 def step_flops(m: ModelConfig, tokens: int, seq_len: int, remat: str) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one step over `tokens` tokens (all chips together)."""
-    _, matmul = param_count(m)
     # Scores and the weighted sum: 2 matmuls of L x L x heads*head_dim per layer, full (not causal-skipped).
     attn_fwd = 2 * 2 * m.num_layers * seq_len * m.num_heads * m.dim_per_head
-    forward = 2 * matmul + attn_fwd
-    model = 3 * forward * tokens
+    forward = flops_per_token(m, seq_len) / 3
+    model = flops_per_token(m, seq_len) * tokens
     experts_fwd = 0.0 if m.moe is None else (
         2 * moe_layers(m) * m.moe.experts_per_token * _mlp_params(m, m.moe.expert_mlp_dim or m.mlp_dim))
     # The dots policies save dot_general outputs only: dropless experts (ragged_dot) are recomputed, and
@@ -129,7 +128,7 @@ def _routed_rows(m: ModelConfig, layout: Layout, tokens: int) -> float:
 
 
 def memory_per_chip(m: ModelConfig, layout: Layout, batch: int, seq_len: int, loss_chunk: int = 0) -> float:
-    total, _ = param_count(m)
+    total = models.param_counts(m)["total"]
     experts = expert_params(m)
     shards = layout.fsdp * layout.tensor
     placed = (total - experts) / shards + experts / (shards * layout.expert)  # parameters held by a chip
@@ -180,7 +179,7 @@ def estimate(m: ModelConfig, layout: Layout, chip: Chip, batch: int, seq_len: in
     chips = layout.data * layout.fsdp * layout.tensor * layout.expert * layout.slices
     tokens = batch * seq_len
     model_flops, hw_flops = step_flops(m, tokens, seq_len, layout.remat)
-    total, _ = param_count(m)
+    total = models.param_counts(m)["total"]
     a, f, t, d = BYTES[m.dtype], layout.fsdp, layout.tensor, layout.data
     ici = chip.ici_bw / 2
     b = batch // layout.grad_accum // (d * f * layout.expert * layout.slices)

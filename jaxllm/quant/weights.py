@@ -84,7 +84,7 @@ def dequantize(parts: dict[str, jax.Array], shape: Sequence[int], n_lead: int, n
 class QuantizedKernel(nnx.Module):
     """A Dense or expert kernel stored quantised; `value(dtype)` is the dequantised kernel.
 
-    Made from a float kernel by the quantisation policy (models/lora.py `apply_policies`); its parts are
+    Made from a float kernel by the quantisation policy (models/policies.py `apply_policies`); its parts are
     parameters (checkpointed and sharded like any other) that never train."""
 
     def __init__(self, kernel: jax.Array, names: Sequence[str | None], n_lead: int, n_in: int, cfg: QuantConfig):
@@ -93,13 +93,11 @@ class QuantizedKernel(nnx.Module):
         lead_names, in_name = tuple(names[:n_lead]), names[n_lead]
         out_names = tuple(names[n_lead + n_in:])
         for name, part in quantize(kernel, n_lead, n_in, cfg).items():
-            if name == "codes" and cfg.kind == "int8":
-                part_names = tuple(names[:n_lead]) + (in_name,) + out_names
-            elif name == "codes":
+            if name == "codes" and cfg.kind != "int8":  # nf4: [lead..., R/bs, bs/2, *out]
                 part_names = lead_names + (in_name, None) + out_names
             elif name in ("scale_spread", "scale_mean") or (name == "scale" and cfg.kind == "int8"):
-                part_names = lead_names + out_names
-            else:  # per-block scales
+                part_names = lead_names + out_names  # one per output column
+            else:  # int8 codes [lead..., R, *out] and per-block scales [lead..., R/bs, *out]
                 part_names = lead_names + (in_name,) + out_names
             setattr(self, name, nnx.Param(part, out_sharding=part_names))
         self.part_names = tuple(sorted(quantize_part_names(cfg)))

@@ -18,6 +18,7 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxllm.config import CheckpointConfig, JaxllmError
+from jaxllm.config import CheckpointConfig, Config, JaxllmError, config_from_yaml_text
 from jaxllm.train.checksums import CorruptCheckpointError, verify_checksums, write_checksums
 
 log = logging.getLogger("jaxllm")
@@ -40,30 +41,59 @@ _TRASH = ".deleted"  # old steps are renamed in here (atomic), then removed
 _CORRUPT = "corrupt"  # steps that failed their checksums, kept for inspection
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """Orbax warns about every option it resets for a read-only manager ("read_only=True, setting
+    ...", "Given directory is read only"); jaxllm opens checkpoints read-only by design (loading a model,
+    train.init_from, frozen models), so those notices say nothing to a user and are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not ("read_only=True" in text or text.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
+
 class FilesHandler(ocp.CheckpointHandler):
-    """Stores small named files (bytes) in a checkpoint item; per process, or once by process 0."""
+    """Stores small named files (bytes) in a checkpoint item; per process, or once by process 0.
+
+    Orbax adds files of its own to an item's directory (`commit_success.txt`), so a list of the names
+    we wrote (`MANIFEST`) goes with them and `restore` returns exactly those. Items saved before the
+    list existed are read as every file but Orbax's marker."""
+
+    MANIFEST = "jaxllm-files.json"
 
     def save(self, directory: epath.Path, args: "FilesSave") -> None:
-        if args.per_process:
-            prefix = f"process_{jax.process_index()}-of-{jax.process_count()}."
-        elif jax.process_index() == 0:
-            prefix = ""
-        else:
+        prefix = self._prefix(args.per_process)
+        if prefix is None:
             return
         for name, data in args.files.items():
             (directory / f"{prefix}{name}").write_bytes(data)
+        (directory / f"{prefix}{self.MANIFEST}").write_text(json.dumps(sorted(args.files)))
 
     def restore(self, directory: epath.Path, args: "FilesRestore | None" = None) -> dict[str, bytes]:
         per_process = args.per_process if args is not None else False
-        prefix = f"process_{jax.process_index()}-of-{jax.process_count()}." if per_process else ""
+        prefix = self._prefix(per_process) or ""
+        manifest = directory / f"{prefix}{self.MANIFEST}"
+        if manifest.exists():
+            return {name: (directory / f"{prefix}{name}").read_bytes() for name in json.loads(manifest.read_text())}
         out = {}
         for path in directory.iterdir():
             if per_process and not path.name.startswith(prefix):
                 continue
             if not per_process and path.name.startswith("process_"):
                 continue
+            if path.name == ocp.path.atomicity_types.COMMIT_SUCCESS_FILE:
+                continue
             out[path.name[len(prefix):]] = path.read_bytes()
         return out
+
+    @staticmethod
+    def _prefix(per_process: bool) -> str | None:
+        """File name prefix of this process's files; None when this process writes none."""
+        if per_process:
+            return f"process_{jax.process_index()}-of-{jax.process_count()}."
+        return "" if jax.process_index() == 0 else None
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -83,12 +113,18 @@ class FilesRestore(ocp.args.CheckpointArgs):
 
 
 @dataclasses.dataclass
-class Restored:
+class Meta:
+    """The small items of a checkpoint: the run's config (YAML, and parsed once: `config`), the
+    tokenizer's files, and this process's data-iterator state (None when not read)."""
+
     step: int
-    state: dict[str, Any]
-    data_state: dict[str, Any] | None
     config_yaml: str
     tokenizer_files: dict[str, bytes]
+    data_state: dict[str, Any] | None
+
+    @functools.cached_property
+    def config(self) -> Config:
+        return config_from_yaml_text(self.config_yaml)
 
 
 class Checkpointer:
@@ -184,28 +220,15 @@ class Checkpointer:
         if not self._async:
             self.wait()
 
-    def restore(self, step: int, abstract_state: Any | None, with_data: bool = True) -> Restored:
-        """Restores `step`. `abstract_state`: ShapeDtypeStructs with the target shardings (any mesh, any
-        number of processes); None restores only the small items (config, tokenizer, data state).
+    def restore_meta(self, step: int, with_data: bool = True) -> Meta:
+        """The small items of `step` (config, tokenizer files, data state), never the arrays.
         `with_data=False` skips the data state, which exists only for the process count that wrote it."""
-        items = {
-            "meta": FilesRestore(),
-            "tokenizer": FilesRestore(),
-        }
         step_dir = self.directory / str(step)
+        items = {"meta": FilesRestore(), "tokenizer": FilesRestore()}
         has_data = with_data and (step_dir / "data").exists()
         if has_data:
             items["data"] = FilesRestore(per_process=True)
-        if abstract_state is not None:
-            items["state"] = ocp.args.StandardRestore(abstract_state)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, OSError) as e:  # checksums passed: the saved tree differs from this model's
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise JaxllmError(
-                f"cannot restore checkpoint {step_dir} into this model ({first}); it was saved by another model "
-                "config or jaxllm version: use a new run_dir"
-            ) from None
+        out = self._restore(step, items)
         data_state = None
         if has_data:
             blob = out["data"].get("iterator.json")
@@ -215,13 +238,22 @@ class Checkpointer:
                     f"{jax.process_count()}; it was written by a run with a different number of processes"
                 )
             data_state = json.loads(blob)
-        return Restored(
-            step=step,
-            state=out["state"] if abstract_state is not None else None,
-            data_state=data_state,
-            config_yaml=out["meta"]["config.yaml"].decode(),
-            tokenizer_files=out["tokenizer"],
-        )
+        return Meta(step, out["meta"]["config.yaml"].decode(), out["tokenizer"], data_state)
+
+    def restore_state(self, step: int, abstract_state: Any) -> dict[str, Any]:
+        """The train state of `step` into `abstract_state`: ShapeDtypeStructs with the target shardings (any
+        mesh, any number of processes)."""
+        return self._restore(step, {"state": ocp.args.StandardRestore(abstract_state)})["state"]
+
+    def _restore(self, step: int, items: dict[str, Any]) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, OSError) as e:  # checksums passed: the saved tree differs from this model's
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise JaxllmError(
+                f"cannot restore checkpoint {self.directory / str(step)} into this model ({first}); it was saved by "
+                "another model config or jaxllm version: use a new run_dir"
+            ) from None
 
     def restore_params(self, step: int, target: Any) -> Any:
         """Only the parameters of `step` (never reading the optimizer state), into `target`:

@@ -27,15 +27,18 @@ from tqdm.auto import tqdm
 from jaxllm import models, sharding
 from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
 from jaxllm.models.layers import DTYPES
-from jaxllm.config import Config, JaxllmError, config_from_yaml_text, dump_yaml, validate
+from jaxllm.config import Config, DataConfig, JaxllmError, dump_yaml, validate
 from jaxllm.data.objectives import batch_spec, check_vocab_size
-from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
-from jaxllm.train.checkpoint import Checkpointer, find_checkpoint
+from jaxllm.train.checkpoint import Checkpointer, Meta, find_checkpoint
+from jaxllm.train.frozen import FrozenModel, frozen_shardings, load_frozen, restore_base_params
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
-from jaxllm.train.step import TrainState, eval_step, init_train_state, jit_train_step, train_state_spec
+from jaxllm.train.objective import check_trainable
+from jaxllm.train.step import (TrainState, bound_loss, eval_step, init_train_state, jit_train_step,
+                               train_state_spec)
 from jaxllm.utils import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("jaxllm")
@@ -43,83 +46,131 @@ DEFAULT_TOKENIZER = "builtin:kjv-sp4k"
 
 
 class Trainer:
+    """One trainer for every objective (train/objective.py): pretraining and post-training methods differ
+    in their batch format, loss and frozen models, never in the loop, checkpoints or meshes.
+
+    The constructor runs named setup steps, in order: `_start_from` (train.init_from), `_make_mesh`,
+    `_open_run_dir` (checkpoints, the step to resume), `_choose_tokenizer`, the objective's checks and the
+    state's spec, `_pipeline` (this process's batches), `_build_state` (restored or initialised),
+    `_load_frozen_models`, `_compile`.
+    """
+
     def __init__(self, cfg: Config, devices: Sequence[jax.Device] | None = None):
-        init = None
-        if cfg.train.init_from:
-            # The starting checkpoint decides the architecture (see TrainConfig.init_from).
-            init_checkpointer, init_step = find_checkpoint(cfg.train.init_from)
-            # Config and tokenizer only: the data position belongs to that run (and its process count).
-            init = (init_checkpointer, init_step, init_checkpointer.restore(init_step, None, with_data=False))
-            saved = config_from_yaml_text(init[2].config_yaml).model
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-                saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
-                lora=cfg.model.lora, quant=cfg.model.quant))
-            validate(cfg)
-        self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        self.cfg = self._start_from(cfg)
+        self.run_dir = Path(self.cfg.run_dir)
+        self._make_mesh(devices)
+        self._open_run_dir()
+        self.tokenizer = self._choose_tokenizer()
+        self.objective = check_trainable(self.cfg)
+        check_vocab_size(self.cfg.model.vocab_size, self.cfg.data, self.tokenizer)
+        self.spec = train_state_spec(self.cfg, self.mesh, self.rules)
+        self.graphdef, self.state_shardings = self.spec.graphdef, self.spec.shardings
+        self.checkpointer.check_free_space(_nbytes(self.spec.abstract), self.cfg.checkpoint.keep)
+        self.data = self._pipeline(self.cfg.data)
+        self._build_state()
+        self.frozen = self._load_frozen_models()
+        self._compile()
+        if jax.process_index() == 0:
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        self._stop = threading.Event()
+        self._saved_step: int | None = self._resume.step if self._resume is not None else None
+
+    # ------------------------------------------------------------------------------------ setup steps
+
+    def _start_from(self, cfg: Config) -> Config:
+        """With train.init_from, the starting checkpoint decides the architecture (TrainConfig.init_from):
+        its model config, with this config's dtype, remat, attention kernel and LoRA/quant policies."""
+        self._init_from: tuple[Checkpointer, Meta] | None = None
+        if not cfg.train.init_from:
+            return cfg
+        checkpointer, step = find_checkpoint(cfg.train.init_from)
+        # Config and tokenizer only: the data position belongs to that run (and its process count).
+        meta = checkpointer.restore_meta(step, with_data=False)
+        self._init_from = (checkpointer, meta)
+        saved = meta.config.model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+            lora=cfg.model.lora, quant=cfg.model.quant))
+        validate(cfg)
+        return cfg
+
+    def _make_mesh(self, devices: Sequence[jax.Device] | None) -> None:
+        cfg = self.cfg
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.make_rules(cfg.mesh.rules)
         sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
+
+    def _open_run_dir(self) -> None:
+        """Checks run_dir is writable, opens its checkpoints and reads the small items of the newest good
+        one (`self._resume`, None for a fresh run); the model must be the one it was trained with."""
         ensure_writable_dir(self.run_dir, "run_dir")
         ensure_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
-        resume_step = self.checkpointer.newest_good_step(cfg.checkpoint.on_corrupt)
-        restored_meta = self.checkpointer.restore(resume_step, None) if resume_step is not None else None
-        if restored_meta is not None:
-            _check_same_model(cfg, restored_meta.config_yaml, self.run_dir)
-            self.tokenizer = load_tokenizer_from_files(restored_meta.tokenizer_files)
-            _check_same_tokenizer(cfg, restored_meta.config_yaml, self.tokenizer, self.run_dir)
-        elif cfg.tokenizer.path is None and init is not None and init[2].tokenizer_files:
-            self.tokenizer = load_tokenizer_from_files(init[2].tokenizer_files)
-        else:
-            self.tokenizer = load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
-        _check_trainable(cfg)
-        check_vocab_size(cfg.model.vocab_size, cfg.data, self.tokenizer)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint)
+        step = self.checkpointer.newest_good_step(self.cfg.checkpoint.on_corrupt)
+        self._resume: Meta | None = self.checkpointer.restore_meta(step) if step is not None else None
+        if self._resume is not None:
+            _check_same_model(self.cfg, self._resume.config, self.run_dir)
 
-        # Model, optimizer and their shardings, all derived from abstract shapes.
-        spec = train_state_spec(cfg, self.mesh, self.rules)
-        self.graphdef, self.tx, self.schedule = spec.graphdef, spec.tx, spec.schedule
-        self.state_shardings = spec.shardings
-        self.checkpointer.check_free_space(_nbytes(spec.abstract), cfg.checkpoint.keep)
+    def _choose_tokenizer(self) -> Tokenizer:
+        """A resumed run's own tokenizer; else tokenizer.path; else init_from's; else the default."""
+        cfg = self.cfg
+        if self._resume is not None:
+            tokenizer = load_tokenizer_from_files(self._resume.tokenizer_files)
+            _check_same_tokenizer(cfg, self._resume.config, tokenizer, self.run_dir)
+            return tokenizer
+        if cfg.tokenizer.path is None and self._init_from is not None and self._init_from[1].tokenizer_files:
+            return load_tokenizer_from_files(self._init_from[1].tokenizer_files)
+        return load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
 
-        per_process_batch = cfg.train.batch_size // jax.process_count()
-        self.data = make_pipeline(cfg.data, self.tokenizer, per_process_batch, jax.process_index(), jax.process_count())
-        if restored_meta is not None:
-            restored = self.checkpointer.restore(resume_step, _state_dict(spec.abstract))
-            self.state = TrainState(**restored.state)
-            if restored.data_state is not None:
-                self.data.set_state(restored.data_state)
+    def _pipeline(self, data: DataConfig, num_epochs: int | None = None) -> Pipeline:
+        """This process's share of `data`'s batches."""
+        return process_pipeline(data, self.tokenizer, self.cfg.train.batch_size, num_epochs)
+
+    def _build_state(self) -> None:
+        """The train state: restored from the resumed checkpoint (with the data position), or step 0 of
+        init_from's parameters or a fresh initialisation. Metrics rows after the checkpoint are dropped."""
+        cfg, resume = self.cfg, self._resume
+        if resume is not None:
+            self.state = TrainState(**self.checkpointer.restore_state(resume.step, _state_dict(self.spec.abstract)))
+            if resume.data_state is not None:
+                self.data.set_state(resume.data_state)
+            log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume.step), resume.step)
         else:
-            if init is not None:
-                params = _init_params_from(init, saved, cfg.model, self.mesh, self.rules,
-                                           self.state_shardings.params, cfg.train.seed)
-                log.info("parameters from %s (step %d)", init[0].directory / str(init[1]), init[1])
+            if self._init_from is not None:
+                checkpointer, meta = self._init_from
+                _, base = restore_base_params(checkpointer, meta.step, meta.config.model, self.mesh, self.rules)
+                # This run's policies (model.lora, model.quant) apply to that base.
+                params = lora.adapt(base, cfg.model, self.state_shardings.params, cfg.train.seed)
+                log.info("parameters from %s (step %d)", checkpointer.directory / str(meta.step), meta.step)
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
-            self.state = init_train_state(spec, params)
-        # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
-        truncate_metrics(self.run_dir, resume_step or 0)
-        if resume_step is None:
+            self.state = init_train_state(self.spec, params)
             log.info("no checkpoint in %s: starting at step 0", self.checkpointer.directory)
-        else:
-            log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume_step), resume_step)
+        # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
+        truncate_metrics(self.run_dir, resume.step if resume is not None else 0)
         self.data_state = self.data.get_state()
 
-        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
+    def _load_frozen_models(self) -> dict[str, FrozenModel]:
+        """The objective's frozen models (reference, teacher, ...), on this mesh; none for pretraining."""
+        return {name: load_frozen(source.path, self.mesh, self.rules, source.param_dtype)
+                for name, source in self.objective.frozen_models(self.cfg).items()}
+
+    def _compile(self) -> None:
+        cfg = self.cfg
         self.batch_spec = batch_spec(cfg.data, cfg.train.batch_size)  # global shapes and dtypes
         # cuDNN's packed attention holds a fixed number of documents per row (see attention.MAX_SEGMENTS).
         uses_cudnn = resolve_impl(cfg.model.attention_impl, DTYPES[cfg.model.dtype], False, False) == "cudnn"
         self._segment_limit = MAX_SEGMENTS if uses_cudnn and cfg.model.positions not in ("alibi", "relative") else None
+        frozen = frozen_shardings(self.frozen)
         with sharding.activate(self.mesh, self.rules):
-            self._step_fn = jit_train_step(cfg, spec, self.batch_sharding)
+            self._step_fn = jit_train_step(cfg, self.spec, self.batch_sharding, frozen)
         self._eval_fn = jax.jit(
-            functools.partial(eval_step, graphdef=self.graphdef, loss_chunk=cfg.train.loss_chunk),
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            functools.partial(eval_step, graphdef=self.graphdef, loss=bound_loss(cfg)),
+            in_shardings=(self.state_shardings.params, self.batch_sharding, frozen),
         )
-        if jax.process_index() == 0:
-            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-        self._stop = threading.Event()
-        self._saved_step: int | None = resume_step
+
+    # ------------------------------------------------------------------------------------ training
 
     @property
     def step(self) -> int:
@@ -141,16 +192,15 @@ class Trainer:
 
     def train_step(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         with sharding.activate(self.mesh, self.rules):
-            self.state, metrics = self._step_fn(self.state, batch)
+            self.state, metrics = self._step_fn(self.state, batch, self.frozen)
         return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Mean token loss and perplexity on the eval sources (a fresh pass from their start)."""
         cfg = self.cfg
         data_cfg = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle_window=0, prefetch=0)
+        pipeline = self._pipeline(data_cfg, num_epochs=1)
         per_process = cfg.train.batch_size // jax.process_count()
-        pipeline = make_pipeline(data_cfg, self.tokenizer, per_process, jax.process_index(), jax.process_count(),
-                                 num_epochs=1)
         sums, count = None, 0  # summed on the device: one transfer after the loop, not one per batch
         try:
             while cfg.eval.batches == 0 or count < cfg.eval.batches:
@@ -162,7 +212,7 @@ class Trainer:
                     local = {k: np.zeros((per_process, *shape[1:]), dtype) for k, (shape, dtype) in self.batch_spec.items()}
                 batch = self._global_batch(local)
                 with sharding.activate(self.mesh, self.rules):
-                    out = self._eval_fn(self.state.params, batch)
+                    out = self._eval_fn(self.state.params, batch, self.frozen)
                 sums, count = out if sums is None else jax.tree.map(jnp.add, sums, out), count + 1
         finally:
             pipeline.close()
@@ -213,8 +263,7 @@ class Trainer:
                     (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps
                 )
                 if step % cfg.train.log_every == 0 or step == end or do_eval:
-                    monitor.check()
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    m = {k: float(v) for k, v in monitor.check(metrics).items() if k != "finite"}
                     m["skipped_updates"] = int(m["skipped_updates"])
                     now = time.perf_counter()
                     # The first interval after start includes compilation.
@@ -257,15 +306,6 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _init_params_from(init, saved, model_cfg, mesh, rules, shardings, seed):
-    """The starting parameters from a checkpoint of the `saved` model: a LoRA run's adapters are merged
-    into its base first; this run's policies (model.lora, model.quant) then apply to that base."""
-    params = init[0].restore_params(init[1], models.sharded_spec(saved, mesh, rules)[1])
-    if saved.lora is not None or saved.quant is not None:
-        params = lora.merge(params, saved, models.sharded_spec(lora.base_config(saved), mesh, rules)[2])
-    return lora.adapt(params, model_cfg, shardings, seed)
-
-
 def _state_dict(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "skipped": state.skipped}
 
@@ -274,8 +314,7 @@ def _nbytes(tree: Any) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def _check_same_model(cfg: Config, saved_yaml: str, run_dir: Path) -> None:
-    saved = config_from_yaml_text(saved_yaml)
+def _check_same_model(cfg: Config, saved: Config, run_dir: Path) -> None:
     if saved.model != cfg.model:
         diffs = [
             f"model.{f.name}: checkpoint {getattr(saved.model, f.name)!r} vs config {getattr(cfg.model, f.name)!r}"
@@ -298,40 +337,16 @@ def _check_segments(batch: dict[str, np.ndarray], limit: int) -> None:
         )
 
 
-def _check_same_tokenizer(cfg: Config, saved_yaml: str, saved: Tokenizer, run_dir: Path) -> None:
+def _check_same_tokenizer(cfg: Config, saved_cfg: Config, saved: Tokenizer, run_dir: Path) -> None:
     """A resumed run uses the tokenizer stored in its checkpoint; a config naming another one is an error,
     not silently ignored (the same files under a new path are fine; no tokenizer.path means the run's)."""
-    saved_path = config_from_yaml_text(saved_yaml).tokenizer.path
+    saved_path = saved_cfg.tokenizer.path
     if cfg.tokenizer.path in (None, saved_path) or load_tokenizer(cfg.tokenizer.path).files() == saved.files():
         return
     raise JaxllmError(
         f"run_dir {run_dir} holds checkpoints trained with tokenizer {saved_path}, but tokenizer.path is "
         f"{cfg.tokenizer.path} (a different tokenizer); use a new run_dir or tokenizer.path={saved_path}"
     )
-
-
-OBJECTIVE_ARCH = {"clm": "decoder", "mlm": "encoder", "span": "encoder_decoder", "bart": "encoder_decoder",
-                  "ul2": "encoder_decoder"}
-
-
-def _check_trainable(cfg: Config) -> None:
-    """The objective must fit the model: next-token for decoders, masked LM for encoders, denoising for
-    encoder-decoders."""
-    objective, arch = cfg.data.objective.name, cfg.model.arch
-    if OBJECTIVE_ARCH[objective] != arch:
-        fits = [name for name, a in OBJECTIVE_ARCH.items() if a == arch]
-        raise JaxllmError(
-            f"data.objective.name={objective} trains a model.arch={OBJECTIVE_ARCH[objective]}, but this model is "
-            f"arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind under configs/"
-        )
-    if cfg.model.quant is not None and cfg.model.lora is None:
-        raise JaxllmError("model.quant stores the base quantised and frozen; to train, add adapters with "
-                          "model.lora (QLoRA), or drop model.quant")
-    if arch == "encoder" and cfg.model.head != "mlm" and cfg.model.electra_generator is None:
-        raise JaxllmError(
-            f"an encoder with model.head={cfg.model.head} cannot be pre-trained: use head=mlm, or head=discriminator "
-            "with model.electra_generator (ELECTRA)"
-        )
 
 
 def _install_sigterm(stop: threading.Event):

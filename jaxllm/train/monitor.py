@@ -73,12 +73,12 @@ class StepMonitor:
         watched = {k: metrics[k] for k in ("loss", "grad_norm", "finite")}
         self._pending.append((step, data_state_before, watched))
 
-    def check(self) -> None:
-        """Acts on every pending step, oldest first; raises NonfiniteLossError under `stop`."""
-        if not self._pending:
-            return
+    def check(self, latest: dict[str, jax.Array] | None = None) -> dict[str, Any] | None:
+        """Acts on every pending step, oldest first; raises NonfiniteLossError under `stop`. `latest`: the
+        metrics of the newest step, fetched in the same transfer and returned as host values (the loop's
+        log line), so a log step syncs with the device once."""
         pending, self._pending = self._pending, []
-        values = jax.device_get([m for _, _, m in pending])
+        values, latest = jax.device_get(([m for _, _, m in pending], latest))
         for (step, data_state, _), m in zip(pending, values):
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not bool(m["finite"]):
@@ -89,6 +89,7 @@ class StepMonitor:
                 log.warning("loss spike at step %d: %.4g, window mean %.4g, std %.3g",
                             step, loss, spike["window_mean"], spike["window_std"])
                 self._writer.event(step, "loss_spike", {"loss": loss, **spike})
+        return latest
 
     def _nonfinite(self, step: int, data_state: Any, loss: float, grad_norm: float) -> None:
         action = "stopped" if self._policy == "stop" else "skipped"
@@ -111,11 +112,10 @@ class StepMonitor:
 def replay_batch(cfg: Config, tokenizer: Tokenizer, report: str | Path) -> dict[str, Any]:
     """The batch (this process's rows, numpy) that step `report["step"]` trained on, from a report of
     `StepMonitor` under `train.on_nonfinite=stop`; for debugging the data or the loss on it."""
-    from jaxllm.data.pipeline import make_pipeline
+    from jaxllm.data.pipeline import process_pipeline
 
     state = json.loads(Path(report).read_text())["data_state_before_batch"]
-    pipeline = make_pipeline(cfg.data, tokenizer, cfg.train.batch_size // jax.process_count(),
-                             jax.process_index(), jax.process_count())
+    pipeline = process_pipeline(cfg.data, tokenizer, cfg.train.batch_size)
     try:
         pipeline.set_state(state)
         return next(pipeline)

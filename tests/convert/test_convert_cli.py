@@ -136,3 +136,37 @@ def test_pickle_checkpoints_are_never_loaded(hf_llama, tmp_path, capsys):
     assert main(["convert", "hf-to-jaxllm", str(target), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "PyTorch pickles, which jaxllm never loads" in err and "safe_serialization=True" in err
+
+
+def test_weights_only_model_converts_loads_and_generates_with_a_given_tokenizer(hf_llama, tmp_path, capsys, caplog):
+    hf_dir, _ = hf_llama
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf_dir / name).read_bytes())
+    run = tmp_path / "run"
+    assert main(["convert", "hf-to-jaxllm", str(bare), str(run)]) == 0
+    loaded = load_model(run)
+    assert loaded.tokenizer is None and loaded.tokenizer_files == {}
+    capsys.readouterr()
+    assert main(["generate", "--run-dir", str(run), "--prompt", "w6 w7 w8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "carries no tokenizer; pass --tokenizer PATH" in err[0], err
+    caplog.clear()
+    assert main(["generate", "--run-dir", str(run), "--prompt", "w6 w7 w8", "--max-new-tokens", "4",
+                 "--temperature", "0", "--tokenizer", str(hf_dir)]) == 0
+    assert capsys.readouterr().out.startswith("w6 w7 w8")
+    noise = [r.getMessage() for r in caplog.records if "read only" in r.getMessage() or "read_only" in r.getMessage()]
+    assert not noise
+    out = tmp_path / "hf"
+    assert main(["convert", "jaxllm-to-hf", str(run), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(hf_llama, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["convert", "hf-to-jaxllm", str(hf_llama[0]), str(run)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run-dir", str(run), "--prompt", "And", "--tokenizer", "builtin:kjv-sp4k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer builtin:kjv-sp4k has 4096 tokens but the model only 64" in err[0], err

@@ -63,6 +63,9 @@ def test_adapters_saved_by_peft_give_peft_logits_here(tmp_path, rslora):
     loaded = from_hf(tmp_path / "base")
     params, cfg = load_peft_adapters(tmp_path / "adapter", loaded.params, loaded.config)
     assert cfg.lora.rank == 4 and cfg.lora.rslora == rslora and cfg.lora.dropout == pytest.approx(0.1)
+    with_adapter = from_hf(tmp_path / "base", adapter=tmp_path / "adapter")  # the Python API, as --adapter
+    assert with_adapter.config == cfg
+    jax.tree.map(np.testing.assert_array_equal, with_adapter.params, params)
     assert sorted(lora.trainable(params)["layers"]["attn"]) == ["o", "q", "v"]
     theirs = _peft_logits(model)
     _close(_our_logits(params, cfg), theirs)

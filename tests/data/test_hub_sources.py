@@ -1,10 +1,7 @@
-"""`hf:` sources on local datasets the test writes, and `tfds:` with a fake tensorflow_datasets module."""
+"""`hf:` sources on local datasets the test writes (`tfds:` sources: test_tfds.py)."""
 
 import json
-import sys
-import types
 
-import numpy as np
 import pytest
 
 from tests.data.data_testing import read_docs, write_jsonl
@@ -58,55 +55,3 @@ def test_hf_saved_dataset_and_bad_values(tmp_path, caplog):
 def test_hf_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(JaxllmError, match="hf:.*nothing-here: cannot load split 'train'"):
         read_docs(f"hf:{tmp_path / 'nothing-here'}")
-
-
-class _FakeTfds(types.ModuleType):
-    """Stands in for tensorflow_datasets (not installed here): `data_source` returns a list of dicts,
-    which is what jaxllm relies on of the real random-access data source (len and indexing)."""
-
-    def __init__(self, examples):
-        super().__init__("tensorflow_datasets")
-        self.examples, self.calls = examples, []
-
-    def data_source(self, name, split, data_dir=None):
-        self.calls.append((name, split, data_dir))
-        if name != "fake_text":
-            raise ValueError(f"Dataset {name} not found.")
-        return self.examples
-
-
-@pytest.fixture
-def fake_tfds(monkeypatch):
-    examples = [{"text": np.array(f"tfds document {i}".encode())} for i in range(23)]  # TFDS gives 0-d bytes arrays
-    examples[5] = {"label": 1}
-    module = _FakeTfds(examples)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
-    return module
-
-
-def test_tfds_reads_strides_and_resumes(fake_tfds):
-    expected = {f"tfds document {i}" for i in range(23) if i != 5}
-    shards = [
-        read_docs("tfds:fake_text", split="test", data_dir="/d", process_index=i, process_count=3) for i in range(3)
-    ]
-    assert fake_tfds.calls[0] == ("fake_text", "test", "/d")
-    assert set(shards[1]) == {f"tfds document {i}" for i in range(1, 23, 3)}  # process i takes i, i+P, ...
-    assert sorted(sum(shards, [])) == sorted(expected)
-    assert shards[0] != sorted(shards[0], key=lambda d: int(d.split()[-1]))  # shuffled within the shard
-    cfg = SourceConfig(path="tfds:fake_text")
-    it = iter(make_source(cfg, seed=4))
-    for _ in range(7):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    after = [next(it)["text"] for _ in range(30)]  # crosses into the next epoch, shuffled anew
-    fresh = iter(make_source(cfg, seed=4))
-    fresh.set_state(state)
-    assert [next(fresh)["text"] for _ in range(30)] == after
-
-
-def test_tfds_errors(fake_tfds, monkeypatch):
-    with pytest.raises(JaxllmError, match="tfds:missing: cannot open split 'train'.*tfds build"):
-        read_docs("tfds:missing")
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
-    with pytest.raises(JaxllmError, match="tfds:fake_text needs tensorflow_datasets; pip install"):
-        read_docs("tfds:fake_text")

@@ -3,11 +3,13 @@
 The cuDNN kernel itself runs only on NVIDIA GPUs: tools/check_attention.py compares it with the
 XLA kernel there (docs/performance.md has the numbers)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.models.attention import Masking, attention_mask, dot_product_attention, segment_offsets
+from jaxllm.models.attention import Masking, attention_mask, dot_product_attention, resolve_impl, segment_offsets
 
 
 def reference(q, k, v, mask, bias, scale):
@@ -32,7 +34,7 @@ def test_xla_kernel_matches_reference_with_packing_gqa_window_and_bias():
     idx = jnp.arange(L)
     mask = attention_mask(seg, pos, idx, seg, pos, idx, True, 4)
     bias = jax.random.normal(kb, (B, N, L, L))
-    out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 4), bias, H**-0.5, "xla")
+    out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 4, "xla"), bias, H**-0.5)
     ref = reference(q, k, v, mask, bias, H**-0.5)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
@@ -43,6 +45,24 @@ def test_segment_offsets_describe_each_document():
     offsets, lengths = segment_offsets(seg, max_segments=4)
     np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
     np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
+
+
+def test_the_kernel_is_decided_in_one_place_and_decoding_uses_xla():
+    """resolve_impl alone picks the kernel (Stack.run carries it to the layers in Masking): a configured
+    fused kernel stays for training and prefill, and cached decoding always runs XLA."""
+    from jaxllm import models
+    from tests.conftest import random_params, tiny_model_config
+
+    assert resolve_impl("cudnn", jnp.bfloat16, False, decoding=True) == "xla"
+    assert resolve_impl("cudnn", jnp.bfloat16, True, decoding=False) == "cudnn"
+    assert resolve_impl("auto", jnp.bfloat16, True, decoding=False) == "xla"  # a position bias
+    cfg = tiny_model_config(num_layers=1)
+    params, tokens = random_params(cfg), jnp.array([[5, 7, 9]])
+    logits = {}
+    for impl in ("xla", "cudnn"):  # cuDNN needs an NVIDIA GPU; decoding with a cache never asks for it
+        graphdef = models.model_spec(dataclasses.replace(cfg, attention_impl=impl))[0]
+        logits[impl] = models.bind(graphdef, params)(tokens, cache=models.init_cache(cfg, 1, 4))[0]
+    np.testing.assert_array_equal(logits["cudnn"], logits["xla"])
 
 
 def test_splash_kernel_matches_xla_sharded_with_packing_gqa_and_window():
@@ -62,14 +82,14 @@ def test_splash_kernel_matches_xla_sharded_with_packing_gqa_and_window():
     for window in (None, 40):
         dense = attention_mask(seg, pos, idx, seg, pos, idx, True, window)
 
-        def loss(q, k, v, impl, masking):  # padding outputs are undefined: only real positions count
-            out = dot_product_attention(q, k, v, masking, None, H**-0.5, impl)
+        def loss(q, k, v, masking):  # padding outputs are undefined: only real positions count
+            out = dot_product_attention(q, k, v, masking, None, H**-0.5)
             return jnp.sum(out**2 * (seg > 0)[:, :, None, None])
 
-        ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "xla", Masking(dense, seg, seg, True, window))
+        ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, Masking(dense, seg, seg, True, window, "xla"))
         with sharding.activate(mesh, sharding.make_rules()):
             got = jax.jit(jax.value_and_grad(
-                lambda q, k, v: loss(q, k, v, "splash_interpret", Masking(None, seg, seg, True, window)),
+                lambda q, k, v: loss(q, k, v, Masking(None, seg, seg, True, window, "splash_interpret")),
                 argnums=(0, 1, 2)))(q, k, v)
         real = np.asarray(seg) > 0
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)

@@ -67,7 +67,7 @@ def test_xla_attention_matches_jax_nn_values_and_gradients(bias_shape, dtype):
     g = jax.random.normal(keys[4], (B, L, N, H))
 
     def ours(q, k, v, bias):
-        out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 3), bias, H**-0.5, "xla")
+        out = dot_product_attention(q, k, v, Masking(mask, seg, seg, True, 3, "xla"), bias, H**-0.5)
         return jnp.sum(out.astype(jnp.float32) * g)
 
     def reference(q, k, v, bias):

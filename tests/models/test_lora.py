@@ -10,7 +10,7 @@ import pytest
 
 from jaxllm import models
 from jaxllm.config import ConfigError, LoraConfig, MoEConfig, QuantConfig
-from jaxllm.models import lora
+from jaxllm.models import lora, policies
 from jaxllm.models.layers import dropout_key
 from jaxllm.quant.weights import quantize_part_names
 from tests.conftest import random_params, tiny_model_config
@@ -53,7 +53,7 @@ def test_adapters_go_where_targets_match_and_start_as_a_no_op(base_params):
 def test_merge_equals_the_adapter_path_and_unmerge_restores_the_base(base_params, rslora):
     cfg = dataclasses.replace(BASE, lora=LoraConfig(rank=4, alpha=8, rslora=rslora, targets="attn|mlp"))
     params = _with_random_b(lora.adapt(base_params, cfg))
-    assert lora.lora_scale(cfg) == (8 / 2 if rslora else 8 / 4)
+    assert policies.lora_scale(cfg) == (8 / 2 if rslora else 8 / 4)
     merged = lora.merge(params, cfg)
     np.testing.assert_allclose(_logits(BASE, merged), _logits(cfg, params), atol=1e-5)
     assert float(jnp.max(jnp.abs(_logits(BASE, merged) - _logits(BASE, base_params)))) > 1e-2  # adapters matter

@@ -11,7 +11,7 @@ import transformers as T
 
 from jaxllm import models
 from jaxllm.config import load_config
-from jaxllm.convert.hf import _family_for
+from jaxllm.convert.registry import family_for
 
 PRESETS = {"gpt2-124m": 124.4e6, "mistral-7b": 7.24e9, "qwen2-0.5b": 0.494e9, "bert-base": 110e6,
            "t5-base": 248e6, "bart-base": 140e6, "mixtral-8x7b": 46.7e9}
@@ -22,7 +22,7 @@ def test_preset_matches_transformers_parameter_count(name):
     cfg = load_config(Path(__file__).parents[2] / "configs" / f"{name}.yaml").model
     _, abstract, _ = models.model_spec(cfg)
     ours = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
-    hf_config = T.AutoConfig.for_model(**_family_for(cfg).config_to_hf(cfg))
+    hf_config = T.AutoConfig.for_model(**family_for(cfg).config_to_hf(cfg))
     with torch.device("meta"):
         hf_model = T.AutoModelForMaskedLM.from_config(hf_config) if cfg.arch == "encoder" else (
             T.AutoModelForSeq2SeqLM.from_config(hf_config) if cfg.arch == "encoder_decoder"

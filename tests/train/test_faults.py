@@ -2,7 +2,6 @@
 of an asynchronous save, damaged checkpoints, a write failing mid-run, an unwritable or full disk, NaN/Inf
 steps and loss spikes. Where a run goes on, its end is compared bit for bit with an uninterrupted run."""
 
-import json
 import os
 import re
 import shutil

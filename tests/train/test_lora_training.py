@@ -16,6 +16,7 @@ from jaxllm.models import lora
 from jaxllm.train.loop import Trainer
 from jaxllm.train.optim import make_optimizer, make_schedule
 from jaxllm.train.step import TrainState, train_step
+from tests.conftest import lm_loss
 from tests.conftest import random_params, tiny_model_config
 from tests.train.test_loop import _train, micro_config
 from tests.train.test_step import _batch
@@ -38,8 +39,8 @@ def test_adapters_fit_a_fixed_batch(quant):
     tx = make_optimizer(optim, 100)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(lora.trainable(params)),
                        skipped=jnp.int32(0))
-    step = jax.jit(functools.partial(train_step, graphdef=models.model_spec(cfg)[0], tx=tx,
-                                     schedule=make_schedule(optim, 100), grad_accum=1, z_loss=0.0))
+    step = jax.jit(functools.partial(train_step, frozen={}, graphdef=models.model_spec(cfg)[0], tx=tx,
+                                     schedule=make_schedule(optim, 100), grad_accum=1, loss=lm_loss()))
     losses = []
     for _ in range(8):
         state, metrics = step(state, _batch(base))

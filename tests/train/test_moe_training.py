@@ -13,6 +13,7 @@ from jaxllm import models, sharding
 from jaxllm.config import MeshConfig, MoEConfig
 from jaxllm.train.metrics import read_metrics
 from jaxllm.train.step import TrainState, train_step
+from tests.conftest import lm_loss
 from tests.conftest import random_params, tiny_model_config
 from jaxllm.cli import main
 from tests.train.test_objective_configs import CONFIGS, SMALL
@@ -26,8 +27,8 @@ def _cfg(dispatch, capacity_factor=1.0):
 
 
 def _step(graphdef, tx, grad_accum):
-    return functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(0.1),
-                             grad_accum=grad_accum, z_loss=0.0)
+    return functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(0.1),
+                             grad_accum=grad_accum, loss=lm_loss())
 
 
 def test_gradient_accumulation_is_exact_with_moe_losses():

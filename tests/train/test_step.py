@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import models, sharding
 from jaxllm.config import MeshConfig, OptimConfig
 from jaxllm.train.optim import decay_mask, make_optimizer, make_schedule, opt_state_shardings
-from jaxllm.train.step import TrainState, cross_entropy, train_step
-from tests.conftest import tiny_model_config
+from jaxllm.train.losses import cross_entropy
+from jaxllm.train.step import TrainState, train_step
+from tests.conftest import lm_loss, tiny_model_config
 
 
 def _batch(cfg, batch=4, length=16, seed=0):
@@ -53,7 +54,7 @@ def test_cross_entropy_matches_manual():
 def test_masked_targets_do_not_affect_loss():
     cfg = tiny_model_config()
     graphdef, tx, schedule, state = _state(cfg)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, z_loss=0.0))
+    step = jax.jit(functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, loss=lm_loss()))
     batch = _batch(cfg)
     changed = dict(batch, targets=batch["targets"].at[:, -3:].set(7))
     _, m1 = step(state, batch)
@@ -73,7 +74,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch["loss_mask"] = batch["loss_mask"].at[0, :8].set(0)  # unequal token counts per micro-batch
     outs = []
     for accum in (1, 2, 4):
-        step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=accum, z_loss=0.0)
+        step = functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=accum, loss=lm_loss())
         outs.append(jax.jit(step)(state, batch))
     for new_state, metrics in outs[1:]:
         np.testing.assert_allclose(metrics["loss"], outs[0][1]["loss"], rtol=1e-5)
@@ -86,7 +87,7 @@ def test_optimizers_fit_a_fixed_batch(name):
     cfg = tiny_model_config()
     lr = {"adamw": 3e-3, "adafactor": 1e-2, "lion": 3e-4}[name]
     graphdef, tx, schedule, state = _state(cfg, OptimConfig(name=name, lr=lr, warmup_steps=0, schedule="constant"))
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, z_loss=0.0))
+    step = jax.jit(functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, loss=lm_loss()))
     batch = _batch(cfg)
     losses = []
     for _ in range(8):
@@ -131,7 +132,7 @@ def test_optimizer_state_follows_parameter_sharding():
 def test_chunked_cross_entropy_equals_full(chunk):
     """Same loss and gradients whether logits are computed whole or `chunk` positions at a time
     (3 does not divide the length 10: the padded tail must not count)."""
-    from jaxllm.train.step import chunked_cross_entropy
+    from jaxllm.train.losses import chunked_cross_entropy
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (2, 10, 8))
@@ -154,8 +155,8 @@ def test_train_step_with_chunked_loss_matches_whole_loss():
     cfg = tiny_model_config()
     graphdef, tx, schedule, state = _state(cfg)
     batch = _batch(cfg, length=16)
-    outs = [jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1,
-                                      z_loss=0.0, loss_chunk=chunk))(state, batch) for chunk in (0, 5)]
+    outs = [jax.jit(functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1,
+                                      loss=lm_loss(loss_chunk=chunk)))(state, batch) for chunk in (0, 5)]
     np.testing.assert_allclose(outs[0][1]["loss"], outs[1][1]["loss"], rtol=1e-6)
     np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-5)
 
@@ -164,7 +165,7 @@ def test_train_step_with_chunked_loss_matches_whole_loss():
 def test_a_nonfinite_loss_leaves_the_state_unchanged_and_is_counted(poison):
     cfg = tiny_model_config()
     graphdef, tx, schedule, state = _state(cfg)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, z_loss=0.0))
+    step = jax.jit(functools.partial(train_step, frozen={}, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, loss=lm_loss()))
     batch = _batch(cfg)
     good, metrics = step(state, batch)
     assert bool(metrics["finite"]) and int(good.skipped) == 0

@@ -1,0 +1,97 @@
+"""Objectives: what a training method plugs into the one Trainer.
+
+An objective is chosen by `data.objective.name` and is
+
+- a batch format: the data pipeline's stages from documents to rows and the arrays of a batch
+  (`jaxllm.data.objectives.BatchFormat`, registered under the same name);
+- the model architectures it trains (`archs`);
+- a loss: a pure function `loss(params, graphdef, batch, norms, key, frozen, cfg) -> (objective,
+  metrics)`, both already divided by the whole batch's counts in `norms` (see `step.normalizers`), so
+  gradient accumulation sums exact contributions; `metrics["loss"]` is what the loop logs and what
+  evaluation sums (evaluation calls it with norms of 1);
+- the frozen models it needs (`frozen_models(cfg) -> {name: FrozenSource}`): a reference policy, a
+  teacher, a reward model. The Trainer loads each beside the trained model, sharded by the same rules,
+  never differentiated, never in the optimizer state or the checkpoint, and hands them to the loss as
+  `frozen[name]` (a `FrozenModel`).
+
+A new method registers an `Objective` here and a `BatchFormat` in data/, and adds its name to the choices
+of `ObjectiveConfig.name` (config/schema.py); the Trainer, step, checkpoints, resume, faults, meshes, LoRA
+and logging come with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from jaxllm.config import Config, ConfigError, JaxllmError
+from jaxllm.train.frozen import FrozenModel, FrozenSource
+from jaxllm.train.losses import pretraining_loss
+
+Loss = Callable[[Any, Any, dict[str, jax.Array], dict[str, jax.Array], jax.Array, dict[str, FrozenModel], Config],
+                tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _no_frozen_models(cfg: Config) -> dict[str, FrozenSource]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training method (module docstring)."""
+
+    name: str
+    archs: tuple[str, ...]
+    loss: Loss
+    frozen_models: Callable[[Config], dict[str, FrozenSource]] = _no_frozen_models
+
+
+_OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    _OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def objective_for(cfg: Config) -> Objective:
+    name = cfg.data.objective.name
+    if name not in _OBJECTIVES:
+        raise ConfigError(f"unknown data.objective.name={name}; choose one of {', '.join(_OBJECTIVES)}")
+    return _OBJECTIVES[name]
+
+
+def check_trainable(cfg: Config) -> Objective:
+    """The objective of `cfg`, after checking that it fits the model: next-token for decoders, masked LM
+    for encoders, denoising for encoder-decoders (or what a registered method trains)."""
+    objective, arch = objective_for(cfg), cfg.model.arch
+    if arch not in objective.archs:
+        fits = [o.name for o in _OBJECTIVES.values() if arch in o.archs]
+        raise JaxllmError(
+            f"data.objective.name={objective.name} trains a model.arch={' or '.join(objective.archs)}, but this "
+            f"model is arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind "
+            "under configs/"
+        )
+    if cfg.model.quant is not None and cfg.model.lora is None:
+        raise JaxllmError("model.quant stores the base quantised and frozen; to train, add adapters with "
+                          "model.lora (QLoRA), or drop model.quant")
+    if arch == "encoder" and cfg.model.head != "mlm" and cfg.model.electra_generator is None:
+        raise JaxllmError(
+            f"an encoder with model.head={cfg.model.head} cannot be pre-trained: use head=mlm, or head=discriminator "
+            "with model.electra_generator (ELECTRA)"
+        )
+    return objective
+
+
+def _pretraining(params, graphdef, batch, norms, key, frozen, cfg: Config):
+    """The pretraining objectives' loss (`losses.pretraining_loss`): it follows the model (next tokens for
+    a Decoder, masked tokens for an Encoder, decoder targets for an EncoderDecoder, ELECTRA's two heads)."""
+    return pretraining_loss(params, graphdef, batch, norms, cfg.train.z_loss, key, cfg.train.loss_chunk)
+
+
+register(Objective("clm", ("decoder",), _pretraining))
+register(Objective("mlm", ("encoder",), _pretraining))
+for _name in ("span", "bart", "ul2"):
+    register(Objective(_name, ("encoder_decoder",), _pretraining))
