@@ -99,12 +99,31 @@ def dot_product_attention(q_BLNH, k_BSKH, v_BSKH, masking: Masking, bias_BNLS, s
         if bias_BNLS is not None:
             raise ValueError("splash attention takes no position bias; use attention_impl=xla")
         return splash_attention(q_BLNH, k_BSKH, v_BSKH, masking, scale, interpret=impl == "splash_interpret")
-    if bias_BNLS is not None:
-        bias_BNLS = bias_BNLS.astype(q_BLNH.dtype)
-    return jax.nn.dot_product_attention(
-        q_BLNH, k_BSKH, v_BSKH, bias=bias_BNLS, mask=masking.dense_BLS[:, None, :, :], scale=scale,
-        implementation="xla",
-    )
+    return _xla_attention(q_BLNH, k_BSKH, v_BSKH, masking.dense_BLS, bias_BNLS, scale)
+
+
+def _xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, bias_BNLS, scale: float) -> jax.Array:
+    """The XLA kernel: jax.nn.dot_product_attention's XLA path (logits and softmax in float32, masked
+    logits set to a large negative number), laid out for XLA's CPU backend: heads first, the query
+    heads of a kv head folded into the query length ([B, K, G*L, H]), so both matmuls and their
+    gradients are plain batched matmuls. jax.nn's [B, L, K, G, H] layout made the backward pass
+    transpose the [L, S] probabilities several times per layer (docs/performance.md)."""
+    B, L, N, H = q_BLNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q_BKQH = q_BLNH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, H)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    logits_BKGLS = logits.reshape(B, K, G, L, S) * jnp.float32(scale)
+    if bias_BNLS is not None:  # [B or 1, N or 1, L, S]
+        b, n = bias_BNLS.shape[:2]
+        bias = bias_BNLS.astype(q_BLNH.dtype).astype(jnp.float32)
+        logits_BKGLS = logits_BKGLS + (bias.reshape(b, K, G, L, S) if n == N else bias[:, :, None])
+    large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, large_negative)
+    probs_BKQS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype).reshape(B, K, G * L, S)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
+    return out_BKQH.reshape(B, K, G, L, H).transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
 
 # cuDNN's packed layout takes a fixed number of segment slots per row, and its workspace grows with it;

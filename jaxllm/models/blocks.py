@@ -17,7 +17,7 @@ from jaxllm.models.attention import FUSED_KERNELS, Attention, LayerCache, Maskin
 from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param
 from jaxllm.models.moe import MoE, add_aux, is_moe_layer
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
-from jaxllm.sharding import constrain
+from jaxllm.sharding import active_platform, constrain
 
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -229,11 +229,15 @@ class Stack(nnx.Module):
                 return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache,
                              None if memory is None else memory.x_BSD, memory_masking, valid_BL)
 
+        units = self.num_layers // self.group
+        # XLA's CPU backend runs a scanned stack as a while loop that slices the stacked weights and
+        # buffers each layer's residuals; unrolling the scan keeps the parameter layout (checkpoints,
+        # conversion) and runs as fast as unscanned layers (docs/performance.md).
+        unroll = units if active_platform() == "cpu" else 1
         if self.cfg.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],
-                                         prevent_cse=not self.cfg.scan_layers)
+                                         prevent_cse=not self.cfg.scan_layers or unroll > 1)
         kv = None if cache is None else (cache.k, cache.v)
-        units = self.num_layers // self.group
         indices = jnp.arange(units) if dropout_active() else None
         if self.cfg.share_layers or self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -245,14 +249,15 @@ class Stack(nnx.Module):
                     x_BLD, out_kv, aux = apply_block(graphdef, state, x_BLD, layer_kv, index)
                     return x_BLD, (out_kv, aux)
 
-                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (kv, indices), length=self.num_layers)
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (kv, indices), length=self.num_layers,
+                                                    unroll=self.num_layers if unroll > 1 else 1)
             else:
                 def body(x_BLD, xs):
                     layer_state, layer_kv, index = xs
                     x_BLD, out_kv, aux = apply_block(graphdef, layer_state, x_BLD, layer_kv, index)
                     return x_BLD, (out_kv, aux)
 
-                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv, indices))
+                x_BLD, (new_kv, aux) = jax.lax.scan(body, x_BLD, (state, kv, indices), unroll=unroll)
             aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
             if new_kv is not None and self.group > 1:
                 new_kv = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_kv)

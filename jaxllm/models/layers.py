@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.quant import kernel_array
-from jaxllm.sharding import constrain
+from jaxllm.sharding import active_platform, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -152,7 +152,31 @@ class Embed(nnx.Module):
         return jnp.take(table_VE, tokens_BL, axis=0).astype(self.dtype)
 
     def attend(self, x_BLE: jax.Array) -> jax.Array:
-        return jnp.einsum("ble,ve->blv", x_BLE, self.embedding[...].astype(self.dtype))
+        table_VE = self.embedding[...].astype(self.dtype)
+        if active_platform() == "cpu":
+            return _attend_cpu(x_BLE, table_VE)
+        return jnp.einsum("ble,ve->blv", x_BLE, table_VE)
+
+
+@jax.custom_vjp
+def _attend_cpu(x_BLE: jax.Array, table_VE: jax.Array) -> jax.Array:
+    """x . table^T, whose table gradient is computed as (x^T . g)^T: XLA's CPU backend otherwise
+    transposes the [B, L, V] logits gradient to multiply it (the largest copy of the tiny model's
+    backward pass); this way it transposes x and the [E, V] result, V/E times less data."""
+    return jnp.einsum("ble,ve->blv", x_BLE, table_VE)
+
+
+def _attend_cpu_fwd(x_BLE, table_VE):
+    return _attend_cpu(x_BLE, table_VE), (x_BLE, table_VE)
+
+
+def _attend_cpu_bwd(residuals, g_BLV):
+    x_BLE, table_VE = residuals
+    g_BLV = g_BLV.astype(x_BLE.dtype)
+    return jnp.einsum("blv,ve->ble", g_BLV, table_VE), jnp.einsum("ble,blv->ev", x_BLE, g_BLV).T
+
+
+_attend_cpu.defvjp(_attend_cpu_fwd, _attend_cpu_bwd)
 
 
 ACTIVATIONS = {
