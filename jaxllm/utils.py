@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
 from jaxllm.config import JaxllmError
 
+_UMASK = os.umask(0)  # read once, at import (single-threaded), and put back at once
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part. The
+    file gets the permissions a plain write would give it (the old file's, else 0666 less the umask), not
+    mkstemp's owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,7 +1,9 @@
 """Safety of files: every write of metadata, configs and exports is atomic, and reading a checkpoint or a
 tokenizer never runs code (no pickle, no `trust_remote_code`)."""
 
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -86,3 +88,15 @@ def test_restoring_a_checkpoint_unpickles_nothing(tmp_path, unpickling_watch):
     loaded = load_model(tmp_path)  # restores parameters for generation
     load_tokenizer_from_files(loaded.tokenizer.files())
     assert unpickling_watch == []
+
+
+def test_an_atomic_write_gets_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp makes owner-only files: exported models and run files must stay readable by others as a
+    plain write leaves them (0666 less the umask), and a rewritten file keeps its mode."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
+    os.chmod(plain, 0o640)
+    atomic_write_text(plain, "y")
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o640 and plain.read_text() == "y"
