@@ -180,11 +180,13 @@ class HFModel:
 
 
 def from_hf(path: str | Path, devices: Sequence[jax.Device] | None = None, param_dtype: str | None = None,
-            mesh: Mesh | None = None, adapter: str | Path | None = None) -> HFModel:
+            mesh: Mesh | None = None, adapter: str | Path | None = None,
+            rules: sharding.Rules | None = None) -> HFModel:
     """A ready model from a Hugging Face directory (config.json + safetensors [+ tokenizer files]).
 
-    Parameters are sharded fsdp-style over `devices` (default: all) unless a `mesh` is given. With
-    `adapter` (a PEFT LoRA directory) the model carries those adapters (`config.lora`).
+    Parameters are sharded fsdp-style over `devices` (default: all) unless a `mesh` is given, by
+    `rules` (default: `sharding.DEFAULT_RULES`). With `adapter` (a PEFT LoRA directory) the model
+    carries those adapters (`config.lora`).
     """
     from jaxllm.data.tokenizer import load_tokenizer_from_files
 
@@ -192,10 +194,11 @@ def from_hf(path: str | Path, devices: Sequence[jax.Device] | None = None, param
     hf_config, reader = read_hf_config(path), SafetensorsReader(path)
     cfg = config_from_hf(hf_config, param_dtype, reader)
     mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
-    params = _load_params(reader, family_of(hf_config), cfg, mesh, sharding.make_rules())
+    rules = rules if rules is not None else sharding.make_rules()
+    params = _load_params(reader, family_of(hf_config), cfg, mesh, rules)
     if adapter is not None:
         def placement(c):
-            return models.sharded_spec(c, mesh, sharding.make_rules())[2]
+            return models.sharded_spec(c, mesh, rules)[2]
 
         params, cfg = load_peft_adapters(adapter, params, cfg, placement)
     files = _read_tokenizer_files(path)

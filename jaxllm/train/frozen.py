@@ -20,6 +20,7 @@ from jaxllm import models
 from jaxllm.config import ModelConfig
 from jaxllm.models import lora
 from jaxllm.models.layers import DTYPES
+from jaxllm.train.checkpoint import find_checkpoint
 
 log = logging.getLogger("jaxllm")
 
@@ -63,19 +64,16 @@ def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None) -
     if (path / "config.json").is_file():
         from jaxllm.convert.hf import from_hf
 
-        hf = from_hf(path, mesh=mesh)
+        hf = from_hf(path, mesh=mesh, rules=rules, param_dtype=param_dtype)  # read in that dtype
         cfg, params = hf.config, hf.params
     else:
-        from jaxllm.train.checkpoint import find_checkpoint
-
         checkpointer, step = find_checkpoint(path)
         meta = checkpointer.restore_meta(step, with_data=False)
-        cfg, params = restore_base_params(checkpointer, step, meta.config.model,
-                                          mesh, rules)
-    if param_dtype is not None:
-        dtype = DTYPES[param_dtype]
-        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-        cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+        cfg, params = restore_base_params(checkpointer, step, meta.config.model, mesh, rules)
+        if param_dtype is not None:
+            dtype = DTYPES[param_dtype]
+            params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+            cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
     log.info("frozen model from %s: %s, %s parameters", path, cfg.family or cfg.arch,
              f"{sum(a.size for a in jax.tree.leaves(params)):,}")
     return FrozenModel(params, models.model_spec(cfg)[0], cfg)

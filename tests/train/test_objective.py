@@ -126,3 +126,24 @@ def test_an_objective_that_does_not_fit_the_model_names_the_ones_that_do(tmp_pat
     with pytest.raises(JaxllmError, match="data.objective.name=span trains a model.arch=encoder_decoder.*use "
                                           "data.objective.name=clm"):
         Trainer(cfg)
+
+
+def test_a_frozen_model_from_a_hugging_face_directory_is_read_in_its_dtype_with_the_trainers_rules(tmp_path):
+    from jaxllm import models, sharding
+    from jaxllm.config import MeshConfig
+    from jaxllm.convert.hf import save_hf
+    from jaxllm.train.frozen import load_frozen
+    from tests.conftest import random_params, tiny_model_config
+
+    cfg = dataclasses.replace(tiny_model_config(), family="llama")
+    params = random_params(cfg)
+    save_hf(params, cfg, tmp_path / "hf")
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    rules = sharding.make_rules([["mlp", None]])  # this trainer keeps MLP weights whole on the tensor axis
+    frozen = load_frozen(tmp_path / "hf", mesh, rules, "bfloat16")
+    assert frozen.cfg.param_dtype == "bfloat16"
+    assert {a.dtype for a in jax.tree.leaves(frozen.params)} == {jnp.dtype(jnp.bfloat16)}
+    expected = models.sharded_spec(frozen.cfg, mesh, rules)[2]
+    assert jax.tree.map(lambda a: a.sharding.spec, frozen.params) == jax.tree.map(lambda s: s.spec, expected)
+    jax.tree.map(lambda f, p: np.testing.assert_array_equal(np.asarray(f), np.asarray(p).astype(jnp.bfloat16)),
+                 frozen.params, params)
