@@ -25,17 +25,13 @@ transformers' `return_assistant_tokens_mask`):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
-
-import sentencepiece as spm
 
 from jaxllm.config import JaxllmError
 from jaxllm.data.chat_template import ChatTemplate, Span
 from jaxllm.data.tokenizer import Tokenizer
 
-_SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _LOSS_ROLE = "assistant"
 
 
@@ -47,28 +43,6 @@ class ChatFields:
     prompt: str = "prompt"
     completion: str = "completion"
     text: str = "text"
-
-
-def special_token_variables(tokenizer: Tokenizer) -> dict[str, str]:
-    """`bos_token`, `eos_token`, ... as transformers passes them to templates: from tokenizer_config.json and
-    special_tokens_map.json (the latter wins) of a Hugging Face tokenizer, from the pieces of a SentencePiece
-    model's bos/eos/unk/pad ids."""
-    files = tokenizer.files()
-    out: dict[str, str] = {}
-    if "tokenizer.json" in files:
-        for config_name in ("tokenizer_config.json", "special_tokens_map.json"):
-            config = json.loads(files[config_name]) if config_name in files else {}
-            for key in _SPECIAL_TOKEN_NAMES:
-                value = config.get(f"{key}_token")
-                value = value.get("content") if isinstance(value, dict) else value
-                if isinstance(value, str):
-                    out[f"{key}_token"] = value
-    elif "tokenizer.model" in files:
-        sp = spm.SentencePieceProcessor(model_proto=files["tokenizer.model"])
-        for key, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id())):
-            if i >= 0:
-                out[f"{key}_token"] = sp.id_to_piece(i)
-    return out
 
 
 def spans_to_mask(offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
@@ -96,7 +70,7 @@ class ChatEncoder:
         self.template = template
         self.fields = fields
         self.train_on_all = train_on_all
-        self.variables = special_token_variables(tokenizer) if template is not None else {}
+        self.variables = tokenizer.special_tokens() if template is not None else {}
 
     def encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         f = self.fields

@@ -28,6 +28,7 @@ from jaxllm.utils import atomic_write_bytes
 
 BUILTIN_TOKENIZERS = {"kjv-sp4k": "kjv-sp4k.model"}
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' `{name}_token`
 
 
 class Tokenizer(abc.ABC):
@@ -60,6 +61,11 @@ class Tokenizer(abc.ABC):
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of `token` when the vocabulary has it as one piece (e.g. `<mask>`), else None."""
         return None
+
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens by transformers' names (`bos_token`, `eos_token`, ...: what chat templates
+        see), as strings; those the tokenizer lacks are absent."""
+        return {}
 
     def special_ids(self) -> set[int]:
         """Ids that never stand for text (BOS, EOS, pad, control tokens): objectives never draw them at random."""
@@ -116,6 +122,11 @@ class SentencePieceTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> Optional[int]:
         i = self._sp.piece_to_id(token)  # the unknown id when absent
         return i if self._sp.id_to_piece(i) == token and not self._sp.is_unknown(i) else None
+
+    def special_tokens(self) -> dict[str, str]:
+        sp = self._sp
+        ids = (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id()))
+        return {f"{key}_token": sp.id_to_piece(i) for key, i in ids if i >= 0}
 
     def special_ids(self) -> set[int]:
         sp = self._sp
@@ -202,6 +213,12 @@ class HFTokenizer(Tokenizer):
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise JaxllmError(f"{name}: {config_name} is not valid JSON ({e})") from None
         self._special = {key: self._token_id(special.get(f"{key}_token")) for key in ("bos", "eos", "pad")}
+        self._special_tokens = {}
+        for key in SPECIAL_TOKEN_NAMES:
+            value = special.get(f"{key}_token")
+            value = value.get("content") if isinstance(value, dict) else value  # a serialised AddedToken
+            if isinstance(value, str):
+                self._special_tokens[f"{key}_token"] = value
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def _token_id(self, token: object) -> Optional[int]:
@@ -239,6 +256,9 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
+
+    def special_tokens(self) -> dict[str, str]:
+        return dict(self._special_tokens)
 
     def special_ids(self) -> set[int]:
         added = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
