@@ -247,13 +247,15 @@ def _ul2_denoisers() -> list[DenoiserConfig]:
 
 @dataclass
 class ObjectiveConfig:
-    """The pretraining objective: how the pipeline turns documents into batches (docs/objectives.md).
+    """The training objective: how the pipeline turns documents into batches and what the loss is
+    (docs/objectives.md, docs/post-training.md).
 
     clm: next-token prediction (decoder). mlm: BERT masking, new masks every epoch (encoder; also the
     ELECTRA generator's batch). span: T5 span corruption. bart: BART text infilling + sentence
-    permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives."""
+    permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives.
+    sft: supervised fine-tuning on conversations / prompt-completion / text records (decoder)."""
 
-    name: Literal["clm", "mlm", "span", "bart", "ul2"] = "clm"
+    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft"] = "clm"
     # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8  # the mask token
@@ -275,6 +277,17 @@ class ObjectiveConfig:
     permute_sentences: bool = True
     # ul2: the mixture; each example gets one denoiser, chosen by weight.
     denoisers: list[DenoiserConfig] = field(default_factory=_ul2_denoisers)
+    # sft (docs/post-training.md). Records: `messages` (a list of {role, content}), `prompt` + `completion`
+    # (strings, or lists of messages), or plain `text` (the source's text_field), TRL's dataset formats.
+    # chat_template: builtin:NAME, a .jinja file or a Hugging Face tokenizer directory; null = the tokenizer's
+    # own (a Hugging Face directory's, or the one a run was trained with), else none (plain formats only).
+    chat_template: Optional[str] = None
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    train_on_all: bool = False  # loss on every token, not only the assistant's / the completion's
+    packing: bool = True  # several examples per row (first fit, never split; segment ids keep them apart)
+    overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than data.seq_len + 1 tokens
 
 
 @dataclass

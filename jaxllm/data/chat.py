@@ -2,9 +2,9 @@
 
 Record formats (TRL's dataset formats; field names configurable with `ChatFields`):
 - `messages`: a list of `{role, content}` (multi-turn, optional system message); needs a chat template.
-- `prompt` + `completion`: two strings, rendered as a user turn and an assistant turn when there is a template,
-  else concatenated (loss on the completion); or two message lists (TRL's conversational prompt-completion),
-  rendered as one conversation with the loss on the completion's assistant turns.
+- `prompt` + `completion`: two strings, concatenated without a template (TRL's standard format; loss on the
+  completion); or two message lists (TRL's conversational prompt-completion), rendered as one conversation
+  with the loss on the completion's assistant turns.
 - `text`: plain text, loss on every token.
 A record is read as the first of these whose fields it has. Records without a template (plain text, string
 prompt + completion) end with the tokenizer's EOS, as TRL appends it, so the model learns to stop.
@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional
 
 from jaxllm.config import JaxllmError
 from jaxllm.data.chat_template import ChatTemplate, Span
+from jaxllm.data.readers import RecordError
 from jaxllm.data.tokenizer import Tokenizer
 
 _LOSS_ROLE = "assistant"
@@ -65,8 +66,9 @@ class ChatEncoder:
     string prompt + completion only). See the module docstring for formats and masks."""
 
     def __init__(self, tokenizer: Tokenizer, template: Optional[ChatTemplate],
-                 fields: ChatFields = ChatFields(), train_on_all: bool = False):  # fmt: skip
+                 fields: ChatFields = ChatFields(), train_on_all: bool = False, bos_id: Optional[int] = None):  # fmt: skip
         self.tokenizer = tokenizer
+        self.bos_id = bos_id  # put first in records rendered without a template (templates write their own)
         self.template = template
         self.fields = fields
         self.train_on_all = train_on_all
@@ -78,24 +80,22 @@ class ChatEncoder:
             return self.encode_messages(self._messages(record, f.messages))
         if f.prompt in record and f.completion in record:
             prompt, completion = record[f.prompt], record[f.completion]
-            if isinstance(prompt, str) and isinstance(completion, str):
-                if self.template is None:
-                    return self._encode_plain(prompt, completion)
-                turns = [{"role": "user", "content": prompt}, {"role": _LOSS_ROLE, "content": completion}]
-                return self.encode_messages(turns, loss_from=1)
+            if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard format: no template
+                return self._encode_plain(prompt, completion)
             if isinstance(prompt, list) and isinstance(completion, list):
                 prompt, completion = self._messages(record, f.prompt), self._messages(record, f.completion)
                 return self.encode_messages(prompt + completion, loss_from=len(prompt))
-            raise JaxllmError(f"fields {f.prompt!r} and {f.completion!r} must both be strings or both lists of "
+            raise RecordError(f"fields {f.prompt!r} and {f.completion!r} must both be strings or both lists of "
                               f"messages, got {type(prompt).__name__} and {type(completion).__name__}")  # fmt: skip
         if f.text in record:
             text = record[f.text]
             if not isinstance(text, str):
-                raise JaxllmError(f"field {f.text!r} holds {type(text).__name__}, expected a string")
+                raise RecordError(f"field {f.text!r} holds {type(text).__name__}, expected a string")
             return self._encode_plain("", text)
-        raise JaxllmError(
+        raise RecordError(
             f"the record has none of the fields {f.messages!r}, {f.prompt!r} + {f.completion!r}, {f.text!r} (it has "
-            f"{', '.join(map(repr, record)) or 'none'}); name the fields that hold the conversation in ChatFields"
+            f"{', '.join(map(repr, record)) or 'none'}); set data.objective.messages_field / prompt_field / "
+            "completion_field, or the source's text_field, to the fields that hold it"
         )
 
     def encode_messages(self, messages: list[dict], loss_from: int = 0) -> tuple[list[int], list[int]]:
@@ -145,14 +145,16 @@ class ChatEncoder:
         mask = [1] * len(ids) if all_tokens else spans_to_mask(offsets, [(len(prompt), len(text))])
         if self.tokenizer.eos_id is not None:
             ids, mask = ids + [self.tokenizer.eos_id], mask + [1]
+        if self.bos_id is not None:
+            ids, mask = [self.bos_id, *ids], [0, *mask]
         return ids, mask
 
     @staticmethod
     def _messages(record: Mapping[str, Any], field: str) -> list[dict]:
         messages = record[field]
         if not isinstance(messages, list) or not messages:
-            raise JaxllmError(f"field {field!r} must hold a non-empty list of messages, got {messages!r:.80}")
+            raise RecordError(f"field {field!r} must hold a non-empty list of messages, got {messages!r:.80}")
         for m in messages:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
-                raise JaxllmError(f"field {field!r}: each message needs a 'role' string and a 'content', got {m!r:.80}")
+                raise RecordError(f"field {field!r}: each message needs a 'role' string and a 'content', got {m!r:.80}")
         return messages

@@ -27,6 +27,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxllm.config import JaxllmError
+from jaxllm.data.readers import RecordError
 
 Span = tuple[int, int]
 
@@ -174,7 +175,7 @@ class ChatTemplate:
             return "".join(blocks)
         except jinja2.exceptions.TemplateError as e:
             message = " ".join(str(e).split())
-            raise JaxllmError(f"chat template {self.name} rejected the conversation: {message}") from None
+            raise RecordError(f"chat template {self.name} rejected the conversation: {message}") from None
 
     def missing_tokens(self, token_to_id) -> list[str]:
         """The `special_tokens` that `token_to_id` (a Tokenizer's) does not know as single tokens."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 
 from jaxllm.config import JaxllmError
+from jaxllm.data import readers
 
 logger = logging.getLogger("jaxllm.data.sources")  # the name bad-record warnings have always had
 
@@ -46,9 +47,11 @@ class EpochIterator(grain.DatasetIterator):
     (go to the start of epoch `self.epoch`), `_position()` and `_seek(position)`.
     """
 
-    def __init__(self, name: str, process_index: int, process_count: int, num_epochs: Optional[int]):
+    def __init__(self, name: str, process_index: int, process_count: int, num_epochs: Optional[int],
+                 convert: Optional[Callable[[dict], Optional[dict]]] = None):
         super().__init__()
         self.name, self.process_index, self.process_count = name, process_index, process_count
+        self._convert = convert  # whole records -> documents (sources.py's module docstring); None: text only
         self._num_epochs = num_epochs
         self.epoch = 0
         self._yielded = False  # any document in this epoch yet? (an all-bad source must not loop forever)
@@ -76,6 +79,13 @@ class EpochIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self.epoch, self._yielded = state["epoch"], state["yielded"]
         self._seek(state)
+
+    def _convert_record(self, record: dict, number: int) -> Optional[dict]:
+        """`convert(record)`; a `readers.RecordError` becomes a `readers.BadRecord` of record `number`."""
+        try:
+            return self._convert(record)
+        except readers.RecordError as e:
+            raise readers.BadRecord(number, str(e)) from None
 
     # What a source implements (sources.FilesIterator, hub_sources.HFIterator, hub_sources.TfdsIterator):
 

@@ -15,7 +15,8 @@ from jaxllm.data import readers
 from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
 
-def load_hf_dataset(target: str, cfg: SourceConfig, process_index: int, process_count: int) -> Any:
+def load_hf_dataset(target: str, cfg: SourceConfig, process_index: int, process_count: int,
+                    records: bool = False) -> Any:
     """A streaming `datasets.IterableDataset` of this process's share of `target` (hub name or local directory).
 
     A directory written by `Dataset.save_to_disk` is read with `load_from_disk`; anything else with
@@ -45,7 +46,7 @@ def load_hf_dataset(target: str, cfg: SourceConfig, process_index: int, process_
             f"hf:{target}: cannot load split {cfg.split!r} ({type(e).__name__}: {e}); check the name, "
             "hf_config and split, or give a local directory of jsonl/parquet files"
         ) from None
-    if ds.column_names is not None and cfg.text_field not in ds.column_names:
+    if not records and ds.column_names is not None and cfg.text_field not in ds.column_names:
         raise JaxllmError(
             f"hf:{target} has no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}); set text_field"
         )
@@ -59,10 +60,10 @@ class HFIterator(EpochIterator):
     """
 
     def __init__(self, target: str, cfg: SourceConfig, *, bad: BadRecordPolicy, seed: int, name: str,
-                 process_index: int, process_count: int, num_epochs: Optional[int]):  # fmt: skip
-        super().__init__(name, process_index, process_count, num_epochs)
+                 process_index: int, process_count: int, num_epochs: Optional[int], convert=None):  # fmt: skip
+        super().__init__(name, process_index, process_count, num_epochs, convert)
         del seed  # the order is the dataset's own; see the class docstring
-        self._ds = load_hf_dataset(target, cfg, process_index, process_count)
+        self._ds = load_hf_dataset(target, cfg, process_index, process_count, records=convert is not None)
         self._field, self._bad = cfg.text_field, bad
         self._restart()
 
@@ -81,6 +82,11 @@ class HFIterator(EpochIterator):
         for example in self._iterator:
             self._example += 1
             try:
+                if self._convert is not None:
+                    doc = self._convert_record(example, self._example)
+                    if doc is None:
+                        continue
+                    return doc
                 text = readers.text_value(example.get(self._field), self._field, self._example, "field")
             except readers.BadRecord as e:
                 self._bad(f"{self.name}: example {self._example}", e.problem)
@@ -105,8 +111,8 @@ class TfdsIterator(EpochIterator):
     per epoch; the state is the count read this epoch."""
 
     def __init__(self, target: str, cfg: SourceConfig, *, bad: BadRecordPolicy, seed: int, name: str,
-                 process_index: int, process_count: int, num_epochs: Optional[int]):  # fmt: skip
-        super().__init__(name, process_index, process_count, num_epochs)
+                 process_index: int, process_count: int, num_epochs: Optional[int], convert=None):  # fmt: skip
+        super().__init__(name, process_index, process_count, num_epochs, convert)
         try:
             import tensorflow_datasets as tfds
         except ImportError:
@@ -121,7 +127,7 @@ class TfdsIterator(EpochIterator):
                 "build the dataset with file_format='array_record' and set data_dir to where it was built"
             ) from None
         features = sorted(self._data.dataset_info.features.keys())
-        if cfg.text_field not in features:
+        if convert is None and cfg.text_field not in features:
             raise JaxllmError(f"tfds:{target} has no feature {cfg.text_field!r} (features: {', '.join(features)}); "
                               "set text_field")  # fmt: skip
         self._count = len(range(process_index, len(self._data), process_count))
@@ -135,6 +141,11 @@ class TfdsIterator(EpochIterator):
             shuffled = index_shuffle(self._k - 1, max_index=self._count - 1, seed=seed, rounds=4)
             index = self.process_index + self.process_count * shuffled
             try:  # TFDS decodes text features to bytes
+                if self._convert is not None:
+                    doc = self._convert_record(_decoded(self._data[index]), index)
+                    if doc is None:
+                        continue
+                    return doc
                 text = readers.text_value(self._data[index][self._field], self._field, index, "feature")
             except readers.BadRecord as e:
                 self._bad(f"{self.name}: example {index}", e.problem)
@@ -151,3 +162,16 @@ class TfdsIterator(EpochIterator):
 
     def _seek(self, state: dict[str, Any]) -> None:
         self._k = state["index"]
+
+
+def _decoded(value: Any) -> Any:
+    """A TFDS example with its byte strings (text features) decoded as UTF-8 and arrays as lists."""
+    if isinstance(value, dict):
+        return {k: _decoded(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "tolist"):
+        return _decoded(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_decoded(v) for v in value]
+    return value

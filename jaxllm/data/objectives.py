@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, FlatMapIterDataset, FlatMapTransform
 
-from jaxllm.config import ConfigError, DataConfig, JaxllmError, ObjectiveConfig
+from jaxllm.config import ConfigError, DataConfig, JaxllmError, ObjectiveConfig, SourceConfig
 from jaxllm.data import denoising
 from jaxllm.data.masking import MaskRows
 from jaxllm.data.tokenizer import Tokenizer
@@ -165,7 +165,7 @@ def batch_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, .
     return batch_format(cfg.objective.name).spec(cfg, batch_size)
 
 
-def _token_rows_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def token_rows_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """clm and mlm: [B, L] inputs, targets, segment_ids, positions (int32) and loss_mask (float32)."""
     row = (batch_size, cfg.seq_len)
     keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -188,6 +188,7 @@ def _encoder_decoder_spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[t
 
 Rows = Callable[[grain.IterDataset, DataConfig, Tokenizer, int, int], grain.IterDataset]
 Spec = Callable[[DataConfig, int], dict[str, tuple[tuple[int, ...], np.dtype]]]
+Convert = Callable[[DataConfig, Tokenizer, SourceConfig], Callable[[dict], Optional[dict]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,10 +197,13 @@ class BatchFormat:
 
     `rows(docs, data_cfg, tokenizer, batch_size, process_index)`: the grain stages from documents to
     rows (dicts of [L] arrays), before batching; `spec(data_cfg, batch_size)`: the shape and dtype of
-    every array of a batch. An objective (jaxllm.train.objective) names its format by its own name."""
+    every array of a batch. An objective (jaxllm.train.objective) names its format by its own name.
+    `convert(data_cfg, tokenizer, source_cfg)`, for formats that read whole records instead of `{"text"}`
+    documents: the function each source applies to its records (jaxllm.data.sources)."""
 
     rows: Rows
     spec: Spec
+    convert: Optional[Convert] = None
 
 
 _FORMATS: dict[str, BatchFormat] = {}
@@ -389,7 +393,7 @@ def _finish_encoder_decoder_row(packed: dict[str, Any]) -> dict[str, np.ndarray]
     }
 
 
-register_format("clm", BatchFormat(_clm_rows, _token_rows_spec))
-register_format("mlm", BatchFormat(_mlm_rows, _token_rows_spec))
+register_format("clm", BatchFormat(_clm_rows, token_rows_spec))
+register_format("mlm", BatchFormat(_mlm_rows, token_rows_spec))
 for _name in ENCODER_DECODER:
     register_format(_name, BatchFormat(_encoder_decoder_rows, _encoder_decoder_spec))

@@ -27,6 +27,7 @@ import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from jaxllm.config import DataConfig, JaxllmError
+from jaxllm.data import sft  # noqa: F401 (registers the sft batch format)
 from jaxllm.data.objectives import batch_format
 from jaxllm.data.sources import make_source
 from jaxllm.data.tokenizer import Tokenizer
@@ -111,6 +112,7 @@ def make_pipeline(
             raise JaxllmError(
                 f"data.{flag} is true but the tokenizer has no {flag[4:].upper()} token; set data.{flag}=false"
             )
+    fmt = batch_format(cfg.objective.name)
     sources = [
         make_source(
             source,
@@ -119,13 +121,14 @@ def make_pipeline(
             process_index=process_index,
             process_count=process_count,
             num_epochs=num_epochs,
+            convert=fmt.convert(cfg, tokenizer, source) if fmt.convert is not None else None,
         )
         for i, source in enumerate(cfg.sources)
     ]
     ds = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, [s.weight for s in cfg.sources])
     if cfg.shuffle_window > 0:
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
-    ds = batch_format(cfg.objective.name).rows(ds, cfg, tokenizer, batch_size, process_index)
+    ds = fmt.rows(ds, cfg, tokenizer, batch_size, process_index)
     ds = ds.batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
     if cfg.prefetch > 0:
         ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)

@@ -23,6 +23,11 @@ _EXTENSIONS = {
 _SNIFF_BYTES = 8192  # how much of a text file is checked for NUL bytes (binary files)
 
 
+class RecordError(JaxllmError):
+    """A record that was read but whose content a batch format cannot use (raised by a source's `convert`,
+    e.g. a conversation without messages); the source reports it with its file and line like a bad record."""
+
+
 class BadRecord(Exception):
     """One record (or a whole file, line 0) that cannot be read; `number` is its line or row (1-based)."""
 
@@ -46,10 +51,12 @@ def file_format(path: str, format: str) -> str:
     return _EXTENSIONS[ext]
 
 
-def open_reader(path: str, fmt: str, text_unit: str, text_field: str, position: Optional[dict]) -> Any:
-    """A reader positioned at `position` (None = the start). Raises BadRecord(0, ...) for an unusable file."""
+def open_reader(path: str, fmt: str, text_unit: str, text_field: str, position: Optional[dict],
+                records: bool = False) -> Any:
+    """A reader positioned at `position` (None = the start). Raises BadRecord(0, ...) for an unusable file.
+    `records`: Parquet rows are read whole (every column), not only `text_field`."""
     if fmt == "parquet":
-        return ParquetReader(path, text_field, position)
+        return ParquetReader(path, None if records else text_field, position)
     return TextReader(path, "line" if fmt == "jsonl" else text_unit, position)
 
 
@@ -74,6 +81,24 @@ def parse_record(raw: Any, fmt: str, text_field: str, number: int) -> str:
         fields = ", ".join(map(repr, list(obj)[:8])) or "none"
         raise BadRecord(number, f"no {text_field!r} field (fields: {fields}); set text_field if another holds the text")
     return text_value(obj[text_field], text_field, number, "field")
+
+
+def parse_object(raw: Any, fmt: str, text_field: str, number: int) -> dict[str, Any]:
+    """The whole record of one raw record: a JSON line's object, a Parquet row (every column), or
+    `{text_field: text}` for plain text."""
+    if fmt == "parquet":
+        return raw
+    if fmt == "text":
+        return {text_field: parse_record(raw, fmt, text_field, number)}
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadRecord(number, f"invalid UTF-8 (byte {e.start} of the record is {raw[e.start]:#04x})") from None
+    except json.JSONDecodeError as e:
+        raise BadRecord(number, f"invalid JSON ({e.msg}: column {e.colno}); expected one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise BadRecord(number, f"expected a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 def text_value(value: Any, text_field: str, number: int, kind: str) -> str:
@@ -161,9 +186,10 @@ class TextReader:
 
 
 class ParquetReader:
-    """Values of one column, read one row group at a time (never the whole file)."""
+    """Values of one column (`text_field`), or whole rows as dicts (`text_field=None`), read one row group at
+    a time (never the whole file)."""
 
-    def __init__(self, path: str, text_field: str, position: Optional[dict]):
+    def __init__(self, path: str, text_field: Optional[str], position: Optional[dict]):
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -174,7 +200,7 @@ class ParquetReader:
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
             raise BadRecord(0, f"not a readable Parquet file ({e})") from None
         names = self._file.schema_arrow.names
-        if text_field not in names:
+        if text_field is not None and text_field not in names:
             raise BadRecord(0, f"no column {text_field!r} (columns: {', '.join(names[:8])}); set text_field")
         meta = self._file.metadata
         self._starts = [0]  # first row number of each row group, for messages
@@ -194,7 +220,10 @@ class ParquetReader:
     def read(self) -> Optional[tuple[int, Any]]:
         while self._group < len(self._starts) - 1:
             if self._values is None:
-                self._values = self._file.read_row_group(self._group, columns=[self._field]).column(0).to_pylist()
+                if self._field is None:
+                    self._values = self._file.read_row_group(self._group).to_pylist()
+                else:
+                    self._values = self._file.read_row_group(self._group, columns=[self._field]).column(0).to_pylist()
             if self._row < len(self._values):
                 self._row += 1
                 return self._starts[self._group] + self._row, self._values[self._row - 1]

@@ -1,4 +1,9 @@
-"""Document sources: each yields `{"text": str}` for this process only, forever (epoch after epoch).
+"""Document sources: each yields `{"text": str}` for this process only, forever (epoch after epoch), or, with
+a `convert` function (batch formats that read whole records, e.g. conversations for SFT), `convert(record)` of
+each whole record (a JSON object, a Parquet or `datasets` row, a TFDS example; `{text_field: text}` for plain
+text). `convert` raises `readers.RecordError` for a record it cannot use: the source then treats it as a bad
+record (skipped with a warning naming file and line, or an error: data.on_bad_record); it returns None for a
+record that holds nothing to train on (skipped silently; the format counts those).
 
 A source is a grain `IterDataset` whose iterator has small, JSON-serialisable `get_state()` /
 `set_state()` that resume at exactly the next document: (epoch, file, byte offset or row) for
@@ -25,6 +30,7 @@ from jaxllm.data import ASSETS, hub_sources, readers
 from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
 BUILTIN_CORPORA = {"kjv": "kjv.jsonl.gz", "kjv-valid": "kjv-valid.jsonl.gz"}
+Convert = Callable[[dict], Optional[dict]]
 
 
 def make_source(
@@ -35,8 +41,10 @@ def make_source(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: Optional[int] = None,
+    convert: Optional[Convert] = None,
 ) -> grain.IterDataset:
-    """A grain IterDataset of `{"text": str}` documents of `cfg` for process `process_index` of `process_count`.
+    """A grain IterDataset of `{"text": str}` documents of `cfg` for process `process_index` of `process_count`
+    (or `convert(record)` of whole records: module docstring).
 
     `seed` shuffles the file order of each epoch; `num_epochs=None` repeats forever.
     """
@@ -46,7 +54,8 @@ def make_source(
         raise JaxllmError(f"on_bad_record must be skip or error, got {on_bad_record!r}")
     bad = BadRecordPolicy(on_bad_record)
     kind, _, rest = cfg.path.partition(":")
-    common = dict(name=cfg.path, process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+    common = dict(name=cfg.path, process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+                  convert=convert)
     if cfg.format in ("hf", "tfds") or kind in ("hf", "tfds"):
         make = hub_sources.HFIterator if (cfg.format == "hf" or kind == "hf") else hub_sources.TfdsIterator
         target = rest if kind in ("hf", "tfds") else cfg.path
@@ -106,8 +115,9 @@ class FilesIterator(EpochIterator):
     """Documents of local files, file after file, in an order shuffled per epoch."""
 
     def __init__(self, files: list[str], formats: dict[str, str], cfg: SourceConfig, *, bad: BadRecordPolicy,
-                 seed: int, name: str, process_index: int, process_count: int, num_epochs: Optional[int]):  # fmt: skip
-        super().__init__(name, process_index, process_count, num_epochs)
+                 seed: int, name: str, process_index: int, process_count: int, num_epochs: Optional[int],
+                 convert: Optional[Convert] = None):  # fmt: skip
+        super().__init__(name, process_index, process_count, num_epochs, convert)
         self._by_record = len(files) < process_count  # too few files to shard by file: shard by record
         self._files = files if self._by_record else files[process_index::process_count]
         self._formats, self._cfg, self._bad, self._seed = formats, cfg, bad, seed
@@ -129,7 +139,7 @@ class FilesIterator(EpochIterator):
             if self._reader is None:
                 try:
                     self._reader = readers.open_reader(
-                        path, fmt, self._cfg.text_unit, self._cfg.text_field, self._resume
+                        path, fmt, self._cfg.text_unit, self._cfg.text_field, self._resume, self._convert is not None
                     )
                 except readers.BadRecord as e:
                     self._bad(path, e.problem)
@@ -150,6 +160,15 @@ class FilesIterator(EpochIterator):
             number, raw = record
             self._record += 1
             if self._by_record and (self._record - 1) % self.process_count != self.process_index:
+                continue
+            if self._convert is not None:
+                try:
+                    doc = self._convert_record(readers.parse_object(raw, fmt, self._cfg.text_field, number), number)
+                except readers.BadRecord as e:
+                    self._bad(self._reader.locate(e.number), e.problem)
+                    continue
+                if doc is not None:
+                    return doc
                 continue
             try:
                 text = readers.parse_record(raw, fmt, self._cfg.text_field, number)

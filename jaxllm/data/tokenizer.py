@@ -49,6 +49,10 @@ class Tokenizer(abc.ABC):
     vocab_size: int
     bos_id: Optional[int]
     eos_id: Optional[int]
+    # The source of the chat template that travels with the tokenizer (a Hugging Face directory's
+    # chat_template.jinja or tokenizer_config.json `chat_template`, or the one a run trained with); files()
+    # saves it as chat_template.jinja.
+    chat_template: Optional[str] = None
 
     @property
     def pad_id(self) -> int:
@@ -133,7 +137,7 @@ class SentencePieceTokenizer(Tokenizer):
         return {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
 
     def files(self) -> dict[str, bytes]:
-        return {"tokenizer.model": self._proto}
+        return _with_template({"tokenizer.model": self._proto}, self.chat_template)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # Control pieces (`<s>`, `</s>`) never come out of SentencePiece's encode: split them off and encode
@@ -265,7 +269,25 @@ class HFTokenizer(Tokenizer):
         return added | super().special_ids()
 
     def files(self) -> dict[str, bytes]:
-        return dict(self._files)
+        return _with_template(dict(self._files), self.chat_template)
+
+
+def _with_template(files: dict[str, bytes], template: Optional[str]) -> dict[str, bytes]:
+    if template is not None:
+        files["chat_template.jinja"] = template.encode("utf-8")
+    return files
+
+
+def _template_source(files: dict[str, bytes]) -> Optional[str]:
+    """The chat template among a tokenizer's files: chat_template.jinja, else a string `chat_template` in
+    tokenizer_config.json (lists of named templates are left to jaxllm.data.chat_template)."""
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode("utf-8")
+    try:
+        value = json.loads(files.get("tokenizer_config.json", b"{}")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -281,7 +303,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             files = {f: (p / f).read_bytes() for f in ("tokenizer.json", *_HF_CONFIG_FILES) if (p / f).is_file()}
-            return HFTokenizer(files, name=str(p))
+            tokenizer = HFTokenizer(files, name=str(p))
+            template = p / "chat_template.jinja"
+            tokenizer.chat_template = (template.read_text(encoding="utf-8") if template.is_file()
+                                       else _template_source(files))
+            return tokenizer
         if (p / "tokenizer.model").is_file():
             return SentencePieceTokenizer((p / "tokenizer.model").read_bytes(), name=str(p / "tokenizer.model"))
         raise JaxllmError(f"tokenizer directory {p} holds neither tokenizer.json nor tokenizer.model")
@@ -297,11 +323,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def load_tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer:
     """Rebuilds a tokenizer from `Tokenizer.files()` (e.g. as saved in a checkpoint)."""
+    tokenizer: Tokenizer
     if "tokenizer.json" in files:
-        return HFTokenizer(files, name="tokenizer.json")
-    if "tokenizer.model" in files:
-        return SentencePieceTokenizer(files["tokenizer.model"], name="tokenizer.model")
-    raise JaxllmError(f"no tokenizer among the files {sorted(files)}; expected tokenizer.json or tokenizer.model")
+        tokenizer = HFTokenizer({k: v for k, v in files.items() if k != "chat_template.jinja"}, name="tokenizer.json")
+    elif "tokenizer.model" in files:
+        tokenizer = SentencePieceTokenizer(files["tokenizer.model"], name="tokenizer.model")
+    else:
+        raise JaxllmError(f"no tokenizer among the files {sorted(files)}; expected tokenizer.json or tokenizer.model")
+    tokenizer.chat_template = _template_source(files)
+    return tokenizer
 
 
 def train_sentencepiece(

@@ -166,7 +166,8 @@ class Trainer:
         with sharding.activate(self.mesh, self.rules):
             self._step_fn = jit_train_step(cfg, self.spec, self.batch_sharding, frozen)
         self._eval_fn = jax.jit(
-            functools.partial(eval_step, graphdef=self.graphdef, loss=bound_loss(cfg)),
+            functools.partial(eval_step, graphdef=self.graphdef, loss=bound_loss(cfg),
+                              metrics=self.objective.eval_metrics),
             in_shardings=(self.state_shardings.params, self.batch_sharding, frozen),
         )
 
@@ -221,7 +222,10 @@ class Trainer:
         if tokens == 0:
             raise JaxllmError(f"eval.sources {[s.path for s in cfg.eval.sources]} produced no tokens")
         loss = nll / tokens
-        return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
+        out = {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
+        for name, count in self.objective.eval_metrics:
+            out[f"eval_{name}"] = float(sums[f"sum/{name}"]) / max(float(sums[f"count/{count}"]), 1.0)
+        return out
 
     def save(self) -> None:
         self._saved_step = self.step

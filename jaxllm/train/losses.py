@@ -35,6 +35,11 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Arr
     return nll, zl
 
 
+def token_correct(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+    """bool [B, L]: the most likely token is the target (what greedy decoding would emit there)."""
+    return jnp.argmax(logits_BLV, axis=-1) == targets_BL
+
+
 def loss_mask(batch: dict[str, jax.Array]) -> jax.Array:
     return batch["decoder_loss_mask"] if "decoder_loss_mask" in batch else batch["loss_mask"]
 
@@ -42,22 +47,40 @@ def loss_mask(batch: dict[str, jax.Array]) -> jax.Array:
 def normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Token counts of the whole batch: predicted tokens, and real (non-padding) input positions."""
     segments = batch.get("segment_ids", batch.get("encoder_segment_ids"))
-    return {
+    norms = {
         "tokens": jnp.maximum(jnp.sum(loss_mask(batch).astype(jnp.float32)), 1.0),
         "positions": jnp.maximum(jnp.sum((segments > 0).astype(jnp.float32)), 1.0),
     }
+    if "segment_ids" in batch:  # token rows: examples with at least one predicted token
+        norms["examples"] = jnp.maximum(jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0), 1.0)
+    return norms
+
+
+def segment_totals(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
+    """float32 [B, L]: at the last position of each segment (ids > 0, contiguous runs in a row), the sum of
+    `values` over that segment; 0 elsewhere. Rows hold segments 1, 2, ... side by side (packing)."""
+    values = values_BL.astype(jnp.float32)
+    total = jnp.cumsum(values, axis=1)
+    before = total - values  # the running sum up to (not including) each position
+    starts = segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (1, 0)))[:, :-1]
+    base = jax.lax.cummax(jnp.where(starts, before, 0.0), axis=1)  # running sums are non-decreasing
+    ends = (segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]) & (segment_ids_BL > 0)
+    return jnp.where(ends, total - base, 0.0)
 
 
 def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Array], targets_BL: jax.Array,
-                          mask_BL: jax.Array, z_loss: float, chunk: int):
+                          mask_BL: jax.Array, z_loss: float, chunk: int, correct: bool = False):
     """`cross_entropy(head(x_BLD), ...)` computed `chunk` positions of the sequence at a time.
 
     Only a [B, chunk, V] slice of the logits exists at once, and it is recomputed in the backward
     pass (jax.checkpoint), so memory no longer grows with B x L x V. chunk <= 0 or >= L: one piece.
+    `correct=True` also returns `token_correct` of every position (bool [B, L]).
     """
     L = x_BLD.shape[1]
     if chunk <= 0 or chunk >= L:
-        return cross_entropy(head(x_BLD), targets_BL, mask_BL, z_loss)
+        logits = head(x_BLD)
+        out = cross_entropy(logits, targets_BL, mask_BL, z_loss)
+        return (*out, token_correct(logits, targets_BL)) if correct else out
     pad = -L % chunk
     if pad:  # padded positions carry mask 0
         x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
@@ -70,12 +93,15 @@ def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Arra
     @jax.checkpoint
     def piece(carry, xs):
         x_BCD, t_BC, m_BC = xs
-        nll, zl = cross_entropy(head(x_BCD), t_BC, m_BC, z_loss)
-        return (carry[0] + nll, carry[1] + zl), None
+        logits = head(x_BCD)
+        nll, zl = cross_entropy(logits, t_BC, m_BC, z_loss)
+        return (carry[0] + nll, carry[1] + zl), (token_correct(logits, t_BC) if correct else None)
 
     zero = jnp.zeros((), jnp.float32)
-    (nll, zl), _ = jax.lax.scan(piece, (zero, zero), (split(x_BLD), split(targets_BL), split(mask_BL)))
-    return nll, zl
+    (nll, zl), hits = jax.lax.scan(piece, (zero, zero), (split(x_BLD), split(targets_BL), split(mask_BL)))
+    if not correct:
+        return nll, zl
+    return nll, zl, jnp.moveaxis(hits, 0, 1).reshape(x_BLD.shape[0], -1)[:, :L]
 
 
 def pretraining_loss(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],
@@ -99,6 +125,26 @@ def pretraining_loss(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.A
     nll, zl = chunked_cross_entropy(x_BLD, model.logits, targets, mask, z_loss, loss_chunk)
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
     return (nll + zl) / norms["tokens"] + moe_loss, {"loss": nll / norms["tokens"], **moe_metrics}
+
+
+def sft_loss(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],
+             z_loss: float, loss_chunk: int = 0):
+    """Supervised fine-tuning: next-token cross-entropy on the loss-masked (assistant / completion) tokens of a
+    decoder, divided by their count; metrics as TRL's SFTTrainer logs them (`mean_token_accuracy`: the
+    share of those tokens that are the model's most likely token) and `exact_match`: the share of examples
+    whose every trained token is the most likely one, i.e. whose response greedy decoding reproduces."""
+    model = bind(graphdef, params)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, zl, correct = chunked_cross_entropy(x_BLD, model.logits, batch["targets"], mask, z_loss, loss_chunk,
+                                             correct=True)
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    wrong = segment_totals(batch["segment_ids"], mask * (1.0 - correct))
+    trained = segment_totals(batch["segment_ids"], mask)
+    exact = jnp.sum((trained > 0) & (wrong == 0))
+    metrics = {"loss": nll / norms["tokens"], "mean_token_accuracy": jnp.sum(correct * mask) / norms["tokens"],
+               "exact_match": exact / norms["examples"], **moe_metrics}
+    return (nll + zl) / norms["tokens"] + moe_loss, metrics
 
 
 def _electra_loss(model, batch, mask, norms, z_loss, key):

@@ -28,7 +28,7 @@ import jax
 
 from jaxllm.config import Config, ConfigError, JaxllmError
 from jaxllm.train.frozen import FrozenModel, FrozenSource
-from jaxllm.train.losses import pretraining_loss
+from jaxllm.train.losses import pretraining_loss, sft_loss
 
 Loss = Callable[[Any, Any, dict[str, jax.Array], dict[str, jax.Array], jax.Array, dict[str, FrozenModel], Config],
                 tuple[jax.Array, dict[str, jax.Array]]]
@@ -46,6 +46,9 @@ class Objective:
     archs: tuple[str, ...]
     loss: Loss
     frozen_models: Callable[[Config], dict[str, FrozenSource]] = _no_frozen_models
+    # Metrics evaluation reports besides eval_loss, each a mean over the held-out set: (metric, the count in
+    # `step.normalizers` it is divided by), e.g. ("mean_token_accuracy", "tokens"); logged as eval_<metric>.
+    eval_metrics: tuple[tuple[str, str], ...] = ()
 
 
 _OBJECTIVES: dict[str, Objective] = {}
@@ -91,7 +94,14 @@ def _pretraining(params, graphdef, batch, norms, key, frozen, cfg: Config):
     return pretraining_loss(params, graphdef, batch, norms, cfg.train.z_loss, key, cfg.train.loss_chunk)
 
 
+def _sft(params, graphdef, batch, norms, key, frozen, cfg: Config):
+    """Supervised fine-tuning (`losses.sft_loss`): the clm loss on the assistant's tokens, with TRL's metrics."""
+    return sft_loss(params, graphdef, batch, norms, cfg.train.z_loss, cfg.train.loss_chunk)
+
+
 register(Objective("clm", ("decoder",), _pretraining))
+register(Objective("sft", ("decoder",), _sft,
+                   eval_metrics=(("mean_token_accuracy", "tokens"), ("exact_match", "examples"))))
 register(Objective("mlm", ("encoder",), _pretraining))
 for _name in ("span", "bart", "ul2"):
     register(Objective(_name, ("encoder_decoder",), _pretraining))

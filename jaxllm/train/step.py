@@ -20,7 +20,7 @@ from jaxllm import models, sharding
 from jaxllm.config import Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key
-from jaxllm.train.losses import loss_mask, normalizers
+from jaxllm.train.losses import loss_mask, normalizers, segment_totals
 from jaxllm.train.objective import objective_for
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 
@@ -129,13 +129,26 @@ def train_step(
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *, graphdef: nnx.GraphDef,
-              loss: Callable) -> dict[str, jax.Array]:
+              loss: Callable, metrics: tuple[tuple[str, str], ...] = ()) -> dict[str, jax.Array]:
     """Summed loss ("nll_sum": the objective's `loss` metric with counts of 1, i.e. its token sum) and the
-    count of predicted tokens of a batch, for a mean and perplexity over many batches."""
-    ones = {"tokens": jnp.float32(1.0), "positions": jnp.float32(1.0)}
-    _, metrics = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
-    tokens = jnp.sum(loss_mask(batch).astype(jnp.float32))
-    return {"nll_sum": metrics.get("mlm_loss", metrics["loss"]), "tokens": tokens}
+    count of predicted tokens of a batch, for a mean and perplexity over many batches; and for each
+    (metric, count) of `metrics` (the objective's `eval_metrics`) its sum "sum/<metric>" and the batch's
+    count "count/<count>"."""
+    counts = normalizers(batch)
+    ones = {k: jnp.float32(1.0) for k in counts}
+    _, out = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
+    sums = {"nll_sum": out.get("mlm_loss", out["loss"]), "tokens": jnp.sum(loss_mask(batch).astype(jnp.float32))}
+    for name, count in metrics:
+        sums[f"sum/{name}"] = out[name]
+        sums[f"count/{count}"] = jnp.sum(_unclamped(batch, count))
+    return sums
+
+
+def _unclamped(batch: dict[str, jax.Array], count: str) -> jax.Array:
+    """A count of `normalizers` without its floor of 1 (a batch of padding counts 0 at evaluation)."""
+    if count == "examples":
+        return jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
+    return normalizers(batch)[count] * (jnp.sum(loss_mask(batch)) > 0)
 
 
 def init_train_state(spec: StateSpec, params: Any) -> TrainState:

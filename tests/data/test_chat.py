@@ -114,10 +114,11 @@ def test_ids_and_assistant_mask_match_transformers(tmp_path, name):
         decoded = [hf.decode(ids[a:b]).strip() for a, b in _runs(mask)]
         assert decoded == [((r.strip() if trims else r) + end).strip() for r in replies]
         assert ids[_runs(mask)[-1][1] - 1] == hf.convert_tokens_to_ids(end)
-        # Prompt + completion as strings is one user and one assistant turn.
-        ids, mask = encoder.encode({"prompt": TURNS[0]["content"], "completion": TURNS[1]["content"]})
-        assert ids == hf.apply_chat_template(TURNS[:2], tokenize=True, return_dict=True)["input_ids"]
-        assert [hf.decode(ids[a:b]).strip() for a, b in _runs(mask)] == [decoded[0]]
+        # Prompt + completion as strings is TRL's standard format: plain text even with a template, then EOS.
+        prompt, completion = TURNS[0]["content"], " " + TURNS[1]["content"]
+        ids, mask = encoder.encode({"prompt": prompt, "completion": completion})
+        assert ids == hf(prompt + completion, add_special_tokens=False)["input_ids"] + [hf.eos_token_id]
+        assert hf.decode(ids[_runs(mask)[0][0]:]).strip() == (completion + hf.eos_token).strip()
 
 
 def test_train_on_all_and_conversational_prompt_completion(tmp_path):
