@@ -123,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
     tt.set_defaults(func=cmd_train_tokenizer)
+    pv = dsub.add_parser("preview", help="show the first training rows of a config as the train step sees them: "
+                                         "each packed example's text with the trained tokens marked")
+    pv.add_argument("config", help="YAML config, e.g. configs/tiny-sft.yaml")
+    pv.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=256")
+    pv.add_argument("-n", type=int, default=4, help="rows to show (default 4)")
+    pv.add_argument("--json", action="store_true", help="one JSON object per row: input_ids, labels (-100 where "
+                    "not trained), loss_mask, segment_ids, positions")
+    pv.set_defaults(func=cmd_data_preview)
     return p
 
 
@@ -285,6 +293,19 @@ def cmd_plan(args) -> int:
     result = plan(cfg, topology, search=args.search, top=args.top, max_compiles=args.max_compiles,
                   progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(format_plan(result, rows=args.rows))
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from jaxllm.config import load_config
+    from jaxllm.train.preview import first_rows, row_json, row_text, run_tokenizer
+
+    if args.n < 1:
+        raise JaxllmError(f"-n must be at least 1, got {args.n}")
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = run_tokenizer(cfg)
+    for index, row in enumerate(first_rows(cfg, tokenizer, args.n)):
+        print(row_json(row) if args.json else row_text(row, tokenizer, index), flush=True)
     return 0
 
 

@@ -311,6 +311,7 @@ class EvalConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # empty = no evaluation
     every: int = 0  # steps between evaluations; 0 = only at the end of training
     batches: int = 0  # batches per evaluation; 0 = the whole held-out set once
+    at_start: bool = False  # also evaluate before the first step (logged at step 0): a fine-tune's starting point
 
 
 @dataclass

@@ -29,7 +29,8 @@ from jaxllm.config import JaxllmError, SourceConfig
 from jaxllm.data import ASSETS, hub_sources, readers
 from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
-BUILTIN_CORPORA = {"kjv": "kjv.jsonl.gz", "kjv-valid": "kjv-valid.jsonl.gz"}
+BUILTIN_CORPORA = {"kjv": "kjv.jsonl.gz", "kjv-valid": "kjv-valid.jsonl.gz",
+                   "kjv-sft": "kjv-sft.jsonl.gz", "kjv-sft-valid": "kjv-sft-valid.jsonl.gz"}
 Convert = Callable[[dict], Optional[dict]]
 
 

@@ -62,6 +62,10 @@ class Tokenizer(abc.ABC):
     def _pad_id(self) -> Optional[int]:
         return None
 
+    def id_to_token(self, i: int) -> Optional[str]:
+        """The token (piece) text of id `i`, special tokens included; None outside the vocabulary."""
+        return None
+
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of `token` when the vocabulary has it as one piece (e.g. `<mask>`), else None."""
         return None
@@ -126,6 +130,9 @@ class SentencePieceTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> Optional[int]:
         i = self._sp.piece_to_id(token)  # the unknown id when absent
         return i if self._sp.id_to_piece(i) == token and not self._sp.is_unknown(i) else None
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        return self._sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
 
     def special_tokens(self) -> dict[str, str]:
         sp = self._sp
@@ -260,6 +267,9 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        return self._tok.id_to_token(i)
 
     def special_tokens(self) -> dict[str, str]:
         return dict(self._special_tokens)

@@ -255,6 +255,10 @@ class Trainer:
         summary: dict[str, Any] = {"start_step": start, "losses": {}}
         tokens_per_step = sum(  # input tokens a step reads (encoder and decoder for seq2seq)
             int(np.prod(shape)) for k, (shape, _) in self.batch_spec.items() if k.endswith("inputs"))
+        if cfg.eval.sources and cfg.eval.at_start and start == 0:
+            m = self.evaluate()
+            writer.write(0, m)
+            summary["start_eval_loss"] = m["eval_loss"]
         t_last, since_log, step = time.perf_counter(), 0, start
         try:
             while step < end and not self._stop.is_set():
