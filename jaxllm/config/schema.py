@@ -337,8 +337,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # A run directory or checkpoint (ours, or converted from Hugging Face) whose parameters start this
-    # run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
+    # A run directory or checkpoint (ours, or converted from Hugging Face), or a Hugging Face model directory
+    # (config.json + safetensors), whose parameters start this run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
     # model.dtype, model.remat and model.attention_impl of this config apply.
     init_from: Optional[str] = None
     steps: int = 1000

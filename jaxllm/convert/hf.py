@@ -31,7 +31,7 @@ from jaxllm.utils import atomic_write_bytes, atomic_write_text
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.txt", "vocab.json", "merges.txt")
+                   "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def config_from_hf(hf_config: dict[str, Any], param_dtype: str | None = None,
@@ -160,7 +160,9 @@ def _check_unused(reader, rules: list[Rule], family: Family, abstract_flat: dict
         raise ConversionError(f"the checkpoint has tensors jaxllm does not use ({shown}): an unsupported variant of {family.name}")
 
 
-def _read_tokenizer_files(directory: Path) -> dict[str, bytes]:
+def hf_tokenizer_files_of(directory: Path) -> dict[str, bytes]:
+    """The tokenizer files of a Hugging Face model directory (tokenizer.json or tokenizer.model, configs,
+    chat_template.jinja), as `Tokenizer.files()` holds them."""
     return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
 
 
@@ -201,7 +203,7 @@ def from_hf(path: str | Path, devices: Sequence[jax.Device] | None = None, param
             return models.sharded_spec(c, mesh, rules)[2]
 
         params, cfg = load_peft_adapters(adapter, params, cfg, placement)
-    files = _read_tokenizer_files(path)
+    files = hf_tokenizer_files_of(path)
     tokenizer = load_tokenizer_from_files(files) if "tokenizer.json" in files or "tokenizer.model" in files else None
     return HFModel(cfg, models.model_spec(cfg)[0], params, tokenizer, mesh)
 
@@ -251,7 +253,7 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
     out = Path(out)
     cfg = Config(run_dir=str(out), model=model_cfg,
                  data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
-    files = _read_tokenizer_files(Path(src))
+    files = hf_tokenizer_files_of(Path(src))
     checkpointer = Checkpointer(out / "checkpoints")
     step = jax.device_put(np.int32(0), jax.sharding.NamedSharding(loaded.mesh, jax.sharding.PartitionSpec()))
     checkpointer.save(0, {"params": params, "step": step}, None, dump_yaml(cfg), files)

@@ -20,6 +20,8 @@ from jaxllm import models
 from jaxllm.config import ModelConfig
 from jaxllm.models import lora
 from jaxllm.models.layers import DTYPES
+from jaxllm.convert.hf import config_from_hf, from_hf, hf_tokenizer_files_of
+from jaxllm.convert.hf_io import SafetensorsReader, read_hf_config
 from jaxllm.train.checkpoint import find_checkpoint
 
 log = logging.getLogger("jaxllm")
@@ -57,23 +59,51 @@ def restore_base_params(checkpointer, step: int, saved: ModelConfig, mesh, rules
     return base, lora.merge(params, saved, models.sharded_spec(base, mesh, rules)[2])
 
 
-def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None) -> FrozenModel:
-    """A frozen model from a jaxllm run directory or checkpoint, or a Hugging Face model directory
-    (config.json + safetensors), sharded on `mesh`; `param_dtype` (e.g. bfloat16) casts its parameters."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from jaxllm.convert.hf import from_hf
+@dataclasses.dataclass
+class Pretrained:
+    """A trained model to start from (train.init_from) or to freeze beside the trained one: a jaxllm run
+    directory or checkpoint (a LoRA/QLoRA run's adapters merged into its base), or a Hugging Face model
+    directory (config.json + safetensors). `config` is the plain model's; `params(...)` reads the weights."""
 
-        hf = from_hf(path, mesh=mesh, rules=rules, param_dtype=param_dtype)  # read in that dtype
-        cfg, params = hf.config, hf.params
-    else:
-        checkpointer, step = find_checkpoint(path)
-        meta = checkpointer.restore_meta(step, with_data=False)
-        cfg, params = restore_base_params(checkpointer, step, meta.config.model, mesh, rules)
+    path: Path
+    config: ModelConfig
+    tokenizer_files: dict[str, bytes]
+    where: str  # for messages: the checkpoint step directory, or the Hugging Face directory
+    _checkpoint: Any = None  # (checkpointer, step, saved model config) of a jaxllm checkpoint
+
+    def params(self, mesh, rules, param_dtype: str | None = None) -> Any:
+        """The parameters on `mesh`, sharded by `rules`; `param_dtype` (e.g. bfloat16) casts them."""
+        if self._checkpoint is None:
+            return from_hf(self.path, mesh=mesh, rules=rules, param_dtype=param_dtype).params  # read in that dtype
+        checkpointer, step, saved = self._checkpoint
+        _, params = restore_base_params(checkpointer, step, saved, mesh, rules)
         if param_dtype is not None:
             dtype = DTYPES[param_dtype]
             params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-            cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+        return params
+
+
+def open_pretrained(path: str | Path) -> Pretrained:
+    """The model at `path` (a jaxllm run directory or checkpoint, or a Hugging Face model directory), its
+    config and tokenizer files read; the weights are read by `Pretrained.params`."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        config = config_from_hf(read_hf_config(path), None, SafetensorsReader(path))
+        return Pretrained(path, config, hf_tokenizer_files_of(path), str(path))
+    checkpointer, step = find_checkpoint(path)
+    meta = checkpointer.restore_meta(step, with_data=False)
+    saved = meta.config.model
+    config = saved if saved.lora is None and saved.quant is None else lora.base_config(saved)
+    return Pretrained(path, config, meta.tokenizer_files, str(checkpointer.directory / str(step)),
+                      (checkpointer, step, saved))
+
+
+def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None) -> FrozenModel:
+    """A frozen model from a jaxllm run directory or checkpoint, or a Hugging Face model directory
+    (config.json + safetensors), sharded on `mesh`; `param_dtype` (e.g. bfloat16) casts its parameters."""
+    pretrained = open_pretrained(path)
+    params = pretrained.params(mesh, rules, param_dtype)
+    cfg = pretrained.config if param_dtype is None else dataclasses.replace(pretrained.config, param_dtype=param_dtype)
     log.info("frozen model from %s: %s, %s parameters", path, cfg.family or cfg.arch,
              f"{sum(a.size for a in jax.tree.leaves(params)):,}")
     return FrozenModel(params, models.model_spec(cfg)[0], cfg)

@@ -32,8 +32,8 @@ from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
-from jaxllm.train.checkpoint import Checkpointer, Meta, find_checkpoint
-from jaxllm.train.frozen import FrozenModel, frozen_shardings, load_frozen, restore_base_params
+from jaxllm.train.checkpoint import Checkpointer, Meta
+from jaxllm.train.frozen import FrozenModel, Pretrained, frozen_shardings, load_frozen, open_pretrained
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
 from jaxllm.train.objective import check_trainable
@@ -80,14 +80,12 @@ class Trainer:
     def _start_from(self, cfg: Config) -> Config:
         """With train.init_from, the starting checkpoint decides the architecture (TrainConfig.init_from):
         its model config, with this config's dtype, remat, attention kernel and LoRA/quant policies."""
-        self._init_from: tuple[Checkpointer, Meta] | None = None
+        self._init_from: Pretrained | None = None
         if not cfg.train.init_from:
             return cfg
-        checkpointer, step = find_checkpoint(cfg.train.init_from)
         # Config and tokenizer only: the data position belongs to that run (and its process count).
-        meta = checkpointer.restore_meta(step, with_data=False)
-        self._init_from = (checkpointer, meta)
-        saved = meta.config.model
+        self._init_from = open_pretrained(cfg.train.init_from)
+        saved = self._init_from.config
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
             lora=cfg.model.lora, quant=cfg.model.quant))
@@ -119,8 +117,8 @@ class Trainer:
             tokenizer = load_tokenizer_from_files(self._resume.tokenizer_files)
             _check_same_tokenizer(cfg, self._resume.config, tokenizer, self.run_dir)
             return tokenizer
-        if cfg.tokenizer.path is None and self._init_from is not None and self._init_from[1].tokenizer_files:
-            return load_tokenizer_from_files(self._init_from[1].tokenizer_files)
+        if cfg.tokenizer.path is None and self._init_from is not None and self._init_from.tokenizer_files:
+            return load_tokenizer_from_files(self._init_from.tokenizer_files)
         return load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
 
     def _pipeline(self, data: DataConfig, num_epochs: int | None = None) -> Pipeline:
@@ -138,11 +136,10 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume.step), resume.step)
         else:
             if self._init_from is not None:
-                checkpointer, meta = self._init_from
-                _, base = restore_base_params(checkpointer, meta.step, meta.config.model, self.mesh, self.rules)
+                base = self._init_from.params(self.mesh, self.rules, cfg.model.param_dtype)
                 # This run's policies (model.lora, model.quant) apply to that base.
                 params = lora.adapt(base, cfg.model, self.state_shardings.params, cfg.train.seed)
-                log.info("parameters from %s (step %d)", checkpointer.directory / str(meta.step), meta.step)
+                log.info("parameters from %s", self._init_from.where)
             else:
                 _, params, _ = models.init_params(cfg.model, self.mesh, self.rules, cfg.train.seed)
             self.state = init_train_state(self.spec, params)

@@ -19,7 +19,7 @@ import numpy as np
 from jaxllm.config import Config
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
-from jaxllm.train.checkpoint import find_checkpoint
+from jaxllm.train.frozen import open_pretrained
 
 DEFAULT_TOKENIZER = "builtin:kjv-sp4k"
 OPEN, CLOSE = "⟦", "⟧"
@@ -28,8 +28,7 @@ OPEN, CLOSE = "⟦", "⟧"
 def run_tokenizer(cfg: Config) -> Tokenizer:
     """The tokenizer a fresh run of `cfg` trains with: tokenizer.path, else train.init_from's, else the default."""
     if cfg.tokenizer.path is None and cfg.train.init_from:
-        checkpointer, step = find_checkpoint(cfg.train.init_from)
-        files = checkpointer.restore_meta(step, with_data=False).tokenizer_files
+        files = open_pretrained(cfg.train.init_from).tokenizer_files
         if files:
             return load_tokenizer_from_files(files)
     return load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)

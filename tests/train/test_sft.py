@@ -7,7 +7,6 @@ Tolerance: loss within 1e-5 relative (float32 on both sides); token accuracy equ
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from jaxllm import from_hf
@@ -89,3 +88,37 @@ def test_data_loss_and_accuracy_match_trl(hf_dir, tmp_path):
     assert float(loss) == pytest.approx(trl_loss, rel=1e-5)
     assert float(metrics["mean_token_accuracy"]) == pytest.approx(trl_accuracy, abs=1e-6)
     assert int(normalizers(row)["examples"]) == 3
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["lora", "qlora"])
+def test_lora_and_qlora_fine_tuning_from_a_hugging_face_directory(hf_dir, tmp_path, quant):
+    """train.init_from a Hugging Face directory: its architecture, tokenizer and chat template are used, the
+    held-out loss falls, evaluation reports token accuracy and exact match, and the run keeps the template."""
+    from jaxllm.config import load_config
+    from jaxllm.train.checkpoint import find_checkpoint
+    from jaxllm.train.loop import Trainer
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 4))
+    overrides = [f"run_dir={tmp_path / 'run'}", f"train.init_from={hf_dir}", "data.objective.name=sft",
+                 f"data.sources=[{{path: {path}}}]", f"eval.sources=[{{path: {path}}}]", "data.seq_len=128",
+                 "data.add_bos=false", "train.steps=4", "train.batch_size=2", "train.log_every=2",
+                 "train.sample_prompt=null", "train.progress_bar=false", "optim.lr=5e-3", "optim.warmup_steps=0",
+                 "model.lora.rank=4", "model.lora.targets=attn/(q|v)$", "checkpoint.every=100",
+                 "mesh.data=1", "mesh.fsdp=2"]  # fmt: skip
+    if quant:
+        overrides += ["model.quant.kind=nf4", "model.quant.block_size=16"]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, devices=jax.devices()[:2])
+    try:
+        assert trainer.cfg.model.family == "llama" and trainer.cfg.model.d_model == 48
+        before = trainer.evaluate()
+        summary = trainer.run()
+        after = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert summary["end_step"] == 4 and after["eval_loss"] < before["eval_loss"]
+    assert 0.0 <= after["eval_mean_token_accuracy"] <= 1.0 and 0.0 <= after["eval_exact_match"] <= 1.0
+    checkpointer, step = find_checkpoint(tmp_path / "run")
+    files = checkpointer.restore_meta(step, with_data=False).tokenizer_files
+    assert files["chat_template.jinja"].decode() == _template("chatml_generation")
