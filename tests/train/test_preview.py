@@ -45,3 +45,8 @@ def test_other_objectives_preview_too(capsys):
     assert main(["data", "preview", "configs/tiny.yaml", "-n", "1", "data.seq_len=32"]) == 0
     clm = capsys.readouterr().out.splitlines()[1]
     assert clm.startswith("  [1] <s>⟦") and clm.endswith("⟧")  # every token after BOS is a target
+
+
+def test_a_row_count_below_one_is_refused(capsys):
+    assert main(["data", "preview", "configs/tiny-sft.yaml", "-n", "0"]) == 2
+    assert capsys.readouterr().err == "error: -n must be at least 1, got 0\n"
