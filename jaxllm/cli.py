@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a checkpoint directory: run_dir/checkpoints/STEP")
     g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     g.add_argument("--prompts-file", help="a text file with one prompt per line")
+    g.add_argument("--chat", action="store_true", help="each prompt is a user message, rendered with the model's "
+                   "chat template (the one it was fine-tuned with); the reply ends at EOS or an end-of-turn token")
     defaults = GenerateConfig()
     g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     g.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
@@ -201,11 +203,12 @@ def cmd_generate(args) -> int:
     if loaded.tokenizer is None:
         raise JaxllmError(f"{source} carries no tokenizer; pass --tokenizer PATH (a tokenizer.json or a directory "
                           "with one, a SentencePiece .model, or builtin:kjv-sp4k)")
-    texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen)
+    texts = generate_text(loaded.graphdef, loaded.params, loaded.config, loaded.tokenizer, prompts, gen,
+                          chat=args.chat)
     if jax.process_index() != 0:
         return 0
     for prompt, text in zip(prompts, texts):
-        print(f"{prompt}{text}")
+        print(f"{prompt}\n> {text}" if args.chat else f"{prompt}{text}")
         if len(prompts) > 1:
             print("---")
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import Config, GenerateConfig, JaxllmError, ModelConfig
+from jaxllm.data.chat_template import ChatTemplate
 from jaxllm.infer.sampling import sample_logits
 from jaxllm.models import bind, init_cache
 
@@ -60,7 +61,7 @@ def _generate(
         cache=cache,
         last_B=first_B,
         pos_B=positions_BP[:, -1] + 1,
-        done_B=first_B == eos_id,
+        done_B=jnp.isin(first_B, eos_id),
         out_BT=out_BT,
         t=jnp.array(1, jnp.int32),
         key=key,
@@ -78,7 +79,7 @@ def _generate(
             cache=cache,
             last_B=next_B,
             pos_B=s["pos_B"] + 1,
-            done_B=s["done_B"] | (next_B == eos_id),
+            done_B=s["done_B"] | jnp.isin(next_B, eos_id),
             out_BT=s["out_BT"].at[:, s["t"]].set(next_B),
             t=s["t"] + 1,
             key=key,
@@ -98,15 +99,17 @@ def generate(
     model_cfg: ModelConfig,
     prompts: Sequence[Sequence[int]],
     gen: GenerateConfig,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     pad_id: int,
     decoder_start_id: int | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (token-id lists), cut before the first EOS.
+    """New tokens for each prompt (token-id lists), cut before the first EOS (`eos_id`: one id, or several
+    that each end a row, e.g. a chat template's end-of-turn token and EOS).
 
     For an encoder-decoder the prompts are the encoder's input and decoding starts from
     `decoder_start_id` (T5: pad, BART: EOS).
     """
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     tokens, mask = left_pad(prompts, pad_id)
     seq2seq = model_cfg.arch == "encoder_decoder"
     if model_cfg.arch == "encoder":
@@ -131,7 +134,7 @@ def generate(
         jnp.asarray(tokens),
         jnp.asarray(mask),
         jax.random.key(gen.seed),
-        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.asarray(stops if stops else [-1], jnp.int32),
         jnp.int32(pad_id),
         **encoder,
         graphdef=graphdef,
@@ -143,10 +146,21 @@ def generate(
     )
     result = []
     for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        result.append(row)
+        ends = [row.index(i) for i in stops if i in row]
+        result.append(row[: min(ends)] if ends else row)
     return result
+
+
+# Tokens that end an assistant's turn in common chat templates (ChatML / Qwen, Llama-3, Gemma, Phi-3).
+CHAT_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def chat_template_of(tokenizer) -> ChatTemplate:
+    """The chat template a tokenizer carries (a Hugging Face directory's, or the one a run trained with)."""
+    if tokenizer.chat_template is None:
+        raise JaxllmError("this model's tokenizer carries no chat template (it was not fine-tuned with one, and "
+                          "its tokenizer files name none); generate without --chat")
+    return ChatTemplate(tokenizer.chat_template, "the tokenizer's chat template")
 
 
 def generate_text(
@@ -156,11 +170,14 @@ def generate_text(
     tokenizer,
     prompts: Sequence[str],
     gen: GenerateConfig,
+    chat: bool = False,
 ) -> list[str]:
     """Continuations of text prompts (the prompt itself is not repeated).
 
     Decoders continue [BOS] + prompt. Encoder-decoders read the prompt framed as in training (T5:
     prompt + EOS; BART: BOS + prompt + EOS; UL2: the [S] mode token first) and write an answer.
+    `chat`: each prompt is a user message rendered with the tokenizer's chat template and its generation
+    prompt (the assistant's turn begins); the reply ends at EOS or an end-of-turn token (CHAT_STOP_TOKENS).
     """
     pad = tokenizer.pad_id
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -169,15 +186,24 @@ def generate_text(
     if cfg.model.arch == "encoder_decoder":
         from jaxllm.data.objectives import special_ids
 
+        if chat:
+            raise JaxllmError("--chat renders prompts for decoder models; an encoder-decoder reads the plain prompt")
+
         ids = special_ids(cfg.data, tokenizer)
         start = ids.decoder_start
         prefix = bos if cfg.data.objective.name == "bart" else []
         if cfg.data.objective.name == "ul2":
             prefix = [ids.modes[d.mode_token] for d in cfg.data.objective.denoisers if d.kind == "prefix_lm"][:1]
         encoded = [prefix + tokenizer.encode(p) + eos for p in prompts]
+    elif chat:
+        template = chat_template_of(tokenizer)
+        variables = tokenizer.special_tokens()
+        encoded = [tokenizer.encode(template.render([{"role": "user", "content": p}], True, variables))
+                   for p in prompts]
     else:
         encoded = [(bos if cfg.data.add_bos else []) + tokenizer.encode(p) for p in prompts]
-    outputs = generate(graphdef, params, cfg.model, encoded, gen, tokenizer.eos_id, pad, start)
+    stops: list[int] = eos + ([i for i in map(tokenizer.token_to_id, CHAT_STOP_TOKENS) if i is not None] if chat else [])
+    outputs = generate(graphdef, params, cfg.model, encoded, gen, stops, pad, start)
     texts = []
     for prompt_ids, new_ids in zip(encoded, outputs):
         new_ids = [i for i in new_ids if i < tokenizer.vocab_size]  # objective ids (sentinels) have no text

@@ -49,6 +49,17 @@ def test_generation_stops_at_eos(model_and_params):
     assert stopped == free[: free.index(eos)]
 
 
+def test_generation_stops_at_any_of_several_stop_ids(model_and_params):
+    """A chat reply ends at EOS or at an end-of-turn token: whichever the row emits first."""
+    cfg, model, graphdef, params = model_and_params
+    greedy = GenerateConfig(max_new_tokens=8, temperature=0.0)
+    free = generate(graphdef, params, cfg, [[5, 6, 7]], greedy, None, 0)[0]
+    later, sooner = free[5], free[2]
+    assert later not in free[:5] and sooner not in free[:2]
+    assert generate(graphdef, params, cfg, [[5, 6, 7]], greedy, [later, sooner], 0)[0] == free[:2]
+    assert generate(graphdef, params, cfg, [[5, 6, 7]], greedy, [later], 0)[0] == free[:5]
+
+
 def test_sampling_is_seeded_and_varies(model_and_params):
     cfg, _, graphdef, params = model_and_params
     gen = GenerateConfig(max_new_tokens=10, temperature=1.0, seed=7)

@@ -91,7 +91,7 @@ def test_data_loss_and_accuracy_match_trl(hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["lora", "qlora"])
-def test_lora_and_qlora_fine_tuning_from_a_hugging_face_directory(hf_dir, tmp_path, quant):
+def test_lora_and_qlora_fine_tuning_from_a_hugging_face_directory(hf_dir, tmp_path, quant, capsys):
     """train.init_from a Hugging Face directory: its architecture, tokenizer and chat template are used, the
     held-out loss falls, evaluation reports token accuracy and exact match, and the run keeps the template."""
     from jaxllm.config import load_config
@@ -122,3 +122,12 @@ def test_lora_and_qlora_fine_tuning_from_a_hugging_face_directory(hf_dir, tmp_pa
     checkpointer, step = find_checkpoint(tmp_path / "run")
     files = checkpointer.restore_meta(step, with_data=False).tokenizer_files
     assert files["chat_template.jinja"].decode() == _template("chatml_generation")
+    if not quant:  # the fine-tuned model answers a chat prompt rendered with that template
+        from jaxllm.cli import main
+
+        capture = capsys.readouterr()
+        assert main(["generate", "--run-dir", str(tmp_path / "run"), "--chat", "--prompt", "What is 2+2?",
+                     "--max-new-tokens", "6", "--temperature", "0"]) == 0
+        prompt, reply = capsys.readouterr().out.splitlines()[:2]
+        assert prompt == "What is 2+2?" and reply.startswith("> ")
+        del capture
