@@ -328,12 +328,12 @@ class HFTokenizer(Tokenizer):
         self._added: list[str] = []
 
     def _add(self, tokens: list[str]) -> None:
-        start = self.vocab_size
+        start = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._tok.add_special_tokens(tokens)  # special, not normalized: split off before anything else
         ids = [self._tok.token_to_id(t) for t in tokens]
-        if ids != list(range(start, start + len(tokens))):  # a tokenizer.json whose ids have holes
+        if ids != list(range(start, start + len(tokens))):  # `tokenizers` numbers them from the count of ids
             raise JaxllmError(f"{self.name}: added tokens {tokens} got the ids {ids}, not {start}, {start + 1}, ...: "
-                              "its vocabulary's ids are not contiguous; add the tokens to the tokenizer.json itself")
+                              "its vocabulary's ids have holes; add the tokens to the tokenizer.json itself")
         self._added += tokens
 
     def _token_id(self, token: object) -> Optional[int]:

@@ -3,6 +3,7 @@ from a checkpoint grows (new rows the mean of the old), the run's config carries
 the grown embedding and the added tokens' ids both ways (transformers' ids and logits equal ours)."""
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ import transformers as T
 
 from jaxllm import models
 from jaxllm.cli import main
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError, JaxllmError, load_config
+from jaxllm.data import ASSETS
 from jaxllm.convert.hf import hf_to_jaxllm
-from jaxllm.data.tokenizer import HFTokenizer, SentencePieceTokenizer
+from jaxllm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.infer.load import load_model
-from jaxllm.train.loop import Trainer
+from jaxllm.train.loop import Trainer, _check_same_tokenizer
 from tests.convert.test_export_tokenizer import TINY, _bpe_tokenizer
 from tests.train.test_loop import MICRO
 
@@ -55,6 +57,11 @@ def test_grown_run_resumes_and_round_trips_through_hugging_face(tmp_path, caplog
     np.testing.assert_allclose(table[4096:], np.broadcast_to(table[:4096].mean(0), (128, 32)), rtol=1e-5, atol=1e-6)
     assert load_config(str(run / "config.yaml")).model.vocab_size == 4224
     assert _start(grown, save=False)._resume is not None  # resumes: the grown model is the checkpoint's, the tokenizer the checkpoint's own
+    more = load_config(TINY, [*RUN, f"run_dir={run}", f"train.init_from={base}",
+                              "tokenizer.add_special_tokens=[<|im_start|>, <|im_end|>, <|endoftext|>]"])
+    with pytest.raises(JaxllmError, match=r"holds checkpoints whose tokenizer lacks the special tokens \['<\|endoftext\|>'\]; "
+                                          "tokens are added when a run starts: use a new run_dir"):
+        Trainer(more)
     loaded = load_model(run)
     assert isinstance(loaded.tokenizer, SentencePieceTokenizer)
     assert [loaded.tokenizer.token_to_id(t) for t in CHATML] == [4096, 4097]
@@ -75,6 +82,23 @@ def test_grown_run_resumes_and_round_trips_through_hugging_face(tmp_path, caplog
     again = load_model(back)
     assert isinstance(again.tokenizer, HFTokenizer) and again.config.model.vocab_size == 4224
     assert [again.tokenizer.encode(t) for t in TEXTS] == ours
+
+
+def test_a_resumed_run_accepts_its_tokenizer_under_another_path(tmp_path):
+    """A run's tokenizer is the named one plus the tokens the run added: naming that tokenizer on resume is fine."""
+    copy = tmp_path / "kjv.model"
+    shutil.copy(ASSETS / "kjv-sp4k.model", copy)
+    saved = load_tokenizer("builtin:kjv-sp4k")
+    saved.add_special_tokens(CHATML)
+    saved = load_tokenizer_from_files(saved.files())  # as a checkpoint gives it back
+    cfg, saved_cfg = load_config(TINY, [ADD, f"tokenizer.path={copy}"]), load_config(TINY, [ADD])
+    _check_same_tokenizer(cfg, saved_cfg, saved, tmp_path)
+    saved.add_special_tokens(["<|endoftext|>"])  # one more than the config adds is still the same base tokenizer
+    _check_same_tokenizer(cfg, saved_cfg, saved, tmp_path)
+    _bpe_tokenizer(tmp_path, post_bos=False)  # another, smaller tokenizer: kjv's ids above its own are no additions
+    other = load_config(TINY, [ADD, f"tokenizer.path={tmp_path}"])
+    with pytest.raises(JaxllmError, match=f"but tokenizer.path is {tmp_path} \\(a different tokenizer\\)"):
+        _check_same_tokenizer(other, saved_cfg, saved, tmp_path)
 
 
 def test_a_fresh_model_too_small_for_the_added_tokens_is_a_clear_error(tmp_path):
