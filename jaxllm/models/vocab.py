@@ -47,7 +47,7 @@ def resize_vocab(params: Any, cfg: ModelConfig, vocab_size: int) -> tuple[Any, M
             return fn(x, axis, vocab_size)
         return jax.device_get(_resize_rows(jnp.asarray(x), axis, vocab_size))
 
-    is_names = lambda n: isinstance(n, tuple) or n is None  # noqa: E731
+    is_names = lambda n: isinstance(n, tuple) or n is None
     resized = jax.tree.map(lambda names, x, old, new: resize(x, old, new, names), logical, params, old_abstract,
                            new_abstract, is_leaf=is_names)
     return resized, new_cfg

@@ -51,9 +51,9 @@ class Trainer:
     in their batch format, loss and frozen models, never in the loop, checkpoints or meshes.
 
     The constructor runs named setup steps, in order: `_start_from` (train.init_from), `_make_mesh`,
-    `_open_run_dir` (checkpoints, the step to resume), `_choose_tokenizer`, `_add_tokens` (tokenizer.add_special_tokens;
-    the model's vocabulary grows to fit on init_from), the objective's checks and the state's spec, `_pipeline` (this process's batches), `_build_state` (restored or initialised),
-    `_load_frozen_models`, `_compile`.
+    `_open_run_dir` (checkpoints, the step to resume), `_choose_tokenizer`, `_add_tokens` (added special
+    tokens; a model from init_from grows to fit), the objective's checks and the state's spec, `_pipeline`
+    (this process's batches), `_build_state` (restored or initialised), `_load_frozen_models`, `_compile`.
     """
 
     def __init__(self, cfg: Config, devices: Sequence[jax.Device] | None = None):
@@ -143,7 +143,8 @@ class Trainer:
         if needed <= model.vocab_size:
             return
         if self._init_from is not None:
-            self.cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(model, vocab_size=grown_vocab_size(needed)))
+            grown = dataclasses.replace(model, vocab_size=grown_vocab_size(needed))
+            self.cfg = dataclasses.replace(self.cfg, model=grown)
         elif self._added_tokens:
             raise ConfigError(
                 f"model.vocab_size={model.vocab_size} is too small for the tokenizer's {self.tokenizer.vocab_size} ids "
@@ -188,7 +189,7 @@ class Trainer:
             return base
         base, _ = resize_vocab(base, base_cfg, new)
         added = self._added_tokens
-        why = f"{len(added)} added tokens ({', '.join(added)})" if added else f"the tokenizer has {self.tokenizer.vocab_size} ids"
+        why = f"{len(added)} added tokens ({', '.join(added)})" if added else f"{self.tokenizer.vocab_size} ids needed"
         log.info("model vocabulary %d -> %d: %s; new embedding rows are the mean of the old", old, new, why)
         if self.cfg.model.lora is not None:
             log.warning("model.lora: the embedding is not an adapter target, so the new rows stay the mean and the "

@@ -13,9 +13,14 @@ import transformers as T
 from jaxllm import models
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, JaxllmError, load_config
-from jaxllm.data import ASSETS
 from jaxllm.convert.hf import hf_to_jaxllm
-from jaxllm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer, load_tokenizer_from_files
+from jaxllm.data import ASSETS
+from jaxllm.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    load_tokenizer_from_files,
+)
 from jaxllm.infer.load import load_model
 from jaxllm.train.loop import Trainer, _check_same_tokenizer
 from tests.convert.test_export_tokenizer import TINY, _bpe_tokenizer
@@ -45,9 +50,16 @@ def _start(cfg, save=True):
     return trainer
 
 
-def test_grown_run_resumes_and_round_trips_through_hugging_face(tmp_path, caplog):
-    base, run, hf, back = (tmp_path / n for n in ("base", "run", "hf", "back"))
-    _start(load_config(TINY, [*RUN, f"run_dir={base}"]))
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A run of the tiny model with the bundled tokenizer (4096 ids), saved at step 0."""
+    run = tmp_path_factory.mktemp("base")
+    _start(load_config(TINY, [*RUN, f"run_dir={run}"]))
+    return run
+
+
+def test_grown_run_resumes_and_round_trips_through_hugging_face(base, tmp_path, caplog):
+    run, hf, back = (tmp_path / n for n in ("run", "hf", "back"))
     grown = load_config(TINY, [*RUN, f"run_dir={run}", f"train.init_from={base}", ADD])
     with caplog.at_level(logging.INFO, logger="jaxllm"):
         trainer = _start(grown)
@@ -56,11 +68,12 @@ def test_grown_run_resumes_and_round_trips_through_hugging_face(tmp_path, caplog
     table = np.asarray(trainer.state.params["embed"]["embedding"])
     np.testing.assert_allclose(table[4096:], np.broadcast_to(table[:4096].mean(0), (128, 32)), rtol=1e-5, atol=1e-6)
     assert load_config(str(run / "config.yaml")).model.vocab_size == 4224
-    assert _start(grown, save=False)._resume is not None  # resumes: the grown model is the checkpoint's, the tokenizer the checkpoint's own
+    # Resumes: the grown model is the checkpoint's, and so is the tokenizer (its tokens are already there).
+    assert _start(grown, save=False)._resume is not None
     more = load_config(TINY, [*RUN, f"run_dir={run}", f"train.init_from={base}",
                               "tokenizer.add_special_tokens=[<|im_start|>, <|im_end|>, <|endoftext|>]"])
-    with pytest.raises(JaxllmError, match=r"holds checkpoints whose tokenizer lacks the special tokens \['<\|endoftext\|>'\]; "
-                                          "tokens are added when a run starts: use a new run_dir"):
+    lacks = r"holds checkpoints whose tokenizer lacks the special tokens \['<\|endoftext\|>'\]; tokens are added when"
+    with pytest.raises(JaxllmError, match=lacks):
         Trainer(more)
     loaded = load_model(run)
     assert isinstance(loaded.tokenizer, SentencePieceTokenizer)
@@ -82,6 +95,21 @@ def test_grown_run_resumes_and_round_trips_through_hugging_face(tmp_path, caplog
     again = load_model(back)
     assert isinstance(again.tokenizer, HFTokenizer) and again.config.model.vocab_size == 4224
     assert [again.tokenizer.encode(t) for t in TEXTS] == ours
+
+
+def test_lora_on_a_grown_model_trains_with_the_new_rows_frozen(base, tmp_path, caplog):
+    cfg = load_config(TINY, [*RUN, f"run_dir={tmp_path}", f"train.init_from={base}", ADD, "model.lora.rank=4",
+                             "model.lora.alpha=8", "model.lora.targets=attn/(q|v)$"])
+    with caplog.at_level(logging.INFO, logger="jaxllm"):
+        trainer = Trainer(cfg)
+    try:
+        assert "the embedding is not an adapter target, so the new rows stay the mean" in caplog.text
+        before = np.asarray(trainer.state.params["embed"]["embedding"])
+        metrics = trainer.train_step(trainer.next_batch())
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(before).all()
+        np.testing.assert_array_equal(np.asarray(trainer.state.params["embed"]["embedding"]), before)
+    finally:
+        trainer.close()
 
 
 def test_a_resumed_run_accepts_its_tokenizer_under_another_path(tmp_path):
@@ -128,4 +156,5 @@ def test_hf_model_with_tokens_added_by_transformers_converts_with_them(tmp_path)
     assert [loaded.tokenizer.encode(t) for t in TEXTS] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     assert loaded.config.model.vocab_size == 384
     table = np.asarray(loaded.params["embed"]["embedding"])
-    np.testing.assert_allclose(table[rows:], np.broadcast_to(table[:rows].mean(0), (384 - rows, 16)), rtol=1e-5, atol=1e-7)
+    mean = np.broadcast_to(table[:rows].mean(0), (384 - rows, 16))
+    np.testing.assert_allclose(table[rows:], mean, rtol=1e-5, atol=1e-7)

@@ -7,12 +7,17 @@ import re
 import pytest
 
 from jaxllm.config import JaxllmError
-from jaxllm.data.tokenizer import ADDED_TOKENS_FILE, load_tokenizer, load_tokenizer_from_files
+from jaxllm.data.tokenizer import (
+    ADDED_TOKENS_FILE,
+    load_tokenizer,
+    load_tokenizer_from_files,
+)
 from tests.data.test_tokenizer import _hf_directory
 
 CHATML = ["<|im_start|>", "<|im_end|>"]
 TEXTS = ["<|im_start|>user\nWho begat Enos?<|im_end|>\n<|im_start|>assistant\n Seth.<|im_end|>\n",
-         " And God said<|im_end|>", "<|im_end|><|im_start|>", "<|im_end|>  two spaces", "none here", "", "日本<|im_end|>語"]
+         " And God said<|im_end|>", "<|im_end|><|im_start|>", "<|im_end|>  two spaces", "none here", "",
+         "日本<|im_end|>語"]
 
 
 def _check_added(tok, base_size):
@@ -76,10 +81,10 @@ def test_an_empty_added_token_is_refused(token):
 
 def test_a_bad_added_tokens_file_is_refused():
     model = load_tokenizer("builtin:kjv-sp4k").files()["tokenizer.model"]
-    for added, message in [({"<x>": 4100}, "must give tokens the model lacks the ids 4096, 4097, ... after its 4096 "
-                                           "pieces"),
-                           ({"</s>": 4096}, "must give tokens the model lacks"), (["<x>"], "must map each added token"),
-                           ("{", "is not valid JSON")]:
+    cases = [({"<x>": 4100}, "must give tokens the model lacks the ids 4096, 4097, ... after its 4096 pieces"),
+             ({"</s>": 4096}, "must give tokens the model lacks"), (["<x>"], "must map each added token"),
+             ("{", "is not valid JSON")]
+    for added, message in cases:
         blob = added.encode() if isinstance(added, str) else json.dumps(added).encode()
         with pytest.raises(JaxllmError, match=f"tokenizer.model: {ADDED_TOKENS_FILE} {message}"):
             load_tokenizer_from_files({"tokenizer.model": model, ADDED_TOKENS_FILE: blob})
