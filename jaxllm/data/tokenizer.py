@@ -325,16 +325,19 @@ class HFTokenizer(Tokenizer):
             if isinstance(value, str):
                 self._special_tokens[f"{key}_token"] = value
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        self._added: list[str] = []
 
     def _add(self, tokens: list[str]) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
         start = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._tok.add_special_tokens(tokens)  # special, not normalized: split off before anything else
         ids = [self._tok.token_to_id(t) for t in tokens]
         if ids != list(range(start, start + len(tokens))):  # `tokenizers` numbers them from the count of ids
             raise JaxllmError(f"{self.name}: added tokens {tokens} got the ids {ids}, not {start}, {start + 1}, ...: "
                               "its vocabulary's ids have holes; add the tokens to the tokenizer.json itself")
-        self._added += tokens
+        saved = RustTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))  # with the file's own padding
+        saved.add_special_tokens(tokens)
+        self._files = {**self._files, "tokenizer.json": saved.to_str().encode()}
 
     def _token_id(self, token: object) -> Optional[int]:
         if isinstance(token, dict):  # a serialised AddedToken: {"content": "<s>", ...}
@@ -383,13 +386,7 @@ class HFTokenizer(Tokenizer):
         return added | super().special_ids()
 
     def files(self) -> dict[str, bytes]:
-        if not self._added:
-            return dict(self._files)
-        from tokenizers import Tokenizer as RustTokenizer
-
-        tok = RustTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))  # with its own padding settings
-        tok.add_special_tokens(self._added)
-        return {**self._files, "tokenizer.json": tok.to_str().encode()}
+        return dict(self._files)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
