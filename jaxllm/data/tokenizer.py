@@ -70,9 +70,9 @@ class Tokenizer(abc.ABC):
         """The id of `token` when the vocabulary has it as one piece (e.g. `<mask>`), else None."""
         return None
 
-    @abc.abstractmethod
     def id_to_token(self, i: int) -> Optional[str]:
         """The piece of id `i` (an added token's text), None outside the vocabulary."""
+        return None
 
     def add_special_tokens(self, tokens: Sequence[str]) -> list[str]:
         """Adds those of `tokens` the vocabulary lacks, in order, as ids vocab_size, vocab_size + 1, ...
@@ -88,9 +88,10 @@ class Tokenizer(abc.ABC):
             self._add(new)
         return new
 
-    @abc.abstractmethod
     def _add(self, tokens: list[str]) -> None:
         """Appends `tokens` (new to the vocabulary, distinct) as ids vocab_size, vocab_size + 1, ..."""
+        raise JaxllmError(f"{type(self).__name__} cannot add tokens; special tokens need a SentencePiece or Hugging "
+                          "Face tokenizer")  # fmt: skip
 
     def special_tokens(self) -> dict[str, str]:
         """The special tokens by transformers' names (`bos_token`, `eos_token`, ...: what chat templates
