@@ -319,6 +319,10 @@ class TokenizerConfig:
     # A SentencePiece .model file, a Hugging Face tokenizer directory, or `builtin:NAME`.
     # null: the tokenizer of train.init_from's checkpoint when it has one, else builtin:kjv-sp4k.
     path: Optional[str] = None
+    # Tokens to add as special tokens (one id each wherever they appear in a text, dropped by decode), e.g.
+    # ["<|im_start|>", "<|im_end|>"]; those the tokenizer has are skipped. New ids follow its last one; with
+    # train.init_from the model's vocabulary grows to fit (docs/post-training.md), else model.vocab_size must.
+    add_special_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +29,8 @@ from jaxllm.convert.peft import load_peft_adapters, save_peft_adapters
 from jaxllm.convert.registry import family_for, family_of, leaves, nest
 from jaxllm.convert.rules import Rule, to_hf, to_ours
 from jaxllm.utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("jaxllm")
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -245,11 +248,18 @@ def hf_to_jaxllm(src: str | Path, out: str | Path, param_dtype: str | None = Non
                  adapter: str | Path | None = None) -> Path:
     """Converts a HF directory into a jaxllm run directory (config.yaml + checkpoints/0) that
     `jaxllm generate --run-dir OUT` and `train.init_from=OUT` accept; with `adapter` (a PEFT LoRA
-    directory) the model carries those adapters (model.lora)."""
+    directory) the model carries those adapters (model.lora). A model with fewer ids than its tokenizer
+    (tokens added without `resize_token_embeddings`) grows to fit, as `train.init_from` grows one."""
+    from jaxllm.models.vocab import grown_vocab_size, resize_vocab
     from jaxllm.train.checkpoint import Checkpointer
 
     loaded = from_hf(src, param_dtype=param_dtype, adapter=adapter)
     model_cfg, params = loaded.config, loaded.params
+    if loaded.tokenizer is not None and loaded.tokenizer.vocab_size > model_cfg.vocab_size:
+        old = model_cfg.vocab_size
+        params, model_cfg = resize_vocab(params, model_cfg, grown_vocab_size(loaded.tokenizer.vocab_size))
+        log.warning("model vocabulary %d -> %d: the tokenizer has %d ids; new embedding rows are the mean of the old",
+                    old, model_cfg.vocab_size, loaded.tokenizer.vocab_size)
     out = Path(out)
     cfg = Config(run_dir=str(out), model=model_cfg,
                  data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))

@@ -9,6 +9,11 @@ trained on. A SentencePiece model gets a `tokenizer.json` written here with the 
 differ); its `tokenizer.model` goes along for tools that want it. One difference remains for unigram
 models only: text that spells a control token ("<s>") may come out as that token, where SentencePiece
 spells it in characters (BPE models match SentencePiece there too).
+
+Tokens added to a run's tokenizer (`Tokenizer.add_special_tokens`) keep their ids. A SentencePiece run's
+(from its `added_tokens.json`) are written into `tokenizer.json` as tokens that are not "special" to the
+`tokenizers` library (else `split_special_tokens`, which spells `<s>` in characters, would spell them too)
+and named in `tokenizer_config.json`'s `extra_special_tokens` (transformers' `all_special_ids` has them).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def hf_tokenizer_files(tokenizer: Tokenizer, data: DataConfig) -> dict[str, byte
     files = tokenizer.files()
     if isinstance(tokenizer, SentencePieceTokenizer):
         fast, config = sentencepiece_to_tokenizers(files["tokenizer.model"]), {}
+        added = [tokenizer.id_to_token(i) for i in range(fast.get_vocab_size(), tokenizer.vocab_size)]
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+        if added:
+            config["extra_special_tokens"] = added
     else:
         fast = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         config = json.loads(files.get("tokenizer_config.json", b"{}"))

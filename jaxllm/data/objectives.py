@@ -204,6 +204,9 @@ class BatchFormat:
     rows: Rows
     spec: Spec
     convert: Optional[Convert] = None
+    # Special tokens the format needs the tokenizer to hold as single tokens (e.g. a chat template's), given
+    # the data config and the tokenizer; the Trainer adds them (tokenizer.add_special_tokens) before the model.
+    tokens: Optional[Callable[[DataConfig, Tokenizer], list[str]]] = None
 
 
 _FORMATS: dict[str, BatchFormat] = {}
@@ -212,6 +215,12 @@ _FORMATS: dict[str, BatchFormat] = {}
 def register_format(name: str, fmt: BatchFormat) -> None:
     """Makes `fmt` the batch format of objective `name` (data.objective.name)."""
     _FORMATS[name] = fmt
+
+
+def tokens_to_add(cfg: DataConfig, tokenizer: Tokenizer) -> list[str]:
+    """The special tokens `cfg.objective`'s batch format needs that `tokenizer` lacks (see `BatchFormat.tokens`)."""
+    fmt = batch_format(cfg.objective.name)
+    return fmt.tokens(cfg, tokenizer) if fmt.tokens is not None else []
 
 
 def batch_format(name: str) -> BatchFormat:

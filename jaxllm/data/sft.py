@@ -129,4 +129,14 @@ def _pad_row(L: int):
     return pad
 
 
-register_format("sft", BatchFormat(_sft_rows, token_rows_spec, convert=_sft_convert))
+def _template_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> list[str]:
+    """The chat template's special tokens the tokenizer lacks (a built-in template on another model's
+    tokenizer); the template becomes the tokenizer's, so checkpoints and exports carry it."""
+    template = chat_template_for(cfg, tokenizer)
+    if template is None:
+        return []
+    tokenizer.chat_template = template.source
+    return template.missing_tokens(tokenizer.token_to_id)
+
+
+register_format("sft", BatchFormat(_sft_rows, token_rows_spec, convert=_sft_convert, tokens=_template_tokens))

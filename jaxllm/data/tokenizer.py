@@ -6,8 +6,15 @@ tokens. Ids absent from a tokenizer are None (`bos_id`, `eos_id`); `pad_id` is a
 tokenizer's pad token, else EOS, else 0 (padded positions are masked out of the loss, so any valid id
 is safe there).
 
-`files()` returns the files that rebuild a tokenizer (`tokenizer.model`, or `tokenizer.json` plus its
-config files) so it can travel inside a checkpoint; `load_tokenizer_from_files` rebuilds it.
+`add_special_tokens` adds tokens (a chat template's `<|im_start|>`) the vocabulary lacks, as new ids after
+its last one; wherever an added token appears in a text it is one id (the text is split on added tokens
+first, as transformers does), and `decode` drops it. A SentencePiece model keeps its added tokens in
+`added_tokens.json` (transformers' convention: token -> id) beside `tokenizer.model`; a Hugging Face
+tokenizer in its `tokenizer.json` (the `tokenizers` library's own special tokens).
+
+`files()` returns the files that rebuild a tokenizer (`tokenizer.model` [+ `added_tokens.json`], or
+`tokenizer.json` plus its config files) so it can travel inside a checkpoint; `load_tokenizer_from_files`
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from jaxllm.utils import atomic_write_bytes
 
 BUILTIN_TOKENIZERS = {"kjv-sp4k": "kjv-sp4k.model"}
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+ADDED_TOKENS_FILE = "added_tokens.json"  # a SentencePiece model's added tokens, {token: id} (transformers' name)
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' `{name}_token`
 
 
@@ -62,13 +70,32 @@ class Tokenizer(abc.ABC):
     def _pad_id(self) -> Optional[int]:
         return None
 
-    def id_to_token(self, i: int) -> Optional[str]:
-        """The token (piece) text of id `i`, special tokens included; None outside the vocabulary."""
-        return None
-
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of `token` when the vocabulary has it as one piece (e.g. `<mask>`), else None."""
         return None
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        """The piece of id `i` (an added token's text), None outside the vocabulary."""
+        return None
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[str]:
+        """Adds those of `tokens` the vocabulary lacks, in order, as ids vocab_size, vocab_size + 1, ...
+        (`vocab_size` grows) and returns them; a token it has keeps its id and its role. An added token is
+        one id wherever it appears in a text (encode, encode_batch, encode_with_offsets), `decode` drops
+        it, and `special_ids` and `files()` include it."""
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise JaxllmError(f"an added special token must be a non-empty string, got {token!r}; remove it from "
+                                  "tokenizer.add_special_tokens")  # fmt: skip
+        new = [t for t in dict.fromkeys(tokens) if self.token_to_id(t) is None]
+        if new:
+            self._add(new)
+        return new
+
+    def _add(self, tokens: list[str]) -> None:
+        """Appends `tokens` (new to the vocabulary, distinct) as ids vocab_size, vocab_size + 1, ..."""
+        raise JaxllmError(f"{type(self).__name__} cannot add tokens; special tokens need a SentencePiece or Hugging "
+                          "Face tokenizer")  # fmt: skip
 
     def special_tokens(self) -> dict[str, str]:
         """The special tokens by transformers' names (`bos_token`, `eos_token`, ...: what chat templates
@@ -92,9 +119,15 @@ class Tokenizer(abc.ABC):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact."""
+    """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact, plus
+    the tokens added after its pieces (`added_tokens`, ids from the model's piece count on).
 
-    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+    Added tokens split a text into parts that are encoded as separate texts, each with SentencePiece's dummy
+    prefix ("▁"): transformers' legacy SentencePiece tokenizers do so, and the `tokenizer.json` an export
+    writes (jaxllm.convert.hf_tokenizer) gives the same ids. `decode` undoes it part by part, so
+    decode(encode(text)) is the text without its added tokens."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece", added_tokens: Optional[dict[str, int]] = None):
         self.name = name
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor()
@@ -102,19 +135,57 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp.LoadFromSerializedProto(model_proto)
         except (RuntimeError, OSError) as e:
             raise JaxllmError(f"{name} is not a SentencePiece model ({e}); expected a .model file") from None
+        self._added: dict[str, int] = {}
+        self._added_pattern: Optional[re.Pattern] = None
+        if added_tokens:
+            self.add_special_tokens(sorted(added_tokens, key=added_tokens.get))
+            if self._added != added_tokens:
+                n = self._sp.get_piece_size()
+                raise JaxllmError(f"{name}: {ADDED_TOKENS_FILE} must give tokens the model lacks the ids {n}, {n + 1}, "
+                                  f"... after its {n} pieces, got {added_tokens!r:.120}")  # fmt: skip
+
+    def _add(self, tokens: list[str]) -> None:
+        for token in tokens:
+            self._added[token] = self.vocab_size
+        self._added_pattern = _split_pattern(self._added)
+        self._controls = None  # encode_with_offsets splits on added tokens too
+
+    def _parts(self, text: str) -> list[str]:
+        """`text` split on added tokens (kept as parts of their own), empty parts dropped."""
+        if self._added_pattern is None:
+            return [text] if text else []
+        return [p for p in self._added_pattern.split(text) if p]
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        if not self._added:
+            return self._sp.encode(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), num_threads=min(4, os.cpu_count() or 1))
+        threads = min(4, os.cpu_count() or 1)
+        if not self._added:
+            return self._sp.encode(list(texts), num_threads=threads)
+        parts = [self._parts(t) for t in texts]
+        plain = [p for ps in parts for p in ps if p not in self._added]
+        encoded = iter(self._sp.encode(plain, num_threads=threads))
+        return [[i for p in ps for i in ([self._added[p]] if p in self._added else next(encoded))] for ps in parts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if not self._added:
+            return self._sp.decode(ids)
+        pieces, run = [], []  # each run between added tokens was encoded as a text of its own
+        for i in ids + [self._sp.get_piece_size()]:
+            if i >= self._sp.get_piece_size():
+                pieces.append(self._sp.decode(run))
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces)
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._sp.get_piece_size() + len(self._added)
 
     @property
     def bos_id(self) -> Optional[int]:
@@ -128,11 +199,15 @@ class SentencePieceTokenizer(Tokenizer):
         return _id_or_none(self._sp.pad_id())
 
     def token_to_id(self, token: str) -> Optional[int]:
+        if token in self._added:
+            return self._added[token]
         i = self._sp.piece_to_id(token)  # the unknown id when absent
         return i if self._sp.id_to_piece(i) == token and not self._sp.is_unknown(i) else None
 
     def id_to_token(self, i: int) -> Optional[str]:
-        return self._sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+        if 0 <= i < self._sp.get_piece_size():
+            return self._sp.id_to_piece(i)
+        return next((t for t, j in self._added.items() if j == i), None)
 
     def special_tokens(self) -> dict[str, str]:
         sp = self._sp
@@ -141,29 +216,34 @@ class SentencePieceTokenizer(Tokenizer):
 
     def special_ids(self) -> set[int]:
         sp = self._sp
-        return {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
+        own = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
+        return own | set(self._added.values())
 
     def files(self) -> dict[str, bytes]:
-        return _with_template({"tokenizer.model": self._proto}, self.chat_template)
+        added = {ADDED_TOKENS_FILE: json.dumps(self._added, ensure_ascii=False).encode()} if self._added else {}
+        return _with_template({"tokenizer.model": self._proto, **added}, self.chat_template)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # Control pieces (`<s>`, `</s>`) never come out of SentencePiece's encode: split them off and encode
         # the text between them; text after a control piece gets no dummy prefix ("▁"), as transformers'
-        # non-legacy SentencePiece tokenizers do. Offsets come from the pieces' byte spans.
+        # non-legacy SentencePiece tokenizers do (text after an added token gets it, as `encode` gives).
+        # Offsets come from the pieces' byte spans.
         sp = self._sp
         if getattr(self, "_controls", None) is None:
-            self._controls = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+            controls = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+            self._controls = {**controls, **self._added}
+            self._controls_pattern = _split_pattern(self._controls)
         controls = self._controls
-        pattern = "|".join(map(re.escape, sorted(controls, key=len, reverse=True)))
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        pos = 0
-        for part in re.split(f"({pattern})", text) if pattern else [text]:
+        pos, prefix = 0, True
+        for part in self._controls_pattern.split(text) if self._controls_pattern else [text]:
             if part in controls:
                 ids.append(controls[part])
                 offsets.append((pos, pos + len(part)))
+                prefix = part in self._added
             elif part:
-                processor = sp if pos == 0 else self._processor_without_dummy_prefix()
+                processor = sp if prefix else self._processor_without_dummy_prefix()
                 pieces = processor.encode(part, return_type="proto").pieces
                 char_at = _byte_to_char_offsets(part)
                 spans = [(char_at[p.begin], char_at[p.end]) for p in pieces]
@@ -185,6 +265,25 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp_no_prefix = spm.SentencePieceProcessor()
             self._sp_no_prefix.LoadFromSerializedProto(proto.SerializeToString())
         return self._sp_no_prefix
+
+
+def _split_pattern(tokens: Iterable[str]) -> Optional[re.Pattern]:
+    """A regex whose `split` keeps each of `tokens` as a part (longest first); None for no tokens."""
+    alternatives = "|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))
+    return re.compile(f"({alternatives})") if alternatives else None
+
+
+def _sentencepiece_added_tokens(files: dict[str, bytes], name: str) -> dict[str, int]:
+    """The {token: id} of an `added_tokens.json` in `files`, {} without one."""
+    if ADDED_TOKENS_FILE not in files:
+        return {}
+    try:
+        added = json.loads(files[ADDED_TOKENS_FILE])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxllmError(f"{name}: {ADDED_TOKENS_FILE} is not valid JSON ({e})") from None
+    if not isinstance(added, dict) or not all(isinstance(i, int) for i in added.values()):
+        raise JaxllmError(f"{name}: {ADDED_TOKENS_FILE} must map each added token to its id, got {added!r:.80}")
+    return added
 
 
 def _id_or_none(i: int) -> Optional[int]:
@@ -231,6 +330,19 @@ class HFTokenizer(Tokenizer):
             if isinstance(value, str):
                 self._special_tokens[f"{key}_token"] = value
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+
+    def _add(self, tokens: list[str]) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        start = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self._tok.add_special_tokens(tokens)  # special, not normalized: split off before anything else
+        ids = [self._tok.token_to_id(t) for t in tokens]
+        if ids != list(range(start, start + len(tokens))):  # `tokenizers` numbers them from the count of ids
+            raise JaxllmError(f"{self.name}: added tokens {tokens} got the ids {ids}, not {start}, {start + 1}, ...: "
+                              "its vocabulary's ids have holes; add the tokens to the tokenizer.json itself")
+        saved = RustTokenizer.from_str(self._files["tokenizer.json"].decode("utf-8"))  # with the file's own padding
+        saved.add_special_tokens(tokens)
+        self._files = {**self._files, "tokenizer.json": saved.to_str().encode()}
 
     def _token_id(self, token: object) -> Optional[int]:
         if isinstance(token, dict):  # a serialised AddedToken: {"content": "<s>", ...}
@@ -319,7 +431,9 @@ def load_tokenizer(path: str) -> Tokenizer:
                                        else _template_source(files))
             return tokenizer
         if (p / "tokenizer.model").is_file():
-            return SentencePieceTokenizer((p / "tokenizer.model").read_bytes(), name=str(p / "tokenizer.model"))
+            files = {f: (p / f).read_bytes() for f in ("tokenizer.model", ADDED_TOKENS_FILE, "chat_template.jinja")
+                     if (p / f).is_file()}
+            return load_tokenizer_from_files(files, name=str(p / "tokenizer.model"))
         raise JaxllmError(f"tokenizer directory {p} holds neither tokenizer.json nor tokenizer.model")
     if p.is_file() and p.name.endswith(".json"):
         return HFTokenizer({"tokenizer.json": p.read_bytes()}, name=str(p))
@@ -331,13 +445,15 @@ def load_tokenizer(path: str) -> Tokenizer:
     )
 
 
-def load_tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer:
+def load_tokenizer_from_files(files: dict[str, bytes], name: Optional[str] = None) -> Tokenizer:
     """Rebuilds a tokenizer from `Tokenizer.files()` (e.g. as saved in a checkpoint)."""
     tokenizer: Tokenizer
     if "tokenizer.json" in files:
-        tokenizer = HFTokenizer({k: v for k, v in files.items() if k != "chat_template.jinja"}, name="tokenizer.json")
+        tokenizer = HFTokenizer({k: v for k, v in files.items() if k != "chat_template.jinja"},
+                                name=name or "tokenizer.json")
     elif "tokenizer.model" in files:
-        tokenizer = SentencePieceTokenizer(files["tokenizer.model"], name="tokenizer.model")
+        name = name or "tokenizer.model"
+        tokenizer = SentencePieceTokenizer(files["tokenizer.model"], name, _sentencepiece_added_tokens(files, name))
     else:
         raise JaxllmError(f"no tokenizer among the files {sorted(files)}; expected tokenizer.json or tokenizer.model")
     tokenizer.chat_template = _template_source(files)

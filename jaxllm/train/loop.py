@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 from jaxllm import models, sharding
 from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
 from jaxllm.models.layers import DTYPES
-from jaxllm.config import Config, DataConfig, JaxllmError, dump_yaml, validate
-from jaxllm.data.objectives import batch_spec, check_vocab_size
+from jaxllm.config import Config, ConfigError, DataConfig, JaxllmError, ModelConfig, dump_yaml, validate
+from jaxllm.data.objectives import tokens_to_add, batch_spec, check_vocab_size, special_ids
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
+from jaxllm.models.vocab import grown_vocab_size, resize_vocab
 from jaxllm.train.checkpoint import Checkpointer, Meta
 from jaxllm.train.frozen import FrozenModel, Pretrained, frozen_shardings, load_frozen, open_pretrained
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
@@ -50,9 +51,9 @@ class Trainer:
     in their batch format, loss and frozen models, never in the loop, checkpoints or meshes.
 
     The constructor runs named setup steps, in order: `_start_from` (train.init_from), `_make_mesh`,
-    `_open_run_dir` (checkpoints, the step to resume), `_choose_tokenizer`, the objective's checks and the
-    state's spec, `_pipeline` (this process's batches), `_build_state` (restored or initialised),
-    `_load_frozen_models`, `_compile`.
+    `_open_run_dir` (checkpoints, the step to resume), `_choose_tokenizer`, `_add_tokens` (added special
+    tokens; a model from init_from grows to fit), the objective's checks and the state's spec, `_pipeline`
+    (this process's batches), `_build_state` (restored or initialised), `_load_frozen_models`, `_compile`.
     """
 
     def __init__(self, cfg: Config, devices: Sequence[jax.Device] | None = None):
@@ -61,6 +62,10 @@ class Trainer:
         self._make_mesh(devices)
         self._open_run_dir()
         self.tokenizer = self._choose_tokenizer()
+        self._added_tokens: list[str] = []
+        self._add_tokens([*self.cfg.tokenizer.add_special_tokens, *tokens_to_add(self.cfg.data, self.tokenizer)])
+        if self._resume is not None:  # after _add_tokens: a grown vocabulary is part of the model
+            _check_same_model(self.cfg, self._resume.config, self.run_dir)
         self.objective = check_trainable(self.cfg)
         check_vocab_size(self.cfg.model.vocab_size, self.cfg.data, self.tokenizer)
         self.spec = train_state_spec(self.cfg, self.mesh, self.rules)
@@ -101,14 +106,12 @@ class Trainer:
 
     def _open_run_dir(self) -> None:
         """Checks run_dir is writable, opens its checkpoints and reads the small items of the newest good
-        one (`self._resume`, None for a fresh run); the model must be the one it was trained with."""
+        one (`self._resume`, None for a fresh run)."""
         ensure_writable_dir(self.run_dir, "run_dir")
         ensure_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint)
         step = self.checkpointer.newest_good_step(self.cfg.checkpoint.on_corrupt)
         self._resume: Meta | None = self.checkpointer.restore_meta(step) if step is not None else None
-        if self._resume is not None:
-            _check_same_model(self.cfg, self._resume.config, self.run_dir)
 
     def _choose_tokenizer(self) -> Tokenizer:
         """A resumed run's own tokenizer; else tokenizer.path; else init_from's; else the default."""
@@ -120,6 +123,33 @@ class Trainer:
         if cfg.tokenizer.path is None and self._init_from is not None and self._init_from.tokenizer_files:
             return load_tokenizer_from_files(self._init_from.tokenizer_files)
         return load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
+
+    def _add_tokens(self, tokens: Sequence[str]) -> None:
+        """Adds `tokens` (tokenizer.add_special_tokens, a chat template's) to the tokenizer, before the state's
+        spec is made. With train.init_from, a model with fewer ids than the tokenizer (and an objective's ids
+        above it) needs grows to a multiple of 128 (`cfg.model.vocab_size`; `_build_state` resizes the
+        parameters); a fresh model whose model.vocab_size is too small is an error naming the added tokens."""
+        added = self.tokenizer.add_special_tokens(tokens)
+        if added and self._resume is not None:
+            raise JaxllmError(f"run_dir {self.run_dir} holds checkpoints whose tokenizer lacks the special tokens "
+                              f"{added}; tokens are added when a run starts: use a new run_dir")  # fmt: skip
+        if added:
+            self._added_tokens += added
+            log.info("added %d special tokens to the tokenizer: %s (ids %d-%d)", len(added), ", ".join(added),
+                     self.tokenizer.vocab_size - len(added), self.tokenizer.vocab_size - 1)
+        needed, model = special_ids(self.cfg.data, self.tokenizer).vocab_size, self.cfg.model
+        if needed <= model.vocab_size:
+            return
+        if self._init_from is not None:
+            grown = dataclasses.replace(model, vocab_size=grown_vocab_size(needed))
+            self.cfg = dataclasses.replace(self.cfg, model=grown)
+        elif self._added_tokens:
+            raise ConfigError(
+                f"model.vocab_size={model.vocab_size} is too small for the tokenizer's {self.tokenizer.vocab_size} ids "
+                f"with the added tokens {', '.join(self._added_tokens)} ({needed} ids in all); set model.vocab_size >= "
+                f"{needed} (e.g. {grown_vocab_size(needed)}), or start from a trained model (train.init_from), whose "
+                "vocabulary grows to fit"
+            )
 
     def _pipeline(self, data: DataConfig, num_epochs: int | None = None) -> Pipeline:
         """This process's share of `data`'s batches."""
@@ -136,7 +166,8 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpointer.directory / str(resume.step), resume.step)
         else:
             if self._init_from is not None:
-                base = self._init_from.params(self.mesh, self.rules, cfg.model.param_dtype)
+                base = self._init_from.params(self.mesh, self.rules, self._init_from.config.param_dtype)
+                base = self._resize_vocab(base, self._init_from.config)
                 # This run's policies (model.lora, model.quant) apply to that base.
                 params = lora.adapt(base, cfg.model, self.state_shardings.params, cfg.train.seed)
                 log.info("parameters from %s", self._init_from.where)
@@ -147,6 +178,20 @@ class Trainer:
         # Rows a killed run logged after its last checkpoint (or a line it cut short) would repeat.
         truncate_metrics(self.run_dir, resume.step if resume is not None else 0)
         self.data_state = self.data.get_state()
+
+    def _resize_vocab(self, base: Any, base_cfg: ModelConfig) -> Any:
+        """init_from's parameters with this run's vocabulary (grown by `_add_tokens`), logged."""
+        old, new = base_cfg.vocab_size, self.cfg.model.vocab_size
+        if old == new:
+            return base
+        base, _ = resize_vocab(base, base_cfg, new)
+        added = self._added_tokens
+        why = f"{len(added)} added tokens ({', '.join(added)})" if added else f"{self.tokenizer.vocab_size} ids needed"
+        log.info("model vocabulary %d -> %d: %s; new embedding rows are the mean of the old", old, new, why)
+        if self.cfg.model.lora is not None:
+            log.warning("model.lora: the embedding is not an adapter target, so the new rows stay the mean and the "
+                        "added tokens are not learned; fine-tune fully to train them")
+        return base
 
     def _load_frozen_models(self) -> dict[str, FrozenModel]:
         """The objective's frozen models (reference, teacher, ...), on this mesh; none for pretraining."""
@@ -346,7 +391,13 @@ def _check_same_tokenizer(cfg: Config, saved_cfg: Config, saved: Tokenizer, run_
     """A resumed run uses the tokenizer stored in its checkpoint; a config naming another one is an error,
     not silently ignored (the same files under a new path are fine; no tokenizer.path means the run's)."""
     saved_path = saved_cfg.tokenizer.path
-    if cfg.tokenizer.path in (None, saved_path) or load_tokenizer(cfg.tokenizer.path).files() == saved.files():
+    if cfg.tokenizer.path in (None, saved_path):
+        return
+    named = load_tokenizer(cfg.tokenizer.path)
+    extra = range(named.vocab_size, saved.vocab_size)  # tokens the run added: add them to compare
+    if extra and set(extra) <= saved.special_ids():
+        named.add_special_tokens([saved.id_to_token(i) for i in extra])
+    if named.files() == saved.files():
         return
     raise JaxllmError(
         f"run_dir {run_dir} holds checkpoints trained with tokenizer {saved_path}, but tokenizer.path is "

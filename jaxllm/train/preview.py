@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxllm.config import Config
+from jaxllm.data.objectives import tokens_to_add
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.train.frozen import open_pretrained
@@ -26,12 +27,16 @@ OPEN, CLOSE = "⟦", "⟧"
 
 
 def run_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer a fresh run of `cfg` trains with: tokenizer.path, else train.init_from's, else the default."""
+    """The tokenizer a fresh run of `cfg` trains with: tokenizer.path, else train.init_from's, else the default;
+    with the special tokens the run adds (tokenizer.add_special_tokens, a chat template's)."""
+    tokenizer = None
     if cfg.tokenizer.path is None and cfg.train.init_from:
         files = open_pretrained(cfg.train.init_from).tokenizer_files
         if files:
-            return load_tokenizer_from_files(files)
-    return load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
+            tokenizer = load_tokenizer_from_files(files)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer.path or DEFAULT_TOKENIZER)
+    tokenizer.add_special_tokens([*cfg.tokenizer.add_special_tokens, *tokens_to_add(cfg.data, tokenizer)])
+    return tokenizer
 
 
 def first_rows(cfg: Config, tokenizer: Tokenizer, n: int) -> Iterator[dict[str, np.ndarray]]:
