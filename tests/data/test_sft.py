@@ -155,3 +155,22 @@ def test_the_tokenizers_own_template_is_used_and_travels_with_it(tmp_path):
             _expected(r) for r in RECORDS)
     finally:
         pipeline.close()
+
+
+def test_a_builtin_templates_tokens_are_added_and_encode_as_one_id(tmp_path):
+    from jaxllm.data.objectives import tokens_to_add
+
+    tokenizer = load_tokenizer("builtin:kjv-sp4k")
+    cfg = _config(_write(tmp_path / "d.jsonl", RECORDS[:1]), chat_template="builtin:chatml")
+    needed = tokens_to_add(cfg, tokenizer)
+    assert needed == ["<|im_start|>", "<|im_end|>"]
+    assert tokenizer.add_special_tokens(needed) == needed and tokenizer.vocab_size == 4098
+    assert tokenizer.chat_template == load_chat_template("builtin:chatml").source  # saved with the run
+    pipeline = make_pipeline(cfg, tokenizer, 1, num_epochs=1)
+    (row,) = [{k: v[0] for k, v in b.items()} for b in pipeline]
+    pipeline.close()
+    (inputs, targets, mask), = _examples([row])
+    start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
+    assert inputs.count(start) == 5 and (inputs + targets[-1:]).count(end) == 5  # one id per turn marker
+    trained = [t for t, m in zip(targets, mask) if m]
+    assert trained.count(end) == 2 and tokenizer.decode(trained) == "GenesisPsalms"
