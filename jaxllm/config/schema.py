@@ -323,13 +323,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    """Adversarial training on the token embeddings (docs/post-training.md): the loss adds `weight` times the
-    loss at embeddings moved uphill by delta, ||delta|| <= epsilon (L2 over each row's [length, embedding]).
-
-    fgm (Miyato et al.): delta = epsilon * g / ||g|| with g the clean loss's gradient in the embeddings;
-    2 forward+backward passes a step. pgd (FreeLB-style): `steps` ascent steps of `step_size` along the
-    normalised gradient, each projected to the epsilon ball, the adversarial loss averaged over them; steps + 1
-    passes. fgm is pgd with steps=1, step_size=epsilon."""
+    """Adversarial training on the token embeddings (docs/post-training.md): loss = clean + weight * the loss at
+    embeddings moved uphill by delta, ||delta|| <= epsilon (L2 over each row). fgm (Miyato et al.): delta =
+    epsilon * g / ||g||, 2 forward+backward passes a step; pgd (FreeLB-style): `steps` normalised ascent steps of
+    `step_size` projected to the ball, their losses averaged, steps + 1 passes."""
 
     method: Literal["fgm", "pgd"] = "fgm"
     epsilon: float = 1.0
