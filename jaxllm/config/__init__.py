@@ -19,6 +19,7 @@ from jaxllm.config.loading import (
     to_dict,
 )
 from jaxllm.config.schema import (
+    AdversarialConfig,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -43,7 +44,7 @@ from jaxllm.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistributedConfig",
+    "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
     "MoEConfig", "ObjectiveConfig", "OptimConfig", "QuantConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "apply_override", "config_from_yaml_text", "dump_yaml", "from_dict", "load_config", "read_yaml",

@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any
 
-from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
 
 log = logging.getLogger("jaxllm")
 
@@ -63,6 +63,7 @@ def validate(cfg: Config) -> None:
         )
     if t.spike_threshold < 0 or t.spike_window < 2:
         raise ConfigError("train.spike_threshold must be >= 0 (0 = off) and train.spike_window >= 2")
+    _validate_embedding_noise(t)
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
     _positive(cfg.checkpoint, "checkpoint", ["keep_every"], null="no extra checkpoints kept")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
@@ -80,6 +81,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
     _positive(g, "generate", ["max_new_tokens"])
     _non_negative(g, "generate", {"seed": ""})
+
+
+def _validate_embedding_noise(t: TrainConfig) -> None:
+    if not t.neftune_noise_alpha >= 0:  # also NaN
+        raise ConfigError(f"train.neftune_noise_alpha must be >= 0 (0 = off; NEFTune: 5, 10 or 15), got "
+                          f"{t.neftune_noise_alpha}")
+    a = t.adversarial
+    if a is None:
+        return
+    where = "train.adversarial"
+    _above_zero(a.epsilon, f"{where}.epsilon", "1.0, the L2 radius of each row's perturbation")
+    _above_zero(a.weight, f"{where}.weight", "1.0; loss = clean + weight * adversarial")
+    _positive(a, where, ["steps"])
+    if a.step_size is not None:
+        _above_zero(a.step_size, f"{where}.step_size", "epsilon / steps, or null for that")
 
 
 def _validate_model_numbers(m: ModelConfig) -> None:

@@ -339,6 +339,20 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0  # global-norm clipping; null = off
 
 
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """Adversarial training on the token embeddings (docs/post-training.md): loss = clean + weight * the loss at
+    embeddings moved uphill by delta, ||delta|| <= epsilon (L2 over each row). fgm (Miyato et al.): delta =
+    epsilon * g / ||g||, 2 forward+backward passes a step; pgd (FreeLB-style): `steps` normalised ascent steps of
+    `step_size` projected to the ball, their losses averaged, steps + 1 passes."""
+
+    method: Literal["fgm", "pgd"] = "fgm"
+    epsilon: float = 1.0
+    steps: int = 3  # pgd only
+    step_size: Optional[float] = None  # pgd only; null = epsilon / steps
+    weight: float = 1.0
+
+
 @dataclass
 class TrainConfig:
     # A run directory or checkpoint (ours, or converted from Hugging Face), or a Hugging Face model directory
@@ -362,6 +376,10 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     spike_threshold: float = 6.0  # warn when a loss exceeds mean + threshold * std of the last window; 0 = off
     spike_window: int = 100  # losses that window holds
+    # NEFTune (transformers' neftune_noise_alpha): uniform noise of magnitude alpha / sqrt(length * dim) on the
+    # token embeddings in training steps only; 0 = off (the paper: 5, 10, 15).
+    neftune_noise_alpha: float = 0.0
+    adversarial: Optional[AdversarialConfig] = None  # adversarial embedding perturbation (FGM / PGD); null = off
 
 
 @dataclass

@@ -14,7 +14,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import FUSED_KERNELS, Attention, LayerCache, Masking, attention_mask, resolve_impl
-from jaxllm.models.layers import DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param
+from jaxllm.models.layers import (DTYPES, MLP, Dense, Norm, dropout_active, fold_dropout_key, make_param,
+                                  perturbed)
 from jaxllm.models.moe import MoE, add_aux, is_moe_layer
 from jaxllm.models.positions import LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes
 from jaxllm.sharding import active_platform, constrain
@@ -178,6 +179,7 @@ class Stack(nnx.Module):
             self.layers = nnx.List([Block(cfg, rngs, cross_attention, moe=is_moe_layer(cfg, i))
                                     for i in range(num_layers)])
         self.final_norm = Norm(cfg.d_model, cfg, rngs) if cfg.norm_position == "pre" else None
+        self.embedding_noise = True  # takes a train step's embedding perturbation (layers.perturb_embeddings)
         self.relative_bias = RelativePositionBias(cfg, not causal, rngs) if cfg.positions == "relative" else None
         self.alibi = tuple(alibi_slopes(cfg.num_heads).tolist()) if cfg.positions == "alibi" else None
 
@@ -189,6 +191,8 @@ class Stack(nnx.Module):
         With a cache, the L tokens are written at cache.index and attend to every slot cached before.
         """
         L = x_BLE.shape[1]
+        if cache is None and self.embedding_noise:  # training's NEFTune / adversarial noise; never in generation
+            x_BLE = perturbed(x_BLE, segment_ids_BL)
         x_BLD = constrain(self.embeddings(x_BLE, positions_BL, token_types_BL), ("batch", "length", "act_embed"))
         q_index_L = jnp.arange(L)
         kv_segments_BS, kv_positions_BS, kv_index_S = segment_ids_BL, positions_BL, q_index_L
@@ -271,6 +275,15 @@ class Stack(nnx.Module):
         if self.final_norm is not None:
             x_BLD = self.final_norm(x_BLD)
         return x_BLD, cache, aux
+
+
+def without_embedding_noise(module: nnx.Module) -> nnx.Module:
+    """`module` with every stack taking its token embeddings as they are, also inside a train step that
+    perturbs them (frozen models: a teacher or reference sees the clean input)."""
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, Stack):
+            sub.embedding_noise = False
+    return module
 
 
 def init_stack_cache(cfg: ModelConfig, num_layers: int, batch: int, length: int) -> StackCache:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -50,6 +51,70 @@ def fold_dropout_key(data) -> contextlib.AbstractContextManager:
     """A different dropout key for each layer of a stack (a no-op when none is set)."""
     key = _DROPOUT_KEY.get()
     return contextlib.nullcontext() if key is None else dropout_key(jax.random.fold_in(key, data))
+
+
+# Perturbations of the token embeddings while a train step traces its loss (`perturb_embeddings`): NEFTune's
+# noise and adversarial deltas (train/noise.py). Each stack applies them to the token embeddings it is given
+# (`perturbed`, from Stack.run); none is set in evaluation, and a run with a KV cache (generation) or a frozen
+# model (blocks.without_embedding_noise) never takes them. So no loss needs to know.
+@dataclasses.dataclass
+class EmbeddingPerturbation:
+    """What the i-th stack call of a traced loss adds to its token embeddings x_BLE [B, L, E]: NEFTune noise
+    drawn from fold_in(neftune_key, i) (alpha > 0), and `deltas[i]` (float32, shaped as x_BLE). With `shapes` a
+    list, each call appends its x_BLE shape (what `jax.eval_shape` of the loss reports to size the deltas)."""
+
+    neftune_key: jax.Array | None = None
+    neftune_alpha: float = 0.0
+    deltas: Sequence[jax.Array] | None = None
+    shapes: list | None = None
+    calls: int = 0  # stack calls seen so far in this trace
+
+
+_PERTURBATION: contextvars.ContextVar[EmbeddingPerturbation | None] = contextvars.ContextVar(
+    "jaxllm_embedding_perturbation", default=None)
+
+
+@contextlib.contextmanager
+def perturb_embeddings(perturbation: EmbeddingPerturbation | None) -> Iterator[None]:
+    """Token embeddings take `perturbation` inside the block; enter it inside the traced function, once per
+    trace (it counts the stack calls of that trace)."""
+    token = _PERTURBATION.set(perturbation)
+    try:
+        yield
+    finally:
+        _PERTURBATION.reset(token)
+
+
+def perturbed(x_BLE: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    """x_BLE with the active perturbation added (itself when none is active); padding (segment 0) keeps
+    its embeddings under NEFTune and gets no gradient under an adversarial delta."""
+    p = _PERTURBATION.get()
+    if p is None:
+        return x_BLE
+    index = p.calls
+    p.calls += 1
+    if p.shapes is not None:
+        p.shapes.append(x_BLE.shape)
+    out_BLE = x_BLE.astype(jnp.float32)
+    if p.neftune_alpha > 0:
+        out_BLE = out_BLE + neftune_noise(jax.random.fold_in(p.neftune_key, index), segment_ids_BL, x_BLE.shape[-1],
+                                          p.neftune_alpha)
+    if p.deltas is not None:
+        out_BLE = out_BLE + constrain(p.deltas[index], ("batch", "length", "act_embed"))
+    return out_BLE.astype(x_BLE.dtype)
+
+
+def neftune_noise(key: jax.Array, segment_ids_BL: jax.Array, dim: int, alpha: float) -> jax.Array:
+    """NEFTune's noise (Jain et al., 2023) [B, L, dim] float32: uniform in [-m, m] with m = alpha / sqrt(L * dim),
+    where L is the length of the sequence (packed segment) the position belongs to; 0 on padding (segment 0).
+    An unpadded row of one sequence gets transformers' `neftune_post_forward_hook` noise (L = the row length)."""
+    B, L = segment_ids_BL.shape
+    # Segment lengths by a sum over ids made unique per row (segment ids are in [0, L]).
+    ids_BL = segment_ids_BL.astype(jnp.int32) + (L + 1) * jnp.arange(B, dtype=jnp.int32)[:, None]
+    counts = jax.ops.segment_sum(jnp.ones(B * L, jnp.float32), ids_BL.reshape(-1), num_segments=B * (L + 1))
+    length_BL = counts[ids_BL]
+    mag_BL = jnp.where(segment_ids_BL > 0, alpha / jnp.sqrt(length_BL * dim), 0.0)
+    return jax.random.uniform(key, (B, L, dim), jnp.float32, -1.0, 1.0) * mag_BL[..., None]
 
 
 class Dense(nnx.Module):

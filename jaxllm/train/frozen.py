@@ -19,6 +19,7 @@ from flax import nnx, struct
 from jaxllm import models
 from jaxllm.config import ModelConfig
 from jaxllm.models import lora
+from jaxllm.models.blocks import without_embedding_noise
 from jaxllm.models.layers import DTYPES
 from jaxllm.convert.hf import config_from_hf, from_hf, hf_tokenizer_files_of
 from jaxllm.convert.hf_io import SafetensorsReader, read_hf_config
@@ -45,8 +46,9 @@ class FrozenModel:
     cfg: ModelConfig = struct.field(pytree_node=False)
 
     def bind(self) -> nnx.Module:
-        """The module, for use inside a jitted loss; no gradient flows into it."""
-        return models.bind(self.graphdef, jax.lax.stop_gradient(self.params))
+        """The module, for use inside a jitted loss; no gradient flows into it, and no embedding noise
+        (NEFTune, adversarial) of the train step reaches its inputs."""
+        return without_embedding_noise(models.bind(self.graphdef, jax.lax.stop_gradient(self.params)))
 
 
 def restore_base_params(checkpointer, step: int, saved: ModelConfig, mesh, rules) -> tuple[ModelConfig, Any]:

@@ -17,10 +17,11 @@ import optax
 from flax import nnx, struct
 
 from jaxllm import models, sharding
-from jaxllm.config import Config
+from jaxllm.config import AdversarialConfig, Config
 from jaxllm.models import lora
-from jaxllm.models.layers import dropout_key
+from jaxllm.models.layers import dropout_key, perturb_embeddings
 from jaxllm.train.losses import loss_mask, normalizers, segment_totals
+from jaxllm.train.noise import gradient_fn
 from jaxllm.train.objective import objective_for
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
 
@@ -77,14 +78,19 @@ def train_step(
     grad_accum: int,
     loss: Callable,
     seed: int = 0,
+    neftune_noise_alpha: float = 0.0,
+    adversarial: AdversarialConfig | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the whole batch's mean loss of `loss` (an objective's loss, see
     train/objective.py: `loss(params, graphdef, batch, norms, key, frozen)` with its config bound).
     `frozen`: the objective's frozen models (`FrozenModel`s by name), read, never updated.
 
     With grad_accum > 1 the batch is split into micro-batches scanned in sequence; their normalised
-    gradients add up to the one-shot gradient. Random draws (ELECTRA's generator samples, LoRA dropout)
-    come from (seed, step, micro-batch), so a resumed run draws the same.
+    gradients add up to the one-shot gradient. Random draws (ELECTRA's generator samples, LoRA dropout,
+    NEFTune's noise) come from (seed, step, micro-batch), so a resumed run draws the same.
+
+    `neftune_noise_alpha` > 0 adds NEFTune's noise to the token embeddings, `adversarial` an adversarial
+    perturbation (FGM / PGD, metrics["adv_loss"]): train/noise.py, for any objective.
 
     When the loss or the gradient norm is NaN/Inf the parameters and optimizer state stay as they were
     (`skipped` counts it, metrics["finite"] is False); the caller decides whether to go on.
@@ -94,11 +100,12 @@ def train_step(
     # With LoRA adapters only they are differentiated and updated; the base is a constant.
     trainable, base = lora.split_trainable(state.params)
 
-    def objective(trainable, batch, key):
-        with dropout_key(jax.random.fold_in(key, 0x10A)):  # LoRA dropout (a no-op without adapters)
+    def objective(trainable, batch, key, perturbation):
+        # LoRA dropout (a no-op without adapters); embedding noise (a no-op when perturbation is None).
+        with dropout_key(jax.random.fold_in(key, 0x10A)), perturb_embeddings(perturbation):
             return loss(lora.combine(trainable, base), graphdef, batch, norms, key, frozen)
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = gradient_fn(objective, neftune_noise_alpha, adversarial)
     if grad_accum == 1:
         grads, metrics = grad_fn(trainable, batch, key)
     else:
@@ -177,6 +184,7 @@ def jit_train_step(cfg: Config, spec: StateSpec, batch_shardings: Any, frozen_sh
     step = functools.partial(
         train_step, graphdef=spec.graphdef, tx=spec.tx, schedule=spec.schedule, grad_accum=cfg.train.grad_accum,
         loss=bound_loss(cfg), seed=cfg.train.seed if seed is None else seed,
+        neftune_noise_alpha=cfg.train.neftune_noise_alpha, adversarial=cfg.train.adversarial,
     )
     return jax.jit(
         step,
