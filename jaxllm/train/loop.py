@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from jaxllm import models, sharding
 from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
 from jaxllm.models.layers import DTYPES
-from jaxllm.config import Config, DataConfig, JaxllmError, dump_yaml, validate
+from jaxllm.config import Config, DataConfig, JaxllmError, SourceConfig, dump_yaml, validate
 from jaxllm.data.objectives import batch_spec, check_vocab_size
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
@@ -196,9 +196,28 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Mean token loss and perplexity on the eval sources (a fresh pass from their start)."""
+        """Mean token loss (eval_loss), perplexity and token count over all eval sources, each read once
+        from its start (at most eval.batches batches each); with more than one source also each source's
+        own loss and tokens as eval_loss/NAME and eval_tokens/NAME (NAME: the source's path, with #INDEX
+        after a path that two sources share)."""
+        paths = [source.path for source in self.cfg.eval.sources]
+        names = [p if paths.count(p) == 1 else f"{p}#{i}" for i, p in enumerate(paths)]
+        per_source = {name: self._eval_sums(source) for name, source in zip(names, self.cfg.eval.sources)}
+        nll, tokens = (sum(v) for v in zip(*per_source.values()))
+        if tokens == 0:
+            raise JaxllmError(f"eval.sources {paths} produced no tokens")
+        loss = nll / tokens
+        metrics = {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
+        if len(per_source) > 1:
+            for name, (nll, tokens) in per_source.items():
+                metrics[f"eval_loss/{name}"] = nll / tokens if tokens else float("nan")
+                metrics[f"eval_tokens/{name}"] = tokens
+        return metrics
+
+    def _eval_sums(self, source: SourceConfig) -> tuple[float, float]:
+        """(summed token loss, tokens) of one pass over `source` (at most eval.batches batches)."""
         cfg = self.cfg
-        data_cfg = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle_window=0, prefetch=0)
+        data_cfg = dataclasses.replace(cfg.data, sources=[source], shuffle_window=0, prefetch=0)
         pipeline = self._pipeline(data_cfg, num_epochs=1)
         per_process = cfg.train.batch_size // jax.process_count()
         sums, count = None, 0  # summed on the device: one transfer after the loop, not one per batch
@@ -217,11 +236,7 @@ class Trainer:
         finally:
             pipeline.close()
         sums = jax.device_get(sums) if sums is not None else {"nll_sum": 0.0, "tokens": 0.0}
-        nll, tokens = float(sums["nll_sum"]), float(sums["tokens"])
-        if tokens == 0:
-            raise JaxllmError(f"eval.sources {[s.path for s in cfg.eval.sources]} produced no tokens")
-        loss = nll / tokens
-        return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
+        return float(sums["nll_sum"]), float(sums["tokens"])
 
     def save(self) -> None:
         self._saved_step = self.step
