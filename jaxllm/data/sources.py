@@ -30,7 +30,6 @@ from jaxllm.data import ASSETS, hub_sources, readers
 from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
 
-
 @dataclass(frozen=True)
 class BuiltinCorpus:
     """A corpus shipped in jaxllm/assets: the records [start, stop) of `file` (stop None = to its end)."""
@@ -141,7 +140,7 @@ class FilesIterator(EpochIterator):
                  records: tuple[int, Optional[int]] = (0, None)):  # fmt: skip
         super().__init__(name, process_index, process_count, num_epochs)
         if records != (0, None) and len(files) != 1:
-            raise JaxllmError(f"a record range applies to one file, not {len(files)} ({name})")
+            raise ValueError(f"a record range applies to one file, not {len(files)} ({name})")
         self._start, self._stop = records
         self._by_record = len(files) < process_count  # too few files to shard by file: shard by record
         self._files = files if self._by_record else files[process_index::process_count]
