@@ -306,11 +306,12 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out loss and perplexity, logged as eval_loss / eval_ppl."""
+    """Held-out loss and perplexity, logged as eval_loss / eval_ppl over all sources; with several sources
+    each one's loss also as eval_loss/PATH (e.g. the domain and the general held-out set when adapting)."""
 
     sources: list[SourceConfig] = field(default_factory=list)  # empty = no evaluation
     every: int = 0  # steps between evaluations; 0 = only at the end of training
-    batches: int = 0  # batches per evaluation; 0 = the whole held-out set once
+    batches: int = 0  # batches per evaluation of each source; 0 = the whole held-out set once
     at_start: bool = False  # also evaluate before the first step (logged at step 0): a fine-tune's starting point
 
 

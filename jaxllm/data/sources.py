@@ -13,12 +13,17 @@ Per-process sharding (no document ever reaches two processes):
 - files, when there are at least `process_count` of them: process i reads files i, i+P, ...;
 - otherwise every process reads every file and keeps the records r (counted over the epoch, bad
   ones included, so every process counts alike) with r % P == i.
+
+Built-in corpora (`builtin:NAME`) are files in jaxllm/assets or a range of records of one (the
+domain/general splits of the Bible for continued pretraining): a range is read from the file's
+start, records before it skipped unparsed, so its state and sharding are those of any file.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,9 +34,27 @@ from jaxllm.config import JaxllmError, SourceConfig
 from jaxllm.data import ASSETS, hub_sources, readers
 from jaxllm.data.epochs import BadRecordPolicy, EpochIterator
 
-BUILTIN_CORPORA = {"kjv": "kjv.jsonl.gz", "kjv-valid": "kjv-valid.jsonl.gz",
-                   "kjv-sft": "kjv-sft.jsonl.gz", "kjv-sft-valid": "kjv-sft-valid.jsonl.gz"}
 Convert = Callable[[dict], Optional[dict]]
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """A corpus shipped in jaxllm/assets: the records [start, stop) of `file` (stop None = to its end)."""
+
+    file: str
+    start: int = 0
+    stop: Optional[int] = None
+
+
+# Chapters of kjv.jsonl.gz: Genesis 1 is record 0, Haggai 1 record 909, Matthew 1 record 929 (assets/README.md).
+BUILTIN_CORPORA = {
+    "kjv": BuiltinCorpus("kjv.jsonl.gz"),  # Genesis .. 2 John
+    "kjv-valid": BuiltinCorpus("kjv-valid.jsonl.gz"),  # 3 John, Jude, Revelation: held out from kjv
+    "kjv-ot": BuiltinCorpus("kjv.jsonl.gz", 0, 909),  # Genesis .. Zephaniah: the "general" split
+    "kjv-ot-valid": BuiltinCorpus("kjv.jsonl.gz", 909, 929),  # Haggai, Zechariah, Malachi: held out from kjv-ot
+    "kjv-nt": BuiltinCorpus("kjv.jsonl.gz", 929),  # Matthew .. 2 John: the "domain" split (held out: kjv-valid)
+    "kjv-sft": BuiltinCorpus("kjv-sft.jsonl.gz"),  # instructions made from kjv (tools/make_instructions.py)
+    "kjv-sft-valid": BuiltinCorpus("kjv-sft-valid.jsonl.gz"),  # their held-out questions
+}
 
 
 def make_source(
@@ -61,20 +84,27 @@ def make_source(
         make = hub_sources.HFIterator if (cfg.format == "hf" or kind == "hf") else hub_sources.TfdsIterator
         target = rest if kind in ("hf", "tfds") else cfg.path
         return _Source(lambda: make(target, cfg, bad=bad, seed=seed, **common))
+    records: tuple[int, Optional[int]] = (0, None)
     if kind == "builtin":
-        files, fmt = [str(builtin_path(rest))], "jsonl"
+        corpus = builtin_corpus(rest)
+        files, fmt, records = [str(ASSETS / corpus.file)], "jsonl", (corpus.start, corpus.stop)
     else:
         files = expand_paths(cfg.path)
         fmt = cfg.format
     formats = {path: readers.file_format(path, fmt) for path in files}
-    return _Source(lambda: FilesIterator(files, formats, cfg, bad=bad, seed=seed, **common))
+    return _Source(lambda: FilesIterator(files, formats, cfg, bad=bad, seed=seed, records=records, **common))
+
+
+def builtin_corpus(name: str) -> BuiltinCorpus:
+    """The corpus `builtin:NAME`."""
+    if name not in BUILTIN_CORPORA:
+        raise JaxllmError(f"unknown corpus builtin:{name}; the built-in corpora are {', '.join(BUILTIN_CORPORA)}")
+    return BUILTIN_CORPORA[name]
 
 
 def builtin_path(name: str) -> Path:
-    """The file of corpus `builtin:NAME` shipped in jaxllm/assets."""
-    if name not in BUILTIN_CORPORA:
-        raise JaxllmError(f"unknown corpus builtin:{name}; the built-in corpora are {', '.join(BUILTIN_CORPORA)}")
-    return ASSETS / BUILTIN_CORPORA[name]
+    """The file in jaxllm/assets that holds corpus `builtin:NAME` (all of it or a range of its records)."""
+    return ASSETS / builtin_corpus(name).file
 
 
 def expand_paths(path: str) -> list[str]:
@@ -113,12 +143,16 @@ class _Source(grain.IterDataset):
 
 
 class FilesIterator(EpochIterator):
-    """Documents of local files, file after file, in an order shuffled per epoch."""
+    """Documents of local files, file after file, in an order shuffled per epoch; with `records`
+    (start, stop) of one file, only its records start .. stop - 1 (stop None = to the end)."""
 
     def __init__(self, files: list[str], formats: dict[str, str], cfg: SourceConfig, *, bad: BadRecordPolicy,
                  seed: int, name: str, process_index: int, process_count: int, num_epochs: Optional[int],
-                 convert: Optional[Convert] = None):  # fmt: skip
+                 convert: Optional[Convert] = None, records: tuple[int, Optional[int]] = (0, None)):  # fmt: skip
         super().__init__(name, process_index, process_count, num_epochs, convert)
+        if records != (0, None) and len(files) != 1:
+            raise ValueError(f"a record range applies to one file, not {len(files)} ({name})")
+        self._start, self._stop = records
         self._by_record = len(files) < process_count  # too few files to shard by file: shard by record
         self._files = files if self._by_record else files[process_index::process_count]
         self._formats, self._cfg, self._bad, self._seed = formats, cfg, bad, seed
@@ -160,7 +194,14 @@ class FilesIterator(EpochIterator):
                 continue
             number, raw = record
             self._record += 1
-            if self._by_record and (self._record - 1) % self.process_count != self.process_index:
+            index = self._record - 1 - self._start  # within the range
+            if index < 0:
+                continue
+            if self._stop is not None and self._record > self._stop:
+                self._close()
+                self._file += 1
+                continue
+            if self._by_record and index % self.process_count != self.process_index:
                 continue
             if self._convert is not None:
                 try:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from jaxllm import models, sharding
 from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
 from jaxllm.models.layers import DTYPES
-from jaxllm.config import Config, ConfigError, DataConfig, JaxllmError, ModelConfig, dump_yaml, validate
-from jaxllm.data.objectives import tokens_to_add, batch_spec, check_vocab_size, special_ids
+from jaxllm.config import Config, ConfigError, DataConfig, JaxllmError, ModelConfig, SourceConfig, dump_yaml, validate
+from jaxllm.data.objectives import batch_spec, check_vocab_size, special_ids, tokens_to_add
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
@@ -239,9 +239,38 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Mean token loss and perplexity on the eval sources (a fresh pass from their start)."""
+        """Mean token loss (eval_loss), perplexity and token count over all eval sources, each read once
+        from its start (at most eval.batches batches each), and the objective's eval metrics (eval_<metric>,
+        e.g. sft's eval_exact_match); with more than one source also each source's own loss, tokens and
+        metrics as eval_loss/NAME, eval_tokens/NAME, eval_<metric>/NAME (NAME: the source's path, with #INDEX
+        after a path that two sources share)."""
+        paths = [source.path for source in self.cfg.eval.sources]
+        names = [p if paths.count(p) == 1 else f"{p}#{i}" for i, p in enumerate(paths)]
+        per_source = {name: self._eval_sums(source) for name, source in zip(names, self.cfg.eval.sources)}
+        total = {k: sum(sums[k] for sums in per_source.values()) for k in next(iter(per_source.values()))}
+        if total["tokens"] == 0:
+            raise JaxllmError(f"eval.sources {paths} produced no tokens")
+        metrics = self._eval_metrics(total, "")
+        metrics["eval_ppl"] = float(np.exp(min(metrics["eval_loss"], 50.0)))
+        if len(per_source) > 1:
+            for name, sums in per_source.items():
+                metrics.update(self._eval_metrics(sums, f"/{name}"))
+        return metrics
+
+    def _eval_metrics(self, sums: dict[str, float], suffix: str) -> dict[str, float]:
+        tokens = sums["tokens"]
+        out = {f"eval_loss{suffix}": sums["nll_sum"] / tokens if tokens else float("nan"),
+               f"eval_tokens{suffix}": tokens}
+        for name, count in self.objective.eval_metrics:
+            denominator = sums[f"count/{count}"]
+            out[f"eval_{name}{suffix}"] = sums[f"sum/{name}"] / denominator if denominator else float("nan")
+        return out
+
+    def _eval_sums(self, source: SourceConfig) -> dict[str, float]:
+        """The eval step's sums (token loss, tokens, the objective's metrics) over one pass of `source` (at
+        most eval.batches batches)."""
         cfg = self.cfg
-        data_cfg = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle_window=0, prefetch=0)
+        data_cfg = dataclasses.replace(cfg.data, sources=[source], shuffle_window=0, prefetch=0)
         pipeline = self._pipeline(data_cfg, num_epochs=1)
         per_process = cfg.train.batch_size // jax.process_count()
         sums, count = None, 0  # summed on the device: one transfer after the loop, not one per batch
@@ -259,15 +288,10 @@ class Trainer:
                 sums, count = out if sums is None else jax.tree.map(jnp.add, sums, out), count + 1
         finally:
             pipeline.close()
-        sums = jax.device_get(sums) if sums is not None else {"nll_sum": 0.0, "tokens": 0.0}
-        nll, tokens = float(sums["nll_sum"]), float(sums["tokens"])
-        if tokens == 0:
-            raise JaxllmError(f"eval.sources {[s.path for s in cfg.eval.sources]} produced no tokens")
-        loss = nll / tokens
-        out = {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": tokens}
-        for name, count in self.objective.eval_metrics:
-            out[f"eval_{name}"] = float(sums[f"sum/{name}"]) / max(float(sums[f"count/{count}"]), 1.0)
-        return out
+        if sums is None:
+            return {"nll_sum": 0.0, "tokens": 0.0, **{k: 0.0 for name, c in self.objective.eval_metrics
+                                                       for k in (f"sum/{name}", f"count/{c}")}}
+        return {k: float(v) for k, v in jax.device_get(sums).items()}
 
     def save(self) -> None:
         self._saved_step = self.step
