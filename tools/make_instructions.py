@@ -6,14 +6,18 @@ Deterministic (numpy seed 0, gzip without a timestamp): running it again reprodu
 Each line is a TRL conversational record `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}],
 "task": ...}` made from one chapter of the corpus (title "Genesis 1", then one verse per line):
 
-- `book`:     "Which book of the Bible is this verse from?\\n<verse>"  ->  "<book>"
-- `continue`: "Continue this verse: <its first half>"                  ->  "<its second half>"
-- `quote`:    "Quote <book> <chapter>:<verse>."                          ->  "<the verse>"
+- `book`:       "Which book of the Bible is this verse from?\\n<verse>"  ->  "<book>"
+- `first_word`: "What is the first word of this verse?\\n<verse>"        ->  "<its first word>"
+- `last_word`:  "What is the last word of this verse?\\n<verse>"         ->  "<its last word>"
+- `continue`:   "Continue this verse: <its first half>"                  ->  "<its second half>"
+- `quote`:      "Quote <book> <chapter>:<verse>."                          ->  "<the verse>"
 
-Every 10th chapter (index 5, 15, 25, ... in corpus order) is held out of the training set; the held-out set
-asks the `book` question of two verses of each held-out chapter, so its exact match is the accuracy of naming
-the book of a verse the model never saw in an instruction (it did see the chapter in pretraining, like every
-other chapter of builtin:kjv). Training chapters give 4 `book`, 3 `continue` and 1 `quote` examples each.
+(words without the punctuation around them). Every 10th chapter (index 5, 15, 25, ... in corpus order) is
+held out of the training set; the held-out set asks the `book`, `first_word` and `last_word` questions of two
+verses of each held-out chapter, grouped by task in that order (builtin:kjv-sft-valid-book, -first-word,
+-last-word name the three groups), so exact match on each is the accuracy of that instruction on verses the
+model never saw in an instruction (it did see every chapter in pretraining on builtin:kjv). Training
+chapters give 3 `book`, 2 `first_word`, 2 `last_word`, 2 `continue` and 1 `quote` examples each.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 HELD_OUT_EVERY, HELD_OUT_AT = 10, 5
-PER_CHAPTER = {"book": 4, "continue": 3, "quote": 1}
-HELD_OUT_PER_CHAPTER = 2
+PUNCTUATION = ".,;:!?()'\""
+PER_CHAPTER = {"book": 3, "first_word": 2, "last_word": 2, "continue": 2, "quote": 1}
+HELD_OUT = {"book": 2, "first_word": 2, "last_word": 2}
 
 
 def _conversation(question: str, answer: str, task: str) -> dict:
@@ -41,6 +46,11 @@ def _examples(book: str, chapter: int, verses: list[str], rng: np.random.Generat
     picks = {task: rng.choice(len(verses), size=min(n, len(verses)), replace=False) for task, n in counts.items()}
     for i in picks.get("book", []):
         out.append(_conversation(f"Which book of the Bible is this verse from?\n{verses[i]}", book, "book"))
+    for task, which, position in (("first_word", "first", 0), ("last_word", "last", -1)):
+        for i in picks.get(task, []):
+            words = [w.strip(PUNCTUATION) for w in verses[i].split()]
+            words = [w for w in words if w]
+            out.append(_conversation(f"What is the {which} word of this verse?\n{verses[i]}", words[position], task))
     for i in picks.get("continue", []):
         words = verses[i].split()
         if len(words) >= 4:
@@ -60,10 +70,11 @@ def build(corpus: Path) -> tuple[list[dict], list[dict]]:
             title, *verses = json.loads(line)["text"].split("\n")
             book, chapter = re.fullmatch(r"(.+) (\d+)", title).groups()
             if index % HELD_OUT_EVERY == HELD_OUT_AT:
-                held_out += _examples(book, int(chapter), verses, rng, {"book": HELD_OUT_PER_CHAPTER})
+                held_out += _examples(book, int(chapter), verses, rng, HELD_OUT)
             else:
                 train += _examples(book, int(chapter), verses, rng, PER_CHAPTER)
     order = rng.permutation(len(train))
+    held_out.sort(key=lambda r: list(HELD_OUT).index(r["task"]))  # grouped by task (stable: corpus order within)
     return [train[i] for i in order], held_out
 
 
@@ -80,7 +91,8 @@ def main() -> None:
     _write(args.assets / "kjv-sft.jsonl.gz", train)
     _write(args.assets / "kjv-sft-valid.jsonl.gz", held_out)
     tasks = {t: sum(r["task"] == t for r in train) for t in PER_CHAPTER}
-    print(f"kjv-sft: {len(train)} conversations {tasks}; kjv-sft-valid: {len(held_out)} `book` questions")
+    held = {t: sum(r["task"] == t for r in held_out) for t in HELD_OUT}
+    print(f"kjv-sft: {len(train)} conversations {tasks}; kjv-sft-valid: {len(held_out)} {held}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,10 @@ BUILTIN_CORPORA = {
     "kjv-ot-valid": BuiltinCorpus("kjv.jsonl.gz", 909, 929),  # Haggai, Zechariah, Malachi: held out from kjv-ot
     "kjv-nt": BuiltinCorpus("kjv.jsonl.gz", 929),  # Matthew .. 2 John: the "domain" split (held out: kjv-valid)
     "kjv-sft": BuiltinCorpus("kjv-sft.jsonl.gz"),  # instructions made from kjv (tools/make_instructions.py)
-    "kjv-sft-valid": BuiltinCorpus("kjv-sft-valid.jsonl.gz"),  # their held-out questions
+    "kjv-sft-valid": BuiltinCorpus("kjv-sft-valid.jsonl.gz"),  # their held-out questions, grouped by task:
+    "kjv-sft-valid-book": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 0, 232),  # which book is this verse from
+    "kjv-sft-valid-first-word": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 232, 464),  # its first word
+    "kjv-sft-valid-last-word": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 464, 696),  # its last word
 }
 
 
