@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import models, sharding
-from jaxllm.config import Config, ModelConfig
+from jaxllm.config import Config, JaxllmError, ModelConfig
 from jaxllm.plan.estimate import flops_per_token, matmul_params
 from jaxllm.utils import atomic_write_text
 
@@ -85,11 +85,82 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
     }
 
 
+# Objectives whose rows are packed prompt + completion examples with the loss on the completions (assistant
+# turns): their synthetic batch is `packed_batch`. The others get random tokens in their batch spec's arrays.
+PACKED_EXAMPLE_OBJECTIVES = ("sft", "distill")
+
+
+def synthetic_examples(vocab_size: int, rows: int, seq: int, segments: int = 4,
+                       seed: int = 0) -> list[list[tuple[np.ndarray, int]]]:
+    """For each of `rows` rows, `segments` examples (random tokens, prompt length) whose lengths vary by up
+    to half the mean either way and fill the row exactly; each example's prompt is 30-70% of it, so about
+    half the row's tokens are completion tokens (the loss of an SFT batch)."""
+    if not 1 <= segments <= seq // 2:
+        raise JaxllmError(f"--segments {segments}: rows of data.seq_len={seq} tokens hold 1 to {seq // 2} examples "
+                          "(at least 2 tokens each); choose a count in that range")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
+        mean = seq / segments
+        lengths = [max(2, int(round(mean * rng.uniform(0.5, 1.5)))) for _ in range(segments - 1)]
+        while sum(lengths) > seq - 2:  # leave the last example at least 2 tokens
+            lengths[int(np.argmax(lengths))] -= 1
+        lengths.append(seq - sum(lengths))
+        out.append([(rng.integers(0, vocab_size, n + 1).astype(np.int32),
+                     int(np.clip(round(n * rng.uniform(0.3, 0.7)), 1, n - 1))) for n in lengths])
+    return out
+
+
+def packed_batch(examples: list[list[tuple[np.ndarray, int]]], seq: int) -> dict[str, np.ndarray]:
+    """A clm-keyed batch of packed examples (`synthetic_examples`): one segment per example, positions from 0
+    in each, the loss on the targets that are completion tokens. An example of n + 1 tokens t gives n
+    positions: inputs t[:-1], targets t[1:] (its last target stands for the end-of-turn token)."""
+    batch = {k: np.zeros((len(examples), seq), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    batch["loss_mask"] = np.zeros((len(examples), seq), np.float32)
+    for r, row in enumerate(examples):
+        start = 0
+        for s, (tokens, prompt) in enumerate(row):
+            n, span = len(tokens) - 1, slice(start, start + len(tokens) - 1)
+            batch["inputs"][r, span], batch["targets"][r, span] = tokens[:-1], tokens[1:]
+            batch["segment_ids"][r, span], batch["positions"][r, span] = s + 1, np.arange(n)
+            batch["loss_mask"][r, start + prompt - 1:start + n] = 1.0  # targets prompt .. n: the completion
+            start += n
+    return batch
+
+
+def objective_batch(cfg: Config, batch_size: int, seed: int = 0, packed: bool | None = None,
+                    segments: int = 4) -> dict[str, np.ndarray]:
+    """A synthetic batch of `cfg`'s objective, shaped by its batch spec (`data.objectives.batch_spec`): packed
+    prompt + completion examples for the objectives in PACKED_EXAMPLE_OBJECTIVES (or when `packed`), one
+    random document per row for clm (`synthetic_batch`), otherwise random tokens, one segment per row and
+    the loss everywhere (encoder and encoder-decoder objectives: their masking does not change the cost)."""
+    from jaxllm.data.objectives import batch_spec
+
+    name, seq = cfg.data.objective.name, cfg.data.seq_len
+    spec = batch_spec(cfg.data, batch_size)
+    if packed if packed is not None else name in PACKED_EXAMPLE_OBJECTIVES:
+        batch = packed_batch(synthetic_examples(cfg.model.vocab_size, batch_size, seq, segments, seed), seq)
+    elif name == "clm":
+        batch = synthetic_batch(cfg.model, batch_size, seq, seed)
+    else:
+        rng, batch = np.random.default_rng(seed), {}
+        for key, (shape, dtype) in spec.items():
+            if key.endswith("positions"):
+                batch[key] = np.broadcast_to(np.arange(shape[-1]), shape)
+            elif key.endswith(("segment_ids", "loss_mask")):
+                batch[key] = np.ones(shape)
+            else:
+                batch[key] = rng.integers(0, cfg.model.vocab_size, shape)
+    if set(batch) != set(spec):
+        raise ValueError(f"the synthetic batch has {sorted(batch)}, data.objective.name={name} needs {sorted(spec)}")
+    return {k: np.asarray(batch[k], spec[k][1]).reshape(spec[k][0]) for k in spec}
+
+
 @dataclasses.dataclass
 class Setup:
-    """A train state of a config (random init) on all devices, a synthetic batch, and the train step
-    compiled once: throughput, breakdown and profile all run on it. The step donates the state;
-    `run_step` keeps the newest one."""
+    """A train state of a config (random init) on all devices, a synthetic batch of its objective, the frozen
+    models the objective declares (a teacher, a reference), and the train step compiled once: throughput,
+    breakdown and profile all run on it. The step donates the state; `run_step` keeps the newest one."""
 
     cfg: Config
     mesh: Any
@@ -100,17 +171,23 @@ class Setup:
     batch_sharding: Any
     step: Callable
     compile_s: float
+    frozen: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def run_step(self) -> dict[str, jax.Array]:
         """One train step; its metrics (loss, grad_norm, ...)."""
-        self.state, metrics = self.step(self.state, self.batch, {})
+        self.state, metrics = self.step(self.state, self.batch, self.frozen)
         return metrics
 
 
-def setup(cfg: Config) -> Setup:
-    """Initialises `cfg`'s parameters in their shardings and compiles its train step (timed)."""
+def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
+    """Initialises `cfg`'s parameters in their shardings, loads the frozen models its objective declares
+    (as the Trainer does), and compiles its train step (timed) on a synthetic batch of its objective
+    (`objective_batch`; `packed` forces or refuses packed rows of `segments` prompt + completion examples)."""
+    from jaxllm.train.frozen import frozen_shardings, load_frozen
+    from jaxllm.train.objective import check_trainable
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
+    objective = check_trainable(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
@@ -118,13 +195,29 @@ def setup(cfg: Config) -> Setup:
     _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
-             for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
+             for k, v in objective_batch(cfg, cfg.train.batch_size, packed=packed, segments=segments).items()}
+    frozen = {}
+    for name, source in objective.frozen_models(cfg).items():
+        if not Path(source.path).exists():
+            raise JaxllmError(f"the {cfg.data.objective.name} objective's frozen model {name!r} is read from "
+                              f"{source.path}, which does not exist: train or convert it first, or point the "
+                              "config at one")
+        frozen[name] = load_frozen(source.path, mesh, rules, source.param_dtype)
     state = init_train_state(spec, params)
     with sharding.activate(mesh, rules):
         t = time.perf_counter()
-        step = jit_train_step(cfg, spec, batch_sh, seed=0).lower(state, batch, {}).compile()
+        step = jit_train_step(cfg, spec, batch_sh, frozen_shardings(frozen), seed=0)
+        step = step.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t
-    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s)
+    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s, frozen)
+
+
+def step_flops_per_token(s: Setup, causal: bool = False) -> float:
+    """Model FLOPs of one trained token: the trained model's forward and backward (`flops_per_token`) plus a
+    forward of each frozen model (a teacher, a reference): a third of its `flops_per_token`, 2 N + 4 L d T."""
+    seq = s.cfg.data.seq_len
+    return flops_per_token(s.cfg.model, seq, causal=causal) + sum(
+        flops_per_token(f.cfg, seq, causal=causal) / 3 for f in s.frozen.values())
 
 
 def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
@@ -135,14 +228,18 @@ def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     out = summary(times, tokens)
     devices = s.mesh.devices.flatten()
     peak, peak_source = device_peak_flops(devices[0])
-    fpt, fpt_causal = flops_per_token(m, cfg.data.seq_len), flops_per_token(m, cfg.data.seq_len, causal=True)
+    fpt, fpt_causal = step_flops_per_token(s), step_flops_per_token(s, causal=True)
     achieved = out["tokens_per_sec"] / (peak * len(devices))
+    mask = s.batch.get("loss_mask", s.batch.get("decoder_loss_mask"))
     out.update(
-        compile_s=s.compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        objective=cfg.data.objective.name, compile_s=s.compile_s, devices=len(devices),
+        device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        loss_tokens_per_step=None if mask is None else int(jnp.sum(mask)),
         tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
         flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
         mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
         params={**models.param_counts(m), "matmul": matmul_params(m)},
+        frozen_params={name: models.param_counts(f.cfg)["total"] for name, f in s.frozen.items()},
         peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()["loss"]),
     )
     return out
@@ -294,20 +391,22 @@ def write_report(results: dict[str, Any], path: str | Path | None) -> None:
 def format_table(results: dict[str, Any]) -> str:
     """One row per train-step measurement. MFU in both conventions (docs/performance.md): PaLM's full
     T x T attention, and causal attention halved (MaxText, torchtitan). The last column is how many
-    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's)."""
+    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's): the "jaxllm" row's, or
+    that of the jaxllm row a peer's `compare_to` names (named beside the ratio)."""
     rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU PaLM / causal", "peak memory", "jaxllm is x faster")]
-    ours = results.get("jaxllm", {})
     for name, r in results.items():
         if not isinstance(r, dict) or "step_time_median" not in r:
             continue
         mem = r.get("peak_memory_bytes", {}).get("peak_bytes_in_use")
+        ours = results.get(r.get("compare_to", "jaxllm"), {})
         speedup = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"]
+        ratio = f"{speedup:.2f}x" + (f" ({r['compare_to']})" if "compare_to" in r else "")
         rows.append((
             name, f"{r['tokens_per_sec']:,.0f}",
             f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}",
             f"{100 * r['mfu']:.1f}% / {100 * r['mfu_causal']:.1f}%" if "mfu" in r else "-",
             f"{mem / 2**30:.2f} GiB" if mem else "-",
-            f"{speedup:.2f}x" if name != "jaxllm" else "-",
+            ratio if not name.startswith("jaxllm") else "-",
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
