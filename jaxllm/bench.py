@@ -95,9 +95,7 @@ def synthetic_examples(vocab_size: int, rows: int, seq: int, segments: int = 4,
     """For each of `rows` rows, `segments` examples (random tokens, prompt length) whose lengths vary by up
     to half the mean either way and fill the row exactly; each example's prompt is 30-70% of it, so about
     half the row's tokens are completion tokens (the loss of an SFT batch)."""
-    if not 1 <= segments <= seq // 2:
-        raise JaxllmError(f"--segments {segments}: rows of data.seq_len={seq} tokens hold 1 to {seq // 2} examples "
-                          "(at least 2 tokens each); choose a count in that range")
+    check_segments(segments, seq)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(rows):
@@ -109,6 +107,12 @@ def synthetic_examples(vocab_size: int, rows: int, seq: int, segments: int = 4,
         out.append([(rng.integers(0, vocab_size, n + 1).astype(np.int32),
                      int(np.clip(round(n * rng.uniform(0.3, 0.7)), 1, n - 1))) for n in lengths])
     return out
+
+
+def check_segments(segments: int, seq: int) -> None:
+    if not 1 <= segments <= seq // 2:
+        raise JaxllmError(f"--segments {segments}: rows of data.seq_len={seq} tokens hold 1 to {seq // 2} examples "
+                          "(at least 2 tokens each); choose a count in that range")
 
 
 def packed_batch(examples: list[list[tuple[np.ndarray, int]]], seq: int) -> dict[str, np.ndarray]:

@@ -97,13 +97,25 @@ def _training_args(cls, cfg: Config, per_device_batch: int, max_steps: int, out_
     )
 
 
-def _run(trainer, warmup: int, steps: int, tokens_per_step: int) -> dict[str, Any]:
-    """Runs `trainer.train()` for warmup + steps optimizer steps; each step timed from the end of the one before."""
+def _run(trainer, warmup: int, steps: int) -> dict[str, Any]:
+    """Runs `trainer.train()` for warmup + steps optimizer steps; each step timed from the end of the one before.
+    Tokens are counted as the collator hands them over (padding excluded): TRL's BFD packing leaves some room
+    in its rows, so a step may hold fewer than batch x seq_len."""
     import torch
     import transformers as T
 
     ends: list[float] = []
     compute: list[float] = []
+    tokens: list[int] = []
+    collate = trainer.data_collator
+
+    def counted(examples):
+        batch = collate(examples)
+        mask = batch.get("attention_mask")
+        tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counted  # the train dataloader is built inside train(), with this collator
 
     class StepTimer(T.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -123,6 +135,8 @@ def _run(trainer, warmup: int, steps: int, tokens_per_step: int) -> dict[str, An
         start = time.perf_counter()
         output = trainer.train()
     times = list(np.diff(ends[warmup - 1:])) if warmup else [ends[0] - start, *np.diff(ends)]
+    # One batch per step, in order (the data loader may collate one ahead: those come last).
+    tokens_per_step = float(np.mean(tokens[len(ends) - steps:len(ends)]))
     out = summary(times[-steps:], tokens_per_step)
     out.update(
         compute_time_median=float(np.median(compute[-steps:])), first_step_s=ends[0] - start,
@@ -163,7 +177,7 @@ def bench_trl_sft(cfg: Config, warmup: int = 3, steps: int = 10, packing: str = 
                               completion_only_loss=True, shuffle_dataset=False, logging_steps=10)
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(records),
                              processing_class=_tokenizer(cfg.model.vocab_size))
-        out = _run(trainer, warmup, steps, cfg.train.batch_size * cfg.data.seq_len)
+        out = _run(trainer, warmup, steps)
     out.update(packing=packing, attention=model.config._attn_implementation, **_versions())
     return out
 
@@ -212,7 +226,7 @@ def bench_trl_distill(cfg: Config, teacher: ModelConfig, warmup: int = 3, steps:
         trainer = GKDTrainer(model=model, teacher_model=teacher_model, args=args,
                              train_dataset=datasets.Dataset.from_list(_records(cfg, warmup + steps, segments)),
                              processing_class=tokenizer, data_collator=_PadPerExample(tokenizer.pad_token_id))
-        out = _run(trainer, warmup, steps, cfg.train.batch_size * cfg.data.seq_len)
+        out = _run(trainer, warmup, steps)
     out.update(beta=beta, temperature=temperature, attention=model.config._attn_implementation, **_versions())
     return out
 
@@ -276,20 +290,22 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
     from jaxllm.train.objective import check_trainable
 
     objective = check_trainable(cfg)
+    bench.check_segments(segments, cfg.data.seq_len)
+    sources = objective.frozen_models(cfg)
+    teacher = frozen_model_config(sources[TEACHER]) if TEACHER in sources else None  # before any peer runs
     sft_cfg, sft_note = sft_method(cfg)
     methods = {"jaxllm pretraining (clm)": (with_objective(cfg, "clm"), False), "jaxllm sft": (sft_cfg, True)}
-    own, sources = f"jaxllm {cfg.data.objective.name}", objective.frozen_models(cfg)
+    own = f"jaxllm {cfg.data.objective.name}"
     if cfg.data.objective.name not in ("clm", "sft"):  # a distillation step learns from the SFT batch's examples
-        methods[own] = (cfg, True if TEACHER in sources else None)
+        methods[own] = (cfg, True if teacher is not None else None)
     results: dict[str, Any] = {}
     for packing in packings:
         results[f"TRL SFTTrainer ({packing})"] = dict(
             bench_trl_sft(cfg, warmup, steps, packing, segments), compare_to="jaxllm sft")
-    if TEACHER in sources:
+    if teacher is not None:
         beta, temperature = distill_loss(cfg)
         results["TRL GKDTrainer (lmbda=0)"] = dict(
-            bench_trl_distill(cfg, frozen_model_config(sources[TEACHER]), warmup, steps, beta, temperature,
-                              segments), compare_to=own)
+            bench_trl_distill(cfg, teacher, warmup, steps, beta, temperature, segments), compare_to=own)
     ours = {}
     for name, (method_cfg, packed) in methods.items():
         setup = bench.setup(method_cfg, packed=packed, segments=segments)
