@@ -1,7 +1,7 @@
 """The TRL peers of `jaxllm bench --peer trl`: a post-training step of TRL's own trainers (transformers +
 torch) on the same model shapes, global batch, sequence length, examples and precision as jaxllm's step.
 
-- SFT: `trl.SFTTrainer` on the examples of the jaxllm SFT batch (`bench.synthetic_examples`), pre-tokenized
+- SFT: `trl.SFTTrainer` on the examples of the jaxllm SFT batch (`bench_batches.synthetic_examples`), pre-tokenized
   with a completion mask (`completion_only_loss`: the loss on the completions, like an assistant-only
   loss), either packed as TRL recommends (`packing="bfd"`: best-fit-decreasing packing, padding-free,
   sequences told apart by position_ids) or padded per example (`packing="padded"`).
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.bench import summary, synthetic_examples
+from jaxllm.bench import summary
+from jaxllm.bench_batches import check_segments, synthetic_examples
 from jaxllm.bench_peer import _cuda_available, hf_causal_lm
 from jaxllm.config import Config, JaxllmError, ModelConfig
 
@@ -54,7 +55,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.rss())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start = self.peak = self.rss()
         self._thread.start()
         return self
@@ -290,7 +291,7 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
     from jaxllm.train.objective import check_trainable
 
     objective = check_trainable(cfg)
-    bench.check_segments(segments, cfg.data.seq_len)
+    check_segments(segments, cfg.data.seq_len)
     sources = objective.frozen_models(cfg)
     teacher = frozen_model_config(sources[TEACHER]) if TEACHER in sources else None  # before any peer runs
     sft_cfg, sft_note = sft_method(cfg)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxllm import bench, bench_trl, models
+from jaxllm import bench, bench_batches, bench_trl, models
 from jaxllm.cli import main
 from jaxllm.config import load_config
 
@@ -77,8 +77,8 @@ def test_the_sft_batch_packs_examples_with_the_loss_on_their_completions():
     from jaxllm.bench_trl import _records
 
     cfg = load_config(TINY, ["data.seq_len=64", "train.batch_size=3"])
-    examples = bench.synthetic_examples(cfg.model.vocab_size, 3, 64, segments=4)
-    batch = bench.objective_batch(cfg, 3, packed=True, segments=4)
+    examples = bench_batches.synthetic_examples(cfg.model.vocab_size, 3, 64, segments=4)
+    batch = bench_batches.objective_batch(cfg, 3, packed=True, segments=4)
     assert {k: v.shape for k, v in batch.items()} == {k: (3, 64) for k in
                                                       ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
     for r, row in enumerate(examples):
@@ -104,7 +104,7 @@ def test_every_objective_gets_a_synthetic_batch_of_its_spec():
 
     for config in ("configs/tiny-t5-span.yaml", "configs/tiny-bert-mlm.yaml", TINY):
         cfg = load_config(config)
-        spec, batch = batch_spec(cfg.data, 2), bench.objective_batch(cfg, 2)
+        spec, batch = batch_spec(cfg.data, 2), bench_batches.objective_batch(cfg, 2)
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
         assert (batch.get("segment_ids", batch.get("decoder_segment_ids")) == 1).all()  # one document per row
 
@@ -201,10 +201,10 @@ def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_ru
     assert main(["bench", TINY, "--peer", "trl", "data.objective.name=test_distill"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == [
-        "error: --breakdown, --profile, --data and --generate measure the config's own step: run them without "
-        "--peer trl",
-        "error: --segments 65: rows of data.seq_len=128 tokens hold 1 to 64 examples (at least 2 tokens each); "
-        "choose a count in that range",
-        f"error: the frozen model {tmp_path / 'no-teacher'} does not exist: train or convert it first, or point the "
-        "config at one",
+        ("error: --breakdown, --profile, --data and --generate measure the config's own step: run them without "
+         "--peer trl"),
+        ("error: --segments 65: rows of data.seq_len=128 tokens hold 1 to 64 examples (at least 2 tokens each); "
+         "choose a count in that range"),
+        (f"error: the frozen model {tmp_path / 'no-teacher'} does not exist: train or convert it first, or point "
+         "the config at one"),
     ]
