@@ -106,6 +106,7 @@ def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
     objective = check_trainable(cfg)
+    cfg = _prepared(objective, cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
@@ -128,6 +129,19 @@ def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
         step = step.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t
     return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s, frozen)
+
+
+def _prepared(objective, cfg: Config) -> Config:
+    """`cfg` after the objective's startup checks that need the tokenizer (`Objective.prepare`, e.g. a
+    teacher's tokenizer and the ids it compares), as the Trainer runs them; objectives without any (and
+    builds whose Objective has no such hook) never load the tokenizer."""
+    prepare = getattr(objective, "prepare", None)
+    default = {f.name: f.default for f in dataclasses.fields(objective)}.get("prepare")
+    if prepare is None or prepare is default:
+        return cfg
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    return prepare(cfg, load_tokenizer(cfg.tokenizer.path or "builtin:kjv-sp4k"))
 
 
 def step_flops_per_token(s: Setup, causal: bool = False) -> float:
