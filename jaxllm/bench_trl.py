@@ -281,6 +281,15 @@ def distill_loss(cfg: Config) -> tuple[float, float]:
     return float(beta), float(getattr(d, "temperature", 1.0))
 
 
+def check_installed() -> None:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "datasets", "trl") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise JaxllmError(f"--peer trl runs TRL's trainers, which need {', '.join(missing)}: "
+                          "pip install -e '.[test]' (trl==1.16.0, torch, transformers, datasets)")
+
+
 def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings: tuple[str, ...] = ("bfd",),
                         segments: int = 4) -> dict[str, Any]:
     """Rows of `jaxllm bench --peer trl`: TRL's SFT step (and GKD's, when the config's objective has a
@@ -292,6 +301,7 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
 
     objective = check_trainable(cfg)
     check_segments(segments, cfg.data.seq_len)
+    check_installed()
     sources = objective.frozen_models(cfg)
     teacher = frozen_model_config(sources[TEACHER]) if TEACHER in sources else None  # before any peer runs
     sft_cfg, sft_note = sft_method(cfg)

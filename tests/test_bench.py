@@ -199,6 +199,11 @@ def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_ru
         frozen_models=lambda cfg: {"teacher": FrozenSource(str(tmp_path / "no-teacher"))}))
     monkeypatch.setitem(objectives._FORMATS, "test_distill", objectives.batch_format("clm"))
     assert main(["bench", TINY, "--peer", "trl", "data.objective.name=test_distill"]) == 2
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    assert main(["bench", TINY, "--peer", "trl"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == [
         ("error: --breakdown, --profile, --data and --generate measure the config's own step: run them without "
@@ -207,4 +212,6 @@ def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_ru
          "choose a count in that range"),
         (f"error: the frozen model {tmp_path / 'no-teacher'} does not exist: train or convert it first, or point "
          "the config at one"),
+        ("error: --peer trl runs TRL's trainers, which need trl: pip install -e '.[test]' (trl==1.16.0, torch, "
+         "transformers, datasets)"),
     ]
