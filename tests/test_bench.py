@@ -86,7 +86,8 @@ def test_the_sft_batch_packs_examples_with_the_loss_on_their_completions():
         segment, start = batch["segment_ids"][r], 0
         for s, (tokens, prompt) in enumerate(row, start=1):
             n = len(tokens) - 1
-            assert (segment[start:start + n] == s).all() and list(batch["positions"][r, start:start + n]) == list(range(n))
+            assert (segment[start:start + n] == s).all()
+            assert list(batch["positions"][r, start:start + n]) == list(range(n))
             np.testing.assert_array_equal(batch["inputs"][r, start:start + n], tokens[:-1])
             np.testing.assert_array_equal(batch["targets"][r, start:start + n], tokens[1:])
             # the loss on the targets that are completion tokens: tokens prompt .. n, at positions prompt - 1 ..
@@ -170,7 +171,8 @@ def test_bench_against_trl_sft_and_distillation_next_to_pretraining(distill_obje
                                                        .data.objective.name, "test_distill"]
     # pretraining learns every token; SFT and distillation the completions of the packed examples
     assert ours["jaxllm pretraining (clm)"]["loss_tokens_per_step"] == 8 * 16
-    assert 0 < ours["jaxllm sft"]["loss_tokens_per_step"] == ours["jaxllm test_distill"]["loss_tokens_per_step"] < 8 * 16
+    sft_loss_tokens = ours["jaxllm sft"]["loss_tokens_per_step"]
+    assert 0 < sft_loss_tokens == ours["jaxllm test_distill"]["loss_tokens_per_step"] < 8 * 16
     # a distillation step's FLOPs add the teacher's forward: a third of its forward + backward count
     student, teacher = load_config(TINY, STUDENT).model, distill_objective
     assert ours["jaxllm test_distill"]["flops_per_token"] == pytest.approx(
