@@ -12,7 +12,7 @@ torch) on the same model shapes, global batch, sequence length, examples and pre
 
 Each trainer runs `train()` for warm-up + measured optimizer steps; a callback times each step from the
 end of the previous one, so a step includes what a user's run pays per step: the data loader and
-collator, TRL's per-step metrics (token accuracy, entropy), logging. Imported only when asked for;
+collator, TRL's per-step metrics (SFT: token accuracy, entropy), logging. Imported only when asked for;
 torch, transformers, datasets and trl are imported inside the functions.
 """
 
@@ -275,11 +275,10 @@ def frozen_model_config(source) -> ModelConfig:
 
 
 def distill_loss(cfg: Config) -> tuple[float, float]:
-    """(beta, temperature) of the config's distillation loss in TRL's convention (beta 0: forward KL, 1: reverse
-    KL, between: generalised JSD); GKD's defaults (0.5, 1.0) without a `distill` section."""
+    """(beta, temperature) of the config's `distill` section, named as TRL's (beta 0: forward KL, 1: reverse
+    KL, between: generalised JSD); GKD's defaults (0.5, 1.0) for an objective without one."""
     d = getattr(cfg, "distill", None)
-    beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(getattr(d, "loss", None), getattr(d, "beta", 0.5))
-    return float(beta), float(getattr(d, "temperature", 1.0))
+    return float(getattr(d, "beta", 0.5)), float(getattr(d, "temperature", 1.0))
 
 
 def check_installed() -> None:
