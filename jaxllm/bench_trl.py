@@ -317,6 +317,13 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
         beta, temperature = distill_loss(cfg)
         results["TRL GKDTrainer (lmbda=0)"] = dict(
             bench_trl_distill(cfg, teacher, warmup, steps, beta, temperature, segments), compare_to=own)
+    if results and _cuda_available():  # the trainers hold reference cycles: free their GPU memory for JAX
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
     ours = {}
     for name, (method_cfg, packed) in methods.items():
         setup = bench.setup(method_cfg, packed=packed, segments=segments)
