@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Post-training steps side by side with TRL (issue 12): jaxllm's pretraining, SFT and distillation steps
 # next to TRL's SFTTrainer and GKDTrainer on the same model, batch and examples. Run on an idle machine
-# (nothing else on the cores): the timings are the result. About 5 minutes on a 2-core CPU.
+# (nothing else on the cores): the timings are the result. A few minutes on a 2-core CPU (not yet timed idle).
 # Usage, from the repository root:  OUT=results bash tools/bench_post_training.sh [part]
 # part: all (default) | sft | distill
 set -u
