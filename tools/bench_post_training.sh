@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # on a GPU torch runs in the same process
-dev=$(python3 -c "import jax; print(jax.devices()[0].platform)")
+dev=$(python3 -c "from jaxllm.platforms import keep_off_tpu; keep_off_tpu(); import jax; print(jax.devices()[0].platform)" 2>/dev/null)
 part=${1:-all}
 run() { echo "== $*"; timeout 1800 "$@" 2>&1 | grep -v -i "warning\|examples/s\|train_runtime\|tokenizer has new" | tail -25; }
 if [ "$part" = all ] || [ "$part" = sft ]; then
