@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import models, sharding
-from jaxllm.config import Config, ModelConfig
+from jaxllm.bench_batches import objective_batch, synthetic_batch
+from jaxllm.config import Config, JaxllmError
 from jaxllm.plan.estimate import flops_per_token, matmul_params
 from jaxllm.utils import atomic_write_text
 
@@ -73,23 +74,11 @@ def summary(times: list[float], tokens_per_step: int) -> dict[str, float]:
     return {"step_time_median": med, "step_time_p90": p90, "tokens_per_sec": tokens_per_step / med}
 
 
-def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One unpacked document per row of random tokens (a decoder's CLM batch)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    return {
-        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-        "segment_ids": np.ones((batch, seq), np.int32),
-        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-        "loss_mask": np.ones((batch, seq), np.float32),
-    }
-
-
 @dataclasses.dataclass
 class Setup:
-    """A train state of a config (random init) on all devices, a synthetic batch, and the train step
-    compiled once: throughput, breakdown and profile all run on it. The step donates the state;
-    `run_step` keeps the newest one."""
+    """A train state of a config (random init) on all devices, a synthetic batch of its objective, the frozen
+    models the objective declares (a teacher, a reference), and the train step compiled once: throughput,
+    breakdown and profile all run on it. The step donates the state; `run_step` keeps the newest one."""
 
     cfg: Config
     mesh: Any
@@ -100,17 +89,24 @@ class Setup:
     batch_sharding: Any
     step: Callable
     compile_s: float
+    frozen: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def run_step(self) -> dict[str, jax.Array]:
         """One train step; its metrics (loss, grad_norm, ...)."""
-        self.state, metrics = self.step(self.state, self.batch, {})
+        self.state, metrics = self.step(self.state, self.batch, self.frozen)
         return metrics
 
 
-def setup(cfg: Config) -> Setup:
-    """Initialises `cfg`'s parameters in their shardings and compiles its train step (timed)."""
+def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
+    """Initialises `cfg`'s parameters in their shardings, loads the frozen models its objective declares
+    (as the Trainer does), and compiles its train step (timed) on a synthetic batch of its objective
+    (`objective_batch`; `packed` forces or refuses packed rows of `segments` prompt + completion examples)."""
+    from jaxllm.train.frozen import frozen_shardings, load_frozen
+    from jaxllm.train.objective import check_trainable
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
+    objective = check_trainable(cfg)
+    cfg = _prepared(objective, cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
@@ -118,13 +114,42 @@ def setup(cfg: Config) -> Setup:
     _, params, _ = models.init_params(cfg.model, mesh, rules, seed=0)
     batch_sh = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.device_put(v, batch_sh)
-             for k, v in synthetic_batch(cfg.model, cfg.train.batch_size, cfg.data.seq_len).items()}
+             for k, v in objective_batch(cfg, cfg.train.batch_size, packed=packed, segments=segments).items()}
+    frozen = {}
+    for name, source in objective.frozen_models(cfg).items():
+        if not Path(source.path).exists():
+            raise JaxllmError(f"the {cfg.data.objective.name} objective's frozen model {name!r} is read from "
+                              f"{source.path}, which does not exist: train or convert it first, or point the "
+                              "config at one")
+        frozen[name] = load_frozen(source.path, mesh, rules, source.param_dtype)
     state = init_train_state(spec, params)
     with sharding.activate(mesh, rules):
         t = time.perf_counter()
-        step = jit_train_step(cfg, spec, batch_sh, seed=0).lower(state, batch, {}).compile()
+        step = jit_train_step(cfg, spec, batch_sh, frozen_shardings(frozen), seed=0)
+        step = step.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t
-    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s)
+    return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s, frozen)
+
+
+def _prepared(objective, cfg: Config) -> Config:
+    """`cfg` after the objective's startup checks that need the tokenizer (`Objective.prepare`, e.g. a
+    teacher's tokenizer and the ids it compares), as the Trainer runs them; objectives without any (and
+    builds whose Objective has no such hook) never load the tokenizer."""
+    prepare = getattr(objective, "prepare", None)
+    default = {f.name: f.default for f in dataclasses.fields(objective)}.get("prepare")
+    if prepare is None or prepare is default:
+        return cfg
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    return prepare(cfg, load_tokenizer(cfg.tokenizer.path or "builtin:kjv-sp4k"))
+
+
+def step_flops_per_token(s: Setup, causal: bool = False) -> float:
+    """Model FLOPs of one trained token: the trained model's forward and backward (`flops_per_token`) plus a
+    forward of each frozen model (a teacher, a reference): a third of its `flops_per_token`, 2 N + 4 L d T."""
+    seq = s.cfg.data.seq_len
+    return flops_per_token(s.cfg.model, seq, causal=causal) + sum(
+        flops_per_token(f.cfg, seq, causal=causal) / 3 for f in s.frozen.values())
 
 
 def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
@@ -135,14 +160,18 @@ def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     out = summary(times, tokens)
     devices = s.mesh.devices.flatten()
     peak, peak_source = device_peak_flops(devices[0])
-    fpt, fpt_causal = flops_per_token(m, cfg.data.seq_len), flops_per_token(m, cfg.data.seq_len, causal=True)
+    fpt, fpt_causal = step_flops_per_token(s), step_flops_per_token(s, causal=True)
     achieved = out["tokens_per_sec"] / (peak * len(devices))
+    mask = s.batch.get("loss_mask", s.batch.get("decoder_loss_mask"))
     out.update(
-        compile_s=s.compile_s, devices=len(devices), device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        objective=cfg.data.objective.name, compile_s=s.compile_s, devices=len(devices),
+        device_kind=devices[0].device_kind, tokens_per_step=tokens,
+        loss_tokens_per_step=None if mask is None else int(jnp.sum(mask)),
         tokens_per_sec_per_device=out["tokens_per_sec"] / len(devices), flops_per_token=fpt,
         flops_per_token_causal=fpt_causal, peak_flops_per_device=peak, peak_source=peak_source,
         mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
         params={**models.param_counts(m), "matmul": matmul_params(m)},
+        frozen_params={name: models.param_counts(f.cfg)["total"] for name, f in s.frozen.items()},
         peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()["loss"]),
     )
     return out
@@ -294,20 +323,22 @@ def write_report(results: dict[str, Any], path: str | Path | None) -> None:
 def format_table(results: dict[str, Any]) -> str:
     """One row per train-step measurement. MFU in both conventions (docs/performance.md): PaLM's full
     T x T attention, and causal attention halved (MaxText, torchtitan). The last column is how many
-    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's)."""
+    times faster than the row jaxllm is (jaxllm's tokens/s divided by the row's): the "jaxllm" row's, or
+    that of the jaxllm row a peer's `compare_to` names (named beside the ratio)."""
     rows = [("what", "tokens/s", "step ms (p50/p90)", "MFU PaLM / causal", "peak memory", "jaxllm is x faster")]
-    ours = results.get("jaxllm", {})
     for name, r in results.items():
         if not isinstance(r, dict) or "step_time_median" not in r:
             continue
         mem = r.get("peak_memory_bytes", {}).get("peak_bytes_in_use")
+        ours = results.get(r.get("compare_to", "jaxllm"), {})
         speedup = ours.get("tokens_per_sec", float("nan")) / r["tokens_per_sec"]
+        ratio = f"{speedup:.2f}x" + (f" ({r['compare_to']})" if "compare_to" in r else "")
         rows.append((
             name, f"{r['tokens_per_sec']:,.0f}",
             f"{1e3 * r['step_time_median']:.1f}/{1e3 * r['step_time_p90']:.1f}",
             f"{100 * r['mfu']:.1f}% / {100 * r['mfu_causal']:.1f}%" if "mfu" in r else "-",
             f"{mem / 2**30:.2f} GiB" if mem else "-",
-            f"{speedup:.2f}x" if name != "jaxllm" else "-",
+            ratio if not name.startswith("jaxllm") else "-",
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)

@@ -11,21 +11,25 @@ from typing import Any
 import numpy as np
 
 from jaxllm.bench import summary, synthetic_batch, timed
-from jaxllm.config import Config, JaxllmError
+from jaxllm.config import Config, JaxllmError, ModelConfig
 
 
 def _hf_model(cfg: Config, device: str):
     import torch
+
+    return hf_causal_lm(cfg.model, device).train(), torch
+
+
+def hf_causal_lm(m: ModelConfig, device: str):
+    """The `transformers` causal LM of decoder config `m` (random init, float32, SDPA attention) on `device`."""
     import transformers as T
 
     from jaxllm.convert.registry import family_for
 
-    m = cfg.model
     if m.arch != "decoder":
         raise JaxllmError("the transformers peer benchmarks decoder (causal LM) configs")
     hf = T.AutoConfig.for_model(**family_for(m).config_to_hf(m))
-    model = T.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").to(device)
-    return model.train(), torch
+    return T.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").to(device)
 
 
 def _sync(torch, device: str) -> None:

@@ -92,8 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=8")
     b.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--peer", choices=["none", "eager", "compile", "both"], default="both",
-                   help="transformers on torch: eager, torch.compile, or both")
+    b.add_argument("--peer", choices=["none", "eager", "compile", "both", "trl"], default="both",
+                   help="transformers on torch: eager, torch.compile, or both; trl: post-training steps (SFT, and "
+                        "distillation when the config's objective has a teacher) against TRL's trainers, next to "
+                        "a pretraining step of the same model")
+    b.add_argument("--trl-packing", choices=["bfd", "padded", "both"], default="bfd",
+                   help="with --peer trl: TRL SFT batches packed padding-free (bfd, TRL's recommendation) or "
+                        "padded per example")
+    b.add_argument("--segments", type=int, default=4,
+                   help="with --peer trl: prompt + completion examples packed in each row of the SFT batch")
     b.add_argument("--data", action="store_true", help="also measure the data pipeline alone")
     b.add_argument("--generate", action="store_true", help="also measure prefill and decode tokens/s")
     b.add_argument("--out", help="write the results as JSON here")
@@ -240,6 +247,8 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     results: dict = {"config": args.config, "overrides": args.overrides, "platform": jax.devices()[0].platform,
                      "date": __import__("datetime").date.today().isoformat()}
+    if args.peer == "trl":
+        return _bench_post_training(cfg, args, results)
     # The peer runs first: JAX's allocator keeps GPU memory once it has it; torch returns its own.
     peers = {"none": [], "eager": [False], "compile": [True], "both": [False, True]}[args.peer]
     for compiled in peers:
@@ -282,6 +291,28 @@ def cmd_bench(args) -> int:
     if "profile" in results:
         print(f"profile: {results['profile']} (tensorboard --logdir {results['profile']}, or its .trace.json.gz "
               "in ui.perfetto.dev)")
+    return 0
+
+
+def _bench_post_training(cfg, args, results: dict) -> int:
+    """`jaxllm bench --peer trl`: jaxllm's pretraining, SFT (and the config's objective's) steps next to TRL's."""
+    from jaxllm import bench
+    from jaxllm.bench_trl import bench_post_training
+
+    if args.breakdown or args.profile or args.data or args.generate:
+        raise JaxllmError("--breakdown, --profile, --data and --generate measure the config's own step: run them "
+                          "without --peer trl")
+    packings = ("bfd", "padded") if args.trl_packing == "both" else (args.trl_packing,)
+    results.update(bench_post_training(cfg, args.warmup, args.steps, packings, args.segments))
+    bench.write_report(results, args.out)
+    ours = results["jaxllm pretraining (clm)"]
+    print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, batch "
+          f"{cfg.train.batch_size} x {cfg.data.seq_len} ({args.segments} examples per SFT row), {ours['devices']} x "
+          f"{ours['device_kind']}, peak {ours['peak_flops_per_device']:.3g} FLOP/s ({ours['peak_source']})")
+    print(bench.format_table(results))
+    for name, r in results.items():
+        if isinstance(r, dict) and r.get("note"):
+            print(f"{name}: {r['note']}")
     return 0
 
 

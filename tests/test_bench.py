@@ -4,7 +4,10 @@
 import dataclasses
 import json
 
-from jaxllm import bench, models
+import numpy as np
+import pytest
+
+from jaxllm import bench, bench_batches, bench_trl, models
 from jaxllm.cli import main
 from jaxllm.config import load_config
 
@@ -68,3 +71,148 @@ def test_bench_cli_reports_throughput_breakdown_and_profile(tmp_path, capsys, mo
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no profiler trace written"
     printed = capsys.readouterr().out
     assert "parts timed alone" in printed and "profile:" in printed
+
+
+def test_the_sft_batch_packs_examples_with_the_loss_on_their_completions():
+    from jaxllm.bench_trl import _records
+
+    cfg = load_config(TINY, ["data.seq_len=64", "train.batch_size=3"])
+    examples = bench_batches.synthetic_examples(cfg.model.vocab_size, 3, 64, segments=4)
+    batch = bench_batches.objective_batch(cfg, 3, packed=True, segments=4)
+    assert {k: v.shape for k, v in batch.items()} == {k: (3, 64) for k in
+                                                      ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    for r, row in enumerate(examples):
+        assert sum(len(tokens) - 1 for tokens, _ in row) == 64 and len(row) == 4  # the examples fill the row
+        segment, start = batch["segment_ids"][r], 0
+        for s, (tokens, prompt) in enumerate(row, start=1):
+            n = len(tokens) - 1
+            assert (segment[start:start + n] == s).all()
+            assert list(batch["positions"][r, start:start + n]) == list(range(n))
+            np.testing.assert_array_equal(batch["inputs"][r, start:start + n], tokens[:-1])
+            np.testing.assert_array_equal(batch["targets"][r, start:start + n], tokens[1:])
+            # the loss on the targets that are completion tokens: tokens prompt .. n, at positions prompt - 1 ..
+            assert list(batch["loss_mask"][r, start:start + n]) == [0.0] * (prompt - 1) + [1.0] * (n - prompt + 1)
+            start += n
+    assert 0.3 < batch["loss_mask"].mean() < 0.8
+    # TRL is given the same examples: jaxllm's inputs, the completion masked in (TRL shifts the labels itself)
+    records = _records(cfg, 1, 4)
+    assert [r["input_ids"] for r in records] == [tokens[:-1].tolist() for row in examples for tokens, _ in row]
+    assert [r["completion_mask"].index(1) for r in records] == [prompt for row in examples for _, prompt in row]
+
+
+def test_every_objective_gets_a_synthetic_batch_of_its_spec():
+    from jaxllm.data.objectives import batch_spec
+
+    for config in ("configs/tiny-t5-span.yaml", "configs/tiny-bert-mlm.yaml", TINY):
+        cfg = load_config(config)
+        spec, batch = batch_spec(cfg.data, 2), bench_batches.objective_batch(cfg, 2)
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+        assert (batch.get("segment_ids", batch.get("decoder_segment_ids")) == 1).all()  # one document per row
+
+
+def _distill_to_teacher(params, graphdef, batch, norms, key, frozen, cfg):
+    """The shape of a distillation loss: clm + token-mean KL(teacher || student) on the loss mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.train.losses import pretraining_loss
+
+    objective, metrics = pretraining_loss(params, graphdef, batch, norms, cfg.train.z_loss, key, 0)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    student = jax.nn.log_softmax(models.bind(graphdef, params)(*args)[0])
+    teacher = jax.nn.log_softmax(frozen["teacher"].bind()(*args)[0].astype(jnp.float32))
+    kl = jnp.sum(jnp.sum(jnp.exp(teacher) * (teacher - student), -1) * batch["loss_mask"]) / norms["tokens"]
+    return objective + kl, dict(metrics, kl=kl)
+
+
+@pytest.fixture
+def distill_objective(tmp_path, monkeypatch):
+    """A method with a teacher (a Hugging Face directory twice the student's depth): what `distill` will be."""
+    from jaxllm.config import ObjectiveConfig
+    from jaxllm.convert.hf import save_hf
+    from jaxllm.data import objectives
+    from jaxllm.train import objective
+    from jaxllm.train.frozen import FrozenSource
+    from tests.conftest import random_params
+
+    teacher = dataclasses.replace(load_config(TINY, STUDENT).model, num_layers=2)
+    save_hf(random_params(teacher), teacher, tmp_path / "teacher")
+    monkeypatch.setitem(ObjectiveConfig.__annotations__, "name",
+                        ObjectiveConfig.__annotations__["name"].replace("'ul2'", "'ul2', 'test_distill'"))
+    monkeypatch.setitem(objective._OBJECTIVES, "test_distill", objective.Objective(
+        "test_distill", ("decoder",), _distill_to_teacher,
+        frozen_models=lambda cfg: {"teacher": FrozenSource(str(tmp_path / "teacher"), "bfloat16")}))
+    monkeypatch.setitem(objectives._FORMATS, "test_distill", objectives.batch_format("clm"))
+    return teacher
+
+
+STUDENT = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=1", "model.mlp_dim=128",
+           "train.batch_size=8", "data.seq_len=16"]
+
+
+def test_bench_against_trl_sft_and_distillation_next_to_pretraining(distill_objective, tmp_path, capsys):
+    out = tmp_path / "trl.json"
+    code = main(["bench", TINY, *STUDENT, "data.objective.name=test_distill", "--peer", "trl", "--steps", "1",
+                 "--warmup", "1", "--segments", "2", "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    rows = ["jaxllm pretraining (clm)", "jaxllm sft", "jaxllm test_distill", "TRL SFTTrainer (bfd)",
+            "TRL GKDTrainer (lmbda=0)"]
+    assert [k for k in results if isinstance(results[k], dict)] == rows
+    for name in rows:
+        r = results[name]
+        assert r["tokens_per_sec"] > 0 and r["step_time_median"] > 0 and r["mfu"] > 0
+        assert r["peak_memory_bytes"]["peak_bytes_in_use"] > 0 and r["tokens_per_step"] > 0
+    ours = {name: results[name] for name in rows[:3]}
+    assert {r["tokens_per_step"] for r in ours.values()} == {8 * 16}
+    # TRL's packing may leave room in a row: its tokens are counted as collated (padding-free: no padding)
+    assert results["TRL SFTTrainer (bfd)"]["tokens_per_step"] <= 8 * 16
+    assert [r["objective"] for r in ours.values()] == ["clm", "sft", "test_distill"]
+    # pretraining learns every token; SFT and distillation the completions of the packed examples
+    assert ours["jaxllm pretraining (clm)"]["loss_tokens_per_step"] == 8 * 16
+    sft_loss_tokens = ours["jaxllm sft"]["loss_tokens_per_step"]
+    assert 0 < sft_loss_tokens == ours["jaxllm test_distill"]["loss_tokens_per_step"] < 8 * 16
+    # a distillation step's FLOPs add the teacher's forward: a third of its forward + backward count
+    student, teacher = load_config(TINY, STUDENT).model, distill_objective
+    assert ours["jaxllm test_distill"]["flops_per_token"] == pytest.approx(
+        bench.flops_per_token(student, 16) + bench.flops_per_token(teacher, 16) / 3)
+    assert ours["jaxllm test_distill"]["frozen_params"] == {"teacher": models.param_counts(teacher)["total"]}
+    assert results["TRL SFTTrainer (bfd)"]["compare_to"] == "jaxllm sft"
+    assert results["TRL GKDTrainer (lmbda=0)"]["compare_to"] == "jaxllm test_distill"
+    assert results["TRL GKDTrainer (lmbda=0)"]["beta"] == 0.5 and results["TRL SFTTrainer (bfd)"]["packing"] == "bfd"
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in rows) and "x (jaxllm test_distill)" in printed
+
+
+def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_runs(tmp_path, capsys, monkeypatch):
+    from jaxllm.config import ObjectiveConfig
+    from jaxllm.data import objectives
+    from jaxllm.train import objective
+    from jaxllm.train.frozen import FrozenSource
+
+    monkeypatch.setattr(bench_trl, "bench_trl_sft", lambda *a, **k: pytest.fail("a peer ran"))
+    assert main(["bench", TINY, "--peer", "trl", "--breakdown"]) == 2
+    assert main(["bench", TINY, "--peer", "trl", "--segments", "65", "data.seq_len=128"]) == 2
+    monkeypatch.setitem(ObjectiveConfig.__annotations__, "name",
+                        ObjectiveConfig.__annotations__["name"].replace("'ul2'", "'ul2', 'test_distill'"))
+    monkeypatch.setitem(objective._OBJECTIVES, "test_distill", objective.Objective(
+        "test_distill", ("decoder",), _distill_to_teacher,
+        frozen_models=lambda cfg: {"teacher": FrozenSource(str(tmp_path / "no-teacher"))}))
+    monkeypatch.setitem(objectives._FORMATS, "test_distill", objectives.batch_format("clm"))
+    assert main(["bench", TINY, "--peer", "trl", "data.objective.name=test_distill"]) == 2
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    assert main(["bench", TINY, "--peer", "trl"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        ("error: --breakdown, --profile, --data and --generate measure the config's own step: run them without "
+         "--peer trl"),
+        ("error: --segments 65: rows of data.seq_len=128 tokens hold 1 to 64 examples (at least 2 tokens each); "
+         "choose a count in that range"),
+        (f"error: the frozen model {tmp_path / 'no-teacher'} does not exist: train or convert it first, or point "
+         "the config at one"),
+        ("error: --peer trl runs TRL's trainers, which need trl: pip install -e '.[test]' (trl==1.16.0, torch, "
+         "transformers, datasets)"),
+    ]

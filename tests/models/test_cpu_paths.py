@@ -1,7 +1,6 @@
 """The CPU-specific forms of the model (docs/performance.md, "CPU"): the same math as the forms other
 backends run, in layouts XLA's CPU backend computes without large transposes or a layer loop."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

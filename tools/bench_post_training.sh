@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Post-training steps side by side with TRL (issue 12): jaxllm's pretraining, SFT and distillation steps
+# next to TRL's SFTTrainer and GKDTrainer on the same model, batch and examples. Run on an idle machine
+# (nothing else on the cores): the timings are the result. A few minutes on a 2-core CPU (not yet timed idle).
+# Usage, from the repository root:  OUT=results bash tools/bench_post_training.sh [part]
+# part: all (default) | sft | distill
+set -u
+OUT=${OUT:-results}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # on a GPU torch runs in the same process
+dev=$(python3 -c "from jaxllm.platforms import keep_off_tpu; keep_off_tpu(); import jax; print(jax.devices()[0].platform)" 2>/dev/null)
+part=${1:-all}
+run() { echo "== $*"; timeout 1800 "$@" 2>&1 | grep -v -i "warning\|examples/s\|train_runtime\|tokenizer has new" | tail -25; }
+if [ "$part" = all ] || [ "$part" = sft ]; then
+  # SFT rows (the sft objective's step; the clm loss on the packed SFT batch until it is registered) against
+  # TRL packed padding-free (bfd, TRL's recommendation) and padded per example, and a pretraining row.
+  sft=configs/tiny-sft.yaml; [ -f "$sft" ] || sft=configs/tiny.yaml
+  run python3 -m jaxllm.cli bench "$sft" --peer trl --trl-packing both --out "$OUT/post-training-sft-$dev.json"
+fi
+if [ "$part" = all ] || [ "$part" = distill ]; then
+  # The distillation config's teacher must exist (runs/tiny: jaxllm train configs/tiny.yaml).
+  if [ -f configs/tiny-distill.yaml ]; then
+    run python3 -m jaxllm.cli bench configs/tiny-distill.yaml --peer trl --out "$OUT/post-training-distill-$dev.json"
+  else
+    echo "configs/tiny-distill.yaml is missing: no distillation rows"
+  fi
+fi
