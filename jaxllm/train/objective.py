@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 
 from jaxllm.config import Config, ConfigError, JaxllmError
+from jaxllm.data import sft  # noqa: F401 (the sft objective's batch format, registered with it)
 from jaxllm.train.frozen import FrozenModel, FrozenSource
 from jaxllm.train.losses import pretraining_loss, sft_loss
 
