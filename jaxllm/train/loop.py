@@ -62,6 +62,7 @@ class Trainer:
         self._open_run_dir()
         self.tokenizer = self._choose_tokenizer()
         self.objective = check_trainable(self.cfg)
+        self.cfg = self.objective.prepare(self.cfg, self.tokenizer)
         check_vocab_size(self.cfg.model.vocab_size, self.cfg.data, self.tokenizer)
         self.spec = train_state_spec(self.cfg, self.mesh, self.rules)
         self.graphdef, self.state_shardings = self.spec.graphdef, self.spec.shardings

@@ -55,27 +55,36 @@ def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Arra
     Only a [B, chunk, V] slice of the logits exists at once, and it is recomputed in the backward
     pass (jax.checkpoint), so memory no longer grows with B x L x V. chunk <= 0 or >= L: one piece.
     """
-    L = x_BLD.shape[1]
+    return chunked_sums(lambda x_BCD, t_BC, m_BC: cross_entropy(head(x_BCD), t_BC, m_BC, z_loss),
+                        (x_BLD, targets_BL, mask_BL), chunk)
+
+
+def chunked_sums(piece: Callable[..., tuple[jax.Array, ...]], arrays_BL: tuple[jax.Array, ...], chunk: int):
+    """The sums `piece(*arrays)` returns (a tuple of float32 scalars), computed `chunk` sequence positions at
+    a time: each array [B, L, ...] is cut along L, a scan adds the pieces' sums, and each piece is recomputed
+    in the backward pass (jax.checkpoint), so what `piece` builds ([B, chunk, V] logits) never exists for
+    the whole sequence. Positions padded to a multiple of `chunk` are zeros: `piece` must give them no
+    weight (a zero mask among `arrays_BL`). chunk <= 0 or >= L: one piece.
+    """
+    L = arrays_BL[0].shape[1]
     if chunk <= 0 or chunk >= L:
-        return cross_entropy(head(x_BLD), targets_BL, mask_BL, z_loss)
+        return piece(*arrays_BL)
     pad = -L % chunk
-    if pad:  # padded positions carry mask 0
-        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
-        targets_BL, mask_BL = jnp.pad(targets_BL, ((0, 0), (0, pad))), jnp.pad(mask_BL, ((0, 0), (0, pad)))
-    n = x_BLD.shape[1] // chunk
+    if pad:
+        arrays_BL = tuple(jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in arrays_BL)
+    n = (L + pad) // chunk
 
     def split(a):  # [B, n*chunk, ...] -> [n, B, chunk, ...]
         return jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
 
     @jax.checkpoint
-    def piece(carry, xs):
-        x_BCD, t_BC, m_BC = xs
-        nll, zl = cross_entropy(head(x_BCD), t_BC, m_BC, z_loss)
-        return (carry[0] + nll, carry[1] + zl), None
+    def step(carry, xs):
+        return tuple(c + s for c, s in zip(carry, piece(*xs))), None
 
-    zero = jnp.zeros((), jnp.float32)
-    (nll, zl), _ = jax.lax.scan(piece, (zero, zero), (split(x_BLD), split(targets_BL), split(mask_BL)))
-    return nll, zl
+    shapes = jax.eval_shape(piece, *(split(a)[0] for a in arrays_BL))
+    zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    sums, _ = jax.lax.scan(step, zeros, tuple(split(a) for a in arrays_BL))
+    return sums
 
 
 def pretraining_loss(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],

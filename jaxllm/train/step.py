@@ -20,6 +20,7 @@ from jaxllm import models, sharding
 from jaxllm.config import Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key
+from jaxllm.train import distill  # noqa: F401  (registers the distill objective)
 from jaxllm.train.losses import loss_mask, normalizers
 from jaxllm.train.objective import objective_for
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
