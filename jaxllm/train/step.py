@@ -132,11 +132,13 @@ def train_step(
 def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *, graphdef: nnx.GraphDef,
               loss: Callable) -> dict[str, jax.Array]:
     """Summed loss ("nll_sum": the objective's `loss` metric with counts of 1, i.e. its token sum) and the
-    count of predicted tokens of a batch, for a mean and perplexity over many batches."""
+    count of predicted tokens of a batch, for a mean and perplexity over many batches. ELECTRA's is its
+    generator's masked-LM loss, distillation's the student's cross-entropy: comparable with mlm and clm runs."""
     ones = {"tokens": jnp.float32(1.0), "positions": jnp.float32(1.0)}
     _, metrics = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
     tokens = jnp.sum(loss_mask(batch).astype(jnp.float32))
-    return {"nll_sum": metrics.get("mlm_loss", metrics["loss"]), "tokens": tokens}
+    held_out = metrics.get("mlm_loss", metrics.get("ce_loss", metrics["loss"]))
+    return {"nll_sum": held_out, "tokens": tokens}
 
 
 def init_train_state(spec: StateSpec, params: Any) -> TrainState:

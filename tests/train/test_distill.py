@@ -115,6 +115,12 @@ def test_the_loss_is_the_mixture_of_masked_mean_divergence_and_cross_entropy_who
     np.testing.assert_allclose(metrics["ce_loss"], expected_ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], 0.7 * expected_div + 0.3 * expected_ce, rtol=1e-5)
     np.testing.assert_allclose(objective, metrics["loss"], rtol=1e-6)
+    # Evaluation sums the student's cross-entropy (comparable with a clm run's held-out loss).
+    from jaxllm.train.step import eval_step
+
+    held_out = jax.jit(lambda p, t: eval_step(p, batch, {"teacher": t}, graphdef=student[0], loss=lambda *a: distill_loss(*a, cfg)))(
+        student[1], teacher)
+    np.testing.assert_allclose(held_out["nll_sum"], expected_ce * mask.sum(), rtol=1e-5)
 
     # 3 positions at a time (3 does not divide 10): the same loss and gradients.
     chunked = _jitted_loss(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=3)), student[0])
