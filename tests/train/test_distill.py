@@ -174,6 +174,9 @@ def test_the_teachers_tokenizer_must_be_the_students_and_the_compared_ids_are_th
     cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(different)))
     with pytest.raises(JaxllmError, match=f"distill.teacher={different} uses tokenizer .* but the student .*kjv-sp4k"):
         prepare(cfg, student_tokenizer)
+    wide = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "same"), vocab=4200))
+    with pytest.raises(JaxllmError, match="distill.vocab=4200 ids are compared but .* the teacher 4160"):
+        prepare(wide, student_tokenizer)
     cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "missing")))
     with pytest.raises(JaxllmError, match="missing does not exist"):
         prepare(cfg, student_tokenizer)
@@ -184,6 +187,10 @@ def test_a_distill_config_without_a_teacher_is_a_config_error():
         load_config(None, ["data.objective.name=distill"])
     with pytest.raises(JaxllmError, match=r"distill.beta .* must be in \[0, 1\]"):
         load_config(None, ["distill.beta=1.5"])
+    with pytest.raises(JaxllmError, match=r"distill.alpha .* must be in \[0, 1\], got -0.1"):
+        load_config(None, ["distill.alpha=-0.1"])
+    with pytest.raises(JaxllmError, match="distill.temperature must be > 0"):
+        load_config(None, ["distill.temperature=0"])
 
 
 # ------------------------------------------------------------------------------------------ a short run
