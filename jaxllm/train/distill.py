@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import Config, JaxllmError
+from jaxllm.config import Config, JaxllmError, ModelConfig
 from jaxllm.data.objectives import extra_token_count
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import bind
@@ -92,16 +92,15 @@ def distill_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
 # ------------------------------------------------------------------------------------------ startup
 
 
-def teacher_tokenizer(path: str) -> tuple[Tokenizer, str, int]:
-    """(tokenizer, architecture, vocab_size) of a teacher: a jaxllm run or checkpoint (the tokenizer its
+def teacher_tokenizer(path: str) -> tuple[Tokenizer, ModelConfig]:
+    """(tokenizer, model config) of a teacher: a jaxllm run or checkpoint (the tokenizer its
     checkpoint carries) or a Hugging Face model directory (its tokenizer files), read without its weights."""
     p = Path(path)
     if (p / "config.json").is_file():
         from jaxllm.convert.hf import config_from_hf
         from jaxllm.convert.hf_io import read_hf_config
 
-        model = config_from_hf(read_hf_config(p))
-        return load_tokenizer(str(p)), model.arch, model.vocab_size
+        return load_tokenizer(str(p)), config_from_hf(read_hf_config(p))
     if not p.exists():
         raise JaxllmError(f"distill.teacher={path} does not exist; give a jaxllm run directory or checkpoint "
                           "(e.g. runs/tiny after `jaxllm train configs/tiny.yaml`) or a Hugging Face model directory")
@@ -114,7 +113,7 @@ def teacher_tokenizer(path: str) -> tuple[Tokenizer, str, int]:
     else:
         raise JaxllmError(f"distill.teacher={path} carries no tokenizer; the teacher must be a run trained with "
                           "the student's tokenizer")
-    return tokenizer, meta.config.model.arch, meta.config.model.vocab_size
+    return tokenizer, meta.config.model
 
 
 PROBE = ("In the beginning God created the heaven and the earth. 1234567890 (x+y)^2 = z; "
@@ -129,22 +128,27 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def prepare(cfg: Config, tokenizer: Tokenizer) -> Config:
-    """Checks the teacher (a decoder with the student's tokenizer, wide enough) and sets `distill.vocab`
+    """Checks the teacher (a decoder with the student's tokenizer, as long a context, wide enough) and sets
+    `distill.vocab`
     (null: the ids the data can hold, i.e. the tokenizer's) so the two models compare the same ids."""
     k = cfg.distill
-    theirs, arch, teacher_vocab = teacher_tokenizer(k.teacher)
-    if arch != "decoder":
-        raise JaxllmError(f"distill.teacher={k.teacher} is a model.arch={arch}; distillation needs a decoder teacher")
+    theirs, teacher = teacher_tokenizer(k.teacher)
+    if teacher.arch != "decoder":
+        raise JaxllmError(f"distill.teacher={k.teacher} is a model.arch={teacher.arch}; distillation needs a decoder "
+                          "teacher")
+    if teacher.max_seq_len < cfg.data.seq_len:
+        raise JaxllmError(f"distill.teacher={k.teacher} reads at most {teacher.max_seq_len} tokens but data.seq_len is "
+                          f"{cfg.data.seq_len}; lower data.seq_len to the teacher's context")
     if not same_tokenizer(theirs, tokenizer):
         raise JaxllmError(
             f"distill.teacher={k.teacher} uses tokenizer {theirs.name} ({theirs.vocab_size} ids) but the student "
             f"{tokenizer.name} ({tokenizer.vocab_size} ids); distillation compares token ids, so set "
             f"tokenizer.path to the teacher's tokenizer")
     vocab = k.vocab or tokenizer.vocab_size + extra_token_count(cfg.data, tokenizer)
-    if vocab > min(cfg.model.vocab_size, teacher_vocab):
+    if vocab > min(cfg.model.vocab_size, teacher.vocab_size):
         raise JaxllmError(
             f"distill.vocab={vocab} ids are compared but the student has model.vocab_size={cfg.model.vocab_size} "
-            f"and the teacher {teacher_vocab}; lower distill.vocab or widen the student")
+            f"and the teacher {teacher.vocab_size}; lower distill.vocab or widen the student")
     return dataclasses.replace(cfg, distill=dataclasses.replace(k, vocab=vocab))
 
 
