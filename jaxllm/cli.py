@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | data | plan.
+"""The `jaxllm` command: train | generate | distill-data | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -59,15 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help="a text file with one prompt per line")
     g.add_argument("--chat", action="store_true", help="each prompt is a user message, rendered with the model's "
                    "chat template (the one it was fine-tuned with); the reply ends at EOS or an end-of-turn token")
-    defaults = GenerateConfig()
-    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument("--tokenizer", help="use this tokenizer instead of the checkpoint's (needed when it has none): "
-                                       "a tokenizer.json, a directory with one, a SentencePiece .model, builtin:kjv-sp4k")
+    _sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    kd = sub.add_parser("distill-data", help="a teacher's completions of prompts as prompt/completion jsonl "
+                                             "(sequence-level knowledge distillation; docs/post-training.md)")
+    kd.add_argument("--teacher", required=True, help="a jaxllm run directory or checkpoint")
+    kd.add_argument("--prompts", required=True, help="a data source: jsonl/parquet/text file, builtin:kjv, hf:NAME")
+    kd.add_argument("--field", default="text", help="field of the records holding the prompt")
+    kd.add_argument("--prompt-tokens", type=int, default=0,
+                    help="cut each record to its first N tokens, the teacher writes the rest; 0 = the whole record")
+    kd.add_argument("--limit", type=int, default=1000, help="prompts to complete")
+    kd.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
+    kd.add_argument("--out", required=True, help="the jsonl file to write")
+    _sampling_args(kd)
+    kd.set_defaults(func=cmd_distill_data)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
     csub = c.add_subparsers(required=True, metavar="DIRECTION")
@@ -143,6 +149,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    defaults = GenerateConfig()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--tokenizer", help="use this tokenizer instead of the checkpoint's (needed when it has none): "
+                                            "a tokenizer.json, a directory with one, a SentencePiece .model, "
+                                            "builtin:kjv-sp4k")
+
+
+def _generate_config(args) -> GenerateConfig:
+    """The sampling options of `args`, checked as a config's would be."""
+    from jaxllm.config import Config, validate
+
+    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    validate(dataclasses.replace(Config(), generate=gen))
+    return gen
+
+
 def cmd_train(args) -> int:
     from jaxllm.config import load_config
 
@@ -201,10 +229,7 @@ def cmd_generate(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise JaxllmError("give at least one --prompt or a --prompts-file")
-    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    from jaxllm.config import validate, Config
-    validate(dataclasses.replace(Config(), generate=gen))
+    gen = _generate_config(args)
     source = args.run_dir or args.checkpoint
     loaded = load_model(source, tokenizer=args.tokenizer)
     if loaded.tokenizer is None:
@@ -218,6 +243,31 @@ def cmd_generate(args) -> int:
         print(f"{prompt}\n> {text}" if args.chat else f"{prompt}{text}")
         if len(prompts) > 1:
             print("---")
+    return 0
+
+
+def cmd_distill_data(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig, SourceConfig
+
+    distributed.initialize(DistributedConfig())
+    import jax
+
+    from jaxllm.infer.completions import write_completions
+    from jaxllm.infer.load import load_model
+
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) < 1:
+            raise JaxllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompt_tokens < 0:
+        raise JaxllmError(f"--prompt-tokens must be >= 0 (0 = the whole record), got {args.prompt_tokens}")
+    gen = _generate_config(args)
+    teacher = load_model(args.teacher, tokenizer=args.tokenizer)
+    source = SourceConfig(path=args.prompts, text_field=args.field)
+    count = write_completions(teacher, source, args.out, gen, limit=args.limit, prompt_tokens=args.prompt_tokens,
+                              batch_size=args.batch_size)
+    if jax.process_index() == 0:
+        print(f"wrote {count} completions to {args.out}")
     return 0
 
 

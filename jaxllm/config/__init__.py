@@ -25,6 +25,7 @@ from jaxllm.config.schema import (
     ConfigError,
     DataConfig,
     DenoiserConfig,
+    DistillConfig,
     DistributedConfig,
     ElectraGenerator,
     EvalConfig,
@@ -44,7 +45,8 @@ from jaxllm.config.schema import (
 )
 
 __all__ = [
-    "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistributedConfig",
+    "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
+    "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
     "MoEConfig", "ObjectiveConfig", "OptimConfig", "QuantConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "apply_override", "config_from_yaml_text", "dump_yaml", "from_dict", "load_config", "read_yaml",

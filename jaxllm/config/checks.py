@@ -6,7 +6,8 @@ import logging
 import re
 from typing import Any
 
-from jaxllm.config.schema import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
+from jaxllm.config.schema import (Config, ConfigError, DistillConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+                                  TrainConfig)
 
 log = logging.getLogger("jaxllm")
 
@@ -52,6 +53,7 @@ def validate(cfg: Config) -> None:
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
     _validate_objective(d.objective, m.max_seq_len)
+    _validate_distill(cfg.distill, d.objective.name)
     _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
     _non_negative(t, "train", {"seed": "", "z_loss": " (0 = off)", "loss_chunk": " (0 = all positions at once)"})
     _non_negative(d, "data", {"seed": ""})
@@ -218,6 +220,16 @@ def _span_params(noise_density: float, mean_span_length: float, where: str) -> N
         raise ConfigError(f"{where}.noise_density must be in (0, 1) (T5: 0.15), got {noise_density}")
     if mean_span_length < 1:
         raise ConfigError(f"{where}.mean_span_length must be >= 1 token (T5: 3), got {mean_span_length}")
+
+
+def _validate_distill(k: DistillConfig, objective: str) -> None:
+    if objective == "distill" and not k.teacher:
+        raise ConfigError("data.objective.name=distill needs distill.teacher: a jaxllm run directory or checkpoint, "
+                          "or a Hugging Face model directory (e.g. distill.teacher=runs/tiny)")
+    _fraction(k.beta, "distill.beta (0 = forward KL, 1 = reverse KL, between: generalised JSD)")
+    _fraction(k.alpha, "distill.alpha (the weight of the hard-label cross-entropy)")
+    _above_zero(k.temperature, "distill.temperature", "1.0")
+    _positive(k, "distill", ["vocab"], null="the tokenizer's ids")
 
 
 def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:

@@ -253,9 +253,10 @@ class ObjectiveConfig:
     clm: next-token prediction (decoder). mlm: BERT masking, new masks every epoch (encoder; also the
     ELECTRA generator's batch). span: T5 span corruption. bart: BART text infilling + sentence
     permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives.
-    sft: supervised fine-tuning on conversations / prompt-completion / text records (decoder)."""
+    sft: supervised fine-tuning on conversations / prompt-completion / text records (decoder).
+    distill: a decoder learns a teacher's next-token distributions (the `distill:` section)."""
 
-    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft"] = "clm"
+    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill"] = "clm"
     # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8  # the mask token
@@ -403,6 +404,23 @@ class GenerateConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (data.objective.name=distill; docs/post-training.md). The divergence between
+    the student's and the teacher's next-token distributions at `temperature`, named as TRL's GKD /
+    DistillationTrainer: beta=0 forward KL(teacher || student), beta=1 reverse KL(student || teacher), in
+    between the generalised Jensen-Shannon divergence with mixture (1 - beta) * student + beta * teacher."""
+
+    teacher: Optional[str] = None  # a jaxllm run directory or checkpoint, or a Hugging Face model directory
+    teacher_dtype: Optional[Literal["float32", "bfloat16"]] = None  # store the teacher in it; null = as saved
+    beta: float = 0.5
+    temperature: float = 1.0  # both distributions are softened by it (no T^2 factor, as TRL)
+    alpha: float = 0.0  # loss = (1 - alpha) * divergence + alpha * cross-entropy on the data's tokens
+    # Leading vocabulary ids compared (both models' logits are cut to them, so differently padded
+    # vocabularies compare over the real tokens); null = the tokenizer's ids, set at startup.
+    vocab: Optional[int] = None
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -415,6 +433,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------------------- loading

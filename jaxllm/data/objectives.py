@@ -404,5 +404,6 @@ def _finish_encoder_decoder_row(packed: dict[str, Any]) -> dict[str, np.ndarray]
 
 register_format("clm", BatchFormat(_clm_rows, token_rows_spec))
 register_format("mlm", BatchFormat(_mlm_rows, token_rows_spec))
+register_format("distill", batch_format("clm"))  # next-token rows; the loss honours loss_mask and segment_ids
 for _name in ENCODER_DECODER:
     register_format(_name, BatchFormat(_encoder_decoder_rows, _encoder_decoder_spec))

@@ -67,6 +67,7 @@ class Trainer:
         if self._resume is not None:  # after _add_tokens: a grown vocabulary is part of the model
             _check_same_model(self.cfg, self._resume.config, self.run_dir)
         self.objective = check_trainable(self.cfg)
+        self.cfg = self.objective.prepare(self.cfg, self.tokenizer)
         check_vocab_size(self.cfg.model.vocab_size, self.cfg.data, self.tokenizer)
         self.spec = train_state_spec(self.cfg, self.mesh, self.rules)
         self.graphdef, self.state_shardings = self.spec.graphdef, self.spec.shardings

@@ -76,32 +76,54 @@ def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Arra
     pass (jax.checkpoint), so memory no longer grows with B x L x V. chunk <= 0 or >= L: one piece.
     `correct=True` also returns `token_correct` of every position (bool [B, L]).
     """
-    L = x_BLD.shape[1]
+    if not correct:
+        return chunked_sums(lambda x_BCD, t_BC, m_BC: cross_entropy(head(x_BCD), t_BC, m_BC, z_loss),
+                            (x_BLD, targets_BL, mask_BL), chunk)
+
+    def piece(x_BCD, t_BC, m_BC):
+        logits = head(x_BCD)
+        return cross_entropy(logits, t_BC, m_BC, z_loss), (token_correct(logits, t_BC),)
+
+    (nll, zl), (hits,) = chunked_sums(piece, (x_BLD, targets_BL, mask_BL), chunk, per_position=True)
+    return nll, zl, hits
+
+
+def chunked_sums(piece: Callable[..., Any], arrays_BL: tuple[jax.Array, ...], chunk: int,
+                 per_position: bool = False):
+    """The sums `piece(*arrays)` returns (a tuple of float32 scalars), computed `chunk` sequence positions at
+    a time: each array [B, L, ...] is cut along L, a scan adds the pieces' sums, and each piece is recomputed
+    in the backward pass (jax.checkpoint), so what `piece` builds ([B, chunk, V] logits) never exists for
+    the whole sequence. Positions padded to a multiple of `chunk` are zeros: `piece` must give them no
+    weight (a zero mask among `arrays_BL`). chunk <= 0 or >= L: one piece.
+    `per_position=True`: `piece` returns (sums, a tuple of [B, chunk] arrays) and the result is (sums, those
+    arrays joined back to [B, L]).
+    """
+    L = arrays_BL[0].shape[1]
     if chunk <= 0 or chunk >= L:
-        logits = head(x_BLD)
-        out = cross_entropy(logits, targets_BL, mask_BL, z_loss)
-        return (*out, token_correct(logits, targets_BL)) if correct else out
+        return piece(*arrays_BL)
     pad = -L % chunk
-    if pad:  # padded positions carry mask 0
-        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
-        targets_BL, mask_BL = jnp.pad(targets_BL, ((0, 0), (0, pad))), jnp.pad(mask_BL, ((0, 0), (0, pad)))
-    n = x_BLD.shape[1] // chunk
+    if pad:
+        arrays_BL = tuple(jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in arrays_BL)
+    n = (L + pad) // chunk
 
     def split(a):  # [B, n*chunk, ...] -> [n, B, chunk, ...]
         return jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def piece(carry, xs):
-        x_BCD, t_BC, m_BC = xs
-        logits = head(x_BCD)
-        nll, zl = cross_entropy(logits, t_BC, m_BC, z_loss)
-        return (carry[0] + nll, carry[1] + zl), (token_correct(logits, t_BC) if correct else None)
+    def sums_and_rows(*xs):
+        return piece(*xs) if per_position else (piece(*xs), ())
 
-    zero = jnp.zeros((), jnp.float32)
-    (nll, zl), hits = jax.lax.scan(piece, (zero, zero), (split(x_BLD), split(targets_BL), split(mask_BL)))
-    if not correct:
-        return nll, zl
-    return nll, zl, jnp.moveaxis(hits, 0, 1).reshape(x_BLD.shape[0], -1)[:, :L]
+    @jax.checkpoint
+    def step(carry, xs):
+        sums, rows = sums_and_rows(*xs)
+        return tuple(c + s for c, s in zip(carry, sums)), rows
+
+    shapes = jax.eval_shape(sums_and_rows, *(split(a)[0] for a in arrays_BL))[0]
+    zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    sums, rows = jax.lax.scan(step, zeros, tuple(split(a) for a in arrays_BL))
+    if not per_position:
+        return sums
+    joined = tuple(jnp.moveaxis(r, 0, 1).reshape(r.shape[1], -1, *r.shape[3:])[:, :L] for r in rows)
+    return sums, joined
 
 
 def pretraining_loss(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], norms: dict[str, jax.Array],

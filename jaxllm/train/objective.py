@@ -12,7 +12,9 @@ An objective is chosen by `data.objective.name` and is
 - the frozen models it needs (`frozen_models(cfg) -> {name: FrozenSource}`): a reference policy, a
   teacher, a reward model. The Trainer loads each beside the trained model, sharded by the same rules,
   never differentiated, never in the optimizer state or the checkpoint, and hands them to the loss as
-  `frozen[name]` (a `FrozenModel`).
+  `frozen[name]` (a `FrozenModel`);
+- `prepare(cfg, tokenizer) -> cfg`: checks at startup that need the run's tokenizer (a teacher's must be
+  the same), before any frozen model is loaded; returns the config with what they resolve.
 
 A new method registers an `Objective` here and a `BatchFormat` in data/, and adds its name to the choices
 of `ObjectiveConfig.name` (config/schema.py); the Trainer, step, checkpoints, resume, faults, meshes, LoRA
@@ -39,6 +41,10 @@ def _no_frozen_models(cfg: Config) -> dict[str, FrozenSource]:
     return {}
 
 
+def _nothing_to_prepare(cfg: Config, tokenizer: Any) -> Config:
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A training method (module docstring)."""
@@ -50,6 +56,7 @@ class Objective:
     # Metrics evaluation reports besides eval_loss, each a mean over the held-out set: (metric, the count in
     # `step.normalizers` it is divided by), e.g. ("mean_token_accuracy", "tokens"); logged as eval_<metric>.
     eval_metrics: tuple[tuple[str, str], ...] = ()
+    prepare: Callable[[Config, Any], Config] = _nothing_to_prepare
 
 
 _OBJECTIVES: dict[str, Objective] = {}

@@ -20,6 +20,7 @@ from jaxllm import models, sharding
 from jaxllm.config import AdversarialConfig, Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key, perturb_embeddings
+from jaxllm.train import distill  # noqa: F401  (registers the distill objective)
 from jaxllm.train.losses import loss_mask, normalizers, segment_totals
 from jaxllm.train.noise import gradient_fn
 from jaxllm.train.objective import objective_for
@@ -140,11 +141,13 @@ def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], 
     """Summed loss ("nll_sum": the objective's `loss` metric with counts of 1, i.e. its token sum) and the
     count of predicted tokens of a batch, for a mean and perplexity over many batches; and for each
     (metric, count) of `metrics` (the objective's `eval_metrics`) its sum "sum/<metric>" and the batch's
-    count "count/<count>"."""
+    count "count/<count>". ELECTRA's held-out loss is its generator's masked-LM loss, distillation's the
+    student's cross-entropy: comparable with mlm and clm runs."""
     counts = normalizers(batch)
     ones = {k: jnp.float32(1.0) for k in counts}
     _, out = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
-    sums = {"nll_sum": out.get("mlm_loss", out["loss"]), "tokens": jnp.sum(loss_mask(batch).astype(jnp.float32))}
+    held_out = out.get("mlm_loss", out.get("ce_loss", out["loss"]))
+    sums = {"nll_sum": held_out, "tokens": jnp.sum(loss_mask(batch).astype(jnp.float32))}
     for name, count in metrics:
         sums[f"sum/{name}"] = out[name]
         sums[f"count/{count}"] = jnp.sum(_unclamped(batch, count))
