@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(_tag(k), v, step)
 
     def event(self, step: int, name: str, fields: dict[str, Any]) -> None:
         """An event row: {"step", "event": name, **fields}, in metrics.jsonl only."""
@@ -54,6 +55,12 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _tag(name: str) -> str:
+    """A TensorBoard tag for a metric name: characters TensorBoard refuses (e.g. the `:` of
+    `eval_loss/builtin:kjv-valid`) become `_`, as it would do itself with a warning per write."""
+    return re.sub(r"[^-/\w.]", "_", name)
 
 
 def _to_python(v: Any) -> Any:
