@@ -12,10 +12,10 @@ dev=$(python3 -c "from jaxllm.platforms import keep_off_tpu; keep_off_tpu(); imp
 part=${1:-all}
 run() { echo "== $*"; timeout 1800 "$@" 2>&1 | grep -v -i "warning\|examples/s\|train_runtime\|tokenizer has new" | tail -25; }
 if [ "$part" = all ] || [ "$part" = sft ]; then
-  # SFT rows (the sft objective's step; the clm loss on the packed SFT batch until it is registered) against
-  # TRL packed padding-free (bfd, TRL's recommendation) and padded per example, and a pretraining row.
-  sft=configs/tiny-sft.yaml; [ -f "$sft" ] || sft=configs/tiny.yaml
-  run python3 -m jaxllm.cli bench "$sft" --peer trl --trl-packing both --out "$OUT/post-training-sft-$dev.json"
+  # SFT rows (the sft objective's step on packed prompt + completion rows) against TRL packed padding-free
+  # (bfd, TRL's recommendation) and padded per example, and a pretraining row, on the tiny model of
+  # configs/tiny.yaml (what configs/tiny-sft.yaml fine-tunes; that config takes its model from runs/tiny).
+  run python3 -m jaxllm.cli bench configs/tiny.yaml --peer trl --trl-packing both --out "$OUT/post-training-sft-$dev.json"
 fi
 if [ "$part" = all ] || [ "$part" = distill ]; then
   # The distillation config's teacher must exist (runs/tiny: jaxllm train configs/tiny.yaml).
