@@ -156,4 +156,4 @@ def _teacher(cfg: Config) -> dict[str, FrozenSource]:
     return {"teacher": FrozenSource(cfg.distill.teacher, cfg.distill.teacher_dtype)}
 
 
-register(Objective("distill", ("decoder",), distill_loss, _teacher, prepare))
+register(Objective("distill", ("decoder",), distill_loss, frozen_models=_teacher, prepare=prepare))

@@ -53,10 +53,10 @@ class Objective:
     archs: tuple[str, ...]
     loss: Loss
     frozen_models: Callable[[Config], dict[str, FrozenSource]] = _no_frozen_models
+    prepare: Callable[[Config, Any], Config] = _nothing_to_prepare
     # Metrics evaluation reports besides eval_loss, each a mean over the held-out set: (metric, the count in
     # `step.normalizers` it is divided by), e.g. ("mean_token_accuracy", "tokens"); logged as eval_<metric>.
     eval_metrics: tuple[tuple[str, str], ...] = ()
-    prepare: Callable[[Config, Any], Config] = _nothing_to_prepare
 
 
 _OBJECTIVES: dict[str, Objective] = {}
