@@ -247,6 +247,9 @@ def frozen_model_config(source) -> ModelConfig:
     read without its weights: TRL's peer builds the same shapes before JAX takes the device's memory."""
     from jaxllm.train.frozen import open_pretrained
 
+    if not os.path.exists(source.path):
+        raise JaxllmError(f"the frozen model {source.path} does not exist: train or convert it first, or point the "
+                          "config at one")
     m = open_pretrained(source.path).config
     return dataclasses.replace(m, param_dtype=source.param_dtype) if source.param_dtype else m
 
