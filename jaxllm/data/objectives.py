@@ -238,7 +238,7 @@ def _clm_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, ba
     (ConcatThenSplit: long documents continue on the next row)."""
     ds = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
     ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
-    return ds.map(_finish_row)
+    return ds.map(finish_token_row)
 
 
 class _Tokenize:
@@ -254,15 +254,16 @@ class _Tokenize:
         return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
 
-def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed row (grain's names) -> our batch fields, each [seq_len]."""
+def finish_token_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed row (grain's names) -> our batch fields, each [seq_len]; the loss mask is 1 on every real target,
+    or the packed examples' own `loss_mask` where they carry one (sft)."""
     segment_ids = packed["inputs_segment_ids"]
     return {
         "inputs": packed["inputs"],
         "targets": packed["targets"],
         "segment_ids": segment_ids,
         "positions": packed["inputs_positions"],
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        "loss_mask": (packed.get("loss_mask", 1.0) * (segment_ids > 0)).astype(np.float32),
     }
 
 

@@ -30,7 +30,7 @@ from grain.experimental import FirstFitPackIterDataset
 from jaxllm.config import DataConfig, SourceConfig
 from jaxllm.data.chat import ChatEncoder, ChatFields
 from jaxllm.data.chat_template import ChatTemplate, load_chat_template
-from jaxllm.data.objectives import BatchFormat, token_rows_spec, register_format
+from jaxllm.data.objectives import BatchFormat, finish_token_row, register_format, token_rows_spec
 from jaxllm.data.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxllm.data.sft")
@@ -102,18 +102,7 @@ def _sft_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, ba
         return docs.map(_pad_row(L))
     length_struct = {"inputs": L, "targets": L, "loss_mask": L}
     ds = FirstFitPackIterDataset(docs, length_struct=length_struct, num_packing_bins=batch_size, shuffle_bins=False)
-    return ds.map(_finish_packed_row)
-
-
-def _finish_packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segment_ids = packed["inputs_segment_ids"]
-    return {
-        "inputs": packed["inputs"],
-        "targets": packed["targets"],
-        "segment_ids": segment_ids,
-        "positions": packed["inputs_positions"],
-        "loss_mask": (packed["loss_mask"] * (segment_ids > 0)).astype(np.float32),
-    }
+    return ds.map(finish_token_row)
 
 
 def _pad_row(L: int):
