@@ -90,6 +90,7 @@ def test_a_dead_process_stops_the_others_and_the_restart_resumes(tmp_path):
     service misses process 1's heartbeats (distributed.heartbeat_timeout_s) and stops process 0 with
     "another task died"; the same command then resumes from the last checkpoint."""
     import os
+    import re
     import signal
     import socket
     import time
@@ -104,7 +105,8 @@ def test_a_dead_process_stops_the_others_and_the_restart_resumes(tmp_path):
     for i in range(2):
         env = dict(os.environ, JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2",
                    JAXLLM_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+                   + " --xla_force_host_platform_device_count=4")  # the suite's other XLA flags kept
         procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     metrics = run_dir / "metrics.jsonl"
