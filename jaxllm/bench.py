@@ -33,8 +33,10 @@ PEAK_FLOPS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def device_peak_flops(device: jax.Device) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for one device; CPUs are measured."""
+    """(peak FLOP/s, where the number comes from) for one device; CPUs are measured, once per process, so
+    every row of one bench run has the same MFU denominator (a second measurement differs by its noise)."""
     kind = device.device_kind.lower()
     for name, peak in PEAK_FLOPS.items():
         if name in kind:

@@ -164,6 +164,8 @@ def test_bench_against_trl_sft_and_distillation_next_to_pretraining(distill_obje
         assert r["tokens_per_sec"] > 0 and r["step_time_median"] > 0 and r["mfu"] > 0
         assert r["peak_memory_bytes"]["peak_bytes_in_use"] > 0 and r["tokens_per_step"] > 0
     ours = {name: results[name] for name in rows[:3]}
+    # one MFU denominator for every row of a run (a CPU's peak is measured once, not per row)
+    assert len({r["peak_flops_per_device"] for r in ours.values()}) == 1
     assert {r["tokens_per_step"] for r in ours.values()} == {8 * 16}
     # TRL's packing may leave room in a row: its tokens are counted as collated (padding-free: no padding)
     assert results["TRL SFTTrainer (bfd)"]["tokens_per_step"] <= 8 * 16
