@@ -44,16 +44,22 @@ def loss_mask(batch: dict[str, jax.Array]) -> jax.Array:
     return batch["decoder_loss_mask"] if "decoder_loss_mask" in batch else batch["loss_mask"]
 
 
-def normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Token counts of the whole batch: predicted tokens, and real (non-padding) input positions."""
+def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Counts of a batch (float32): predicted tokens, real (non-padding) input positions, and for token
+    rows the examples (packed segments) with at least one predicted token."""
     segments = batch.get("segment_ids", batch.get("encoder_segment_ids"))
-    norms = {
-        "tokens": jnp.maximum(jnp.sum(loss_mask(batch).astype(jnp.float32)), 1.0),
-        "positions": jnp.maximum(jnp.sum((segments > 0).astype(jnp.float32)), 1.0),
+    counts = {
+        "tokens": jnp.sum(loss_mask(batch).astype(jnp.float32)),
+        "positions": jnp.sum((segments > 0).astype(jnp.float32)),
     }
-    if "segment_ids" in batch:  # token rows: examples with at least one predicted token
-        norms["examples"] = jnp.maximum(jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0), 1.0)
-    return norms
+    if "segment_ids" in batch:  # unused counts cost nothing: XLA drops what no loss reads
+        counts["examples"] = jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
+    return counts
+
+
+def normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`batch_counts` of the whole batch, at least 1 (what every loss divides by)."""
+    return {k: jnp.maximum(v, 1.0) for k, v in batch_counts(batch).items()}
 
 
 def segment_totals(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from jaxllm.config import AdversarialConfig, Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key, perturb_embeddings
 from jaxllm.train import distill  # noqa: F401  (registers the distill objective)
-from jaxllm.train.losses import loss_mask, normalizers, segment_totals
+from jaxllm.train.losses import batch_counts, normalizers
 from jaxllm.train.noise import gradient_fn
 from jaxllm.train.objective import objective_for
 from jaxllm.train.optim import make_optimizer, make_schedule, opt_state_shardings
@@ -143,22 +143,15 @@ def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], 
     (metric, count) of `metrics` (the objective's `eval_metrics`) its sum "sum/<metric>" and the batch's
     count "count/<count>". ELECTRA's held-out loss is its generator's masked-LM loss, distillation's the
     student's cross-entropy: comparable with mlm and clm runs."""
-    counts = normalizers(batch)
+    counts = batch_counts(batch)
     ones = {k: jnp.float32(1.0) for k in counts}
     _, out = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
     held_out = out.get("mlm_loss", out.get("ce_loss", out["loss"]))
-    sums = {"nll_sum": held_out, "tokens": jnp.sum(loss_mask(batch).astype(jnp.float32))}
+    sums = {"nll_sum": held_out, "tokens": counts["tokens"]}
     for name, count in metrics:
         sums[f"sum/{name}"] = out[name]
-        sums[f"count/{count}"] = jnp.sum(_unclamped(batch, count))
+        sums[f"count/{count}"] = counts[count]
     return sums
-
-
-def _unclamped(batch: dict[str, jax.Array], count: str) -> jax.Array:
-    """A count of `normalizers` without its floor of 1 (a batch of padding counts 0 at evaluation)."""
-    if count == "examples":
-        return jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
-    return normalizers(batch)[count] * (jnp.sum(loss_mask(batch)) > 0)
 
 
 def init_train_state(spec: StateSpec, params: Any) -> TrainState:
