@@ -1,0 +1,175 @@
+"""Perplexity with sliding windows: the Hugging Face recipe computed in torch on the same converted model, a
+short document's mean token NLL, context lowering perplexity on a trained model, lm-evaluation-harness's word
+and byte counts, and one-line errors for bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from jaxllm import models
+from jaxllm.cli import main
+from jaxllm.config import DataConfig, JaxllmError, SourceConfig, load_config
+from jaxllm.convert.hf_tokenizer import hf_tokenizer_files
+from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.eval.perplexity import count_bytes, count_words, load_scorer, perplexity, windows
+
+CONTEXT = 64
+GENESIS = "In the beginning God created the heaven and the earth."
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers, with the kjv-sp4k tokenizer (BOS first) as tokenizer.json."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                           tie_word_embeddings=False, bos_token_id=2, eos_token_id=3)
+    model = T.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("hf-llama")
+    model.save_pretrained(path)
+    for name, blob in hf_tokenizer_files(load_tokenizer("builtin:kjv-sp4k"), DataConfig(add_eos=False)).items():
+        (path / name).write_bytes(blob)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def scorer(hf_dir):
+    return load_scorer(hf_dir[0])
+
+
+def _recipe_nll(model, ids: list[int], max_length: int, stride: int) -> tuple[float, int]:
+    """The loop of https://huggingface.co/docs/transformers/perplexity in torch, each window's labels the
+    tokens after its positions (the recipe's own labels lose a window's first token to the shift)."""
+    ids_t = torch.tensor([ids])
+    seq_len = len(ids) - 1  # input positions that have a next token
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + max_length, seq_len)
+        trg_len = end - prev_end
+        labels = ids_t[:, begin + 1: end + 1].clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            logits = model(ids_t[:, begin:end]).logits.double()
+        nll += torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=-100, reduction="sum").item()
+        count += trg_len
+        prev_end = end
+        if end == seq_len:
+            break
+    return nll, count
+
+
+@pytest.mark.parametrize("stride", [CONTEXT, 24])
+def test_equals_the_hugging_face_recipe_in_torch(hf_dir, scorer, stride):
+    path, model = hf_dir
+    max_length = CONTEXT  # the same compiled shapes for both strides
+    texts = [doc["text"] for doc in _kjv_valid(2)]
+    hf_tokenizer = T.AutoTokenizer.from_pretrained(path)
+    nll, tokens = 0.0, 0
+    for text in texts:
+        ids = hf_tokenizer(text).input_ids
+        assert ids[0] == hf_tokenizer.bos_token_id == scorer.bos_id  # the HF tokenizer frames with BOS; so do we
+        doc_nll, doc_tokens = _recipe_nll(model, ids, max_length, stride)
+        nll, tokens = nll + doc_nll, tokens + doc_tokens
+    result = perplexity(scorer, [SourceConfig(path="builtin:kjv-valid")], max_length, stride, batch_size=4, limit=2)
+    ours = result["sources"]["builtin:kjv-valid"]
+    assert ours["tokens"] == tokens > 2 * max_length  # several windows per document
+    assert ours["nll"] == pytest.approx(nll, rel=1e-4)
+    assert ours["token_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert ours["words"] == sum(len(t.split()) for t in texts)  # kjv chapters: no leading/trailing whitespace
+    assert ours["bits_per_byte"] == pytest.approx(nll / sum(len(t.encode()) for t in texts) / math.log(2), rel=1e-4)
+
+
+def _kjv_valid(n):
+    from jaxllm.data.sources import make_source
+
+    iterator = iter(make_source(SourceConfig(path="builtin:kjv-valid"), num_epochs=1))
+    return [next(iterator) for _ in range(n)]
+
+
+def test_a_short_document_at_stride_max_length_is_its_mean_token_nll(scorer, tmp_path):
+    source = tmp_path / "genesis.txt"
+    source.write_text(GENESIS)
+    result = perplexity(scorer, [SourceConfig(path=str(source), text_unit="file")])
+    ours = result["sources"][str(source)]
+    ids = [scorer.bos_id] + scorer.tokenizer.encode(GENESIS)
+    assert result["max_length"] == result["stride"] == CONTEXT > len(ids)
+    logits, _ = models.bind(scorer.graphdef, scorer.params)(np.asarray([ids[:-1]], np.int32))
+    logp = torch.log_softmax(torch.from_numpy(np.asarray(logits[0], np.float64)), dim=-1).numpy()
+    mean_nll = -np.mean(logp[np.arange(len(ids) - 1), ids[1:]])
+    assert ours["tokens"] == len(ids) - 1 and ours["documents"] == 1
+    assert ours["nll_per_token"] == pytest.approx(mean_nll, rel=1e-5)
+    assert ours["token_perplexity"] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+
+
+def test_windows_score_every_token_once_with_context():
+    for length, max_length, stride in [(2, 4, 4), (10, 4, 4), (10, 4, 1), (33, 8, 3), (100, 16, 16), (9, 8, 5)]:
+        found = windows(length, max_length, stride)
+        scored = [p for start, stop, n in found for p in range(stop - n + 1, stop + 1)]  # target indices
+        assert scored == list(range(1, length))
+        for start, stop, n in found:
+            assert 0 <= start < stop <= start + max_length and 1 <= n <= stop - start
+            assert stop - n + 1 - start >= min(max_length - stride + 1, stop - n + 1)  # context of the first
+    assert windows(1, 4, 4) == []
+
+
+def test_words_and_bytes_are_lm_evaluation_harness_counts():
+    text = "Grüße aus Köln — 東京は晴れ\u3000です\xa0🙂\n\tπ≈3.14"
+    # Whitespace runs split words (Unicode spaces too, as Python's re does); a whole CJK phrase is one word.
+    assert count_words(text) == 8  # Grüße aus Köln — 東京は晴れ です 🙂 π≈3.14
+    assert count_bytes(text) == 7 + 1 + 3 + 1 + 5 + 1 + 3 + 1 + 15 + 3 + 6 + 2 + 4 + 2 + 2 + 3 + 4 == 63
+    assert count_words(" leading and trailing ") == 5  # lm-eval's re.split keeps the empty ends
+    lm_eval_task = pytest.importorskip("lm_eval.api.task")
+    assert count_words(text) == lm_eval_task.ConfigurableTask.count_words(text)
+    assert count_bytes(text) == lm_eval_task.ConfigurableTask.count_bytes(text)
+
+
+def test_word_and_byte_counts_of_a_multilingual_source(scorer, tmp_path):
+    texts = ["Grüße aus Köln — 東京は晴れ\u3000です", "Ἐν ἀρχῇ ἦν ὁ λόγος, in principio erat Verbum 🙂"]
+    source = tmp_path / "multi.jsonl"
+    source.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts), encoding="utf-8")
+    result = perplexity(scorer, [SourceConfig(path=str(source), text_field="body")], 16, 8)
+    ours = result["sources"][str(source)]
+    assert (ours["documents"], ours["words"], ours["bytes"]) == (2, 6 + 10, 46 + 68)
+    assert ours["tokens"] == sum(len(scorer.tokenizer.encode(t)) for t in texts)  # BOS first, every token scored
+    assert ours["byte_perplexity"] == pytest.approx(math.exp(ours["nll"] / 114))
+    assert ours["bits_per_byte"] == pytest.approx(ours["nll"] / 114 / math.log(2))
+    assert ours["word_perplexity"] == pytest.approx(math.exp(ours["nll"] / 16))
+
+
+def test_bad_input_is_a_one_line_error(hf_dir, scorer, tmp_path, capsys):
+    source = SourceConfig(path="builtin:kjv-valid")
+    with pytest.raises(JaxllmError, match="--stride 65 must be between 1 and --max-length 64"):
+        perplexity(scorer, [source], stride=CONTEXT + 1)
+    with pytest.raises(JaxllmError, match="--max-length 128 must be between 1 and the model's context of 64"):
+        perplexity(scorer, [source], max_length=128)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(JaxllmError, match=f"data source {empty} yielded no documents"):
+        perplexity(scorer, [SourceConfig(path=str(empty))])
+    cases = [
+        (["--data", "builtin:kjv-valid", "--max-length", "16", "--stride", "32"], "--stride 32 must be between 1"),
+        (["--data", str(empty)], "yielded no documents in a whole pass"),
+        (["--data", "builtin:kjv-valid", "--max-length", "65"], "the model's context of 64 tokens"),
+        (["--data", str(tmp_path / "missing.txt")], "matches no files"),
+    ]
+    for argv, message in cases:
+        assert main(["perplexity", str(hf_dir[0]), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_cli_writes_json(hf_dir, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    argv = ["perplexity", str(hf_dir[0]), "--data", "builtin:kjv-valid", "--data", "builtin:kjv-ot-valid",
+            "--limit", "1", "--max-length", "32", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["sources"]) == {"builtin:kjv-valid", "builtin:kjv-ot-valid"} and result["stride"] == 32
+    both = result["all"]
+    assert both["tokens"] == sum(r["tokens"] for r in result["sources"].values())
+    assert both["nll"] == pytest.approx(sum(r["nll"] for r in result["sources"].values()))
+    assert "builtin:kjv-ot-valid: 1 documents" in capsys.readouterr().out
