@@ -91,6 +91,16 @@ def test_equals_the_hugging_face_recipe_in_torch(hf_dir, scorer, stride):
     assert ours["bits_per_byte"] == pytest.approx(nll / sum(len(t.encode()) for t in texts) / math.log(2), rel=1e-4)
 
 
+def test_a_jaxllm_run_scores_as_the_hugging_face_directory_it_was_converted_from(hf_dir, scorer, tmp_path):
+    from jaxllm.convert.hf import hf_to_jaxllm
+
+    run = hf_to_jaxllm(hf_dir[0], tmp_path / "run")
+    source = [SourceConfig(path="builtin:kjv-valid")]
+    ours, theirs = (perplexity(s, source, 32, batch_size=4, limit=1) for s in (load_scorer(run), scorer))
+    assert ours["bos"] and ours["model"].startswith(str(run))  # BOS from the run's data.add_bos
+    assert ours["sources"]["builtin:kjv-valid"] == pytest.approx(theirs["sources"]["builtin:kjv-valid"], rel=1e-6)
+
+
 def test_a_short_document_at_stride_max_length_is_its_mean_token_nll(scorer, tmp_path):
     source = tmp_path / "genesis.txt"
     source.write_text(GENESIS)
@@ -202,6 +212,14 @@ def test_bad_input_is_a_one_line_error(hf_dir, scorer, tmp_path, capsys):
         perplexity(scorer, [source], stride=CONTEXT + 1)
     with pytest.raises(JaxllmError, match="--max-length 128 must be between 1 and the model's context of 64"):
         perplexity(scorer, [source], max_length=128)
+    with pytest.raises(JaxllmError, match="--max-length 0 must be between 1 and"):
+        perplexity(scorer, [source], max_length=0)
+    with pytest.raises(JaxllmError, match="--batch-size must be >= 1, got 0"):
+        perplexity(scorer, [source], batch_size=0)
+    with pytest.raises(JaxllmError, match=r"--limit must be >= 1 \(documents per source\), got 0"):
+        perplexity(scorer, [source], limit=0)
+    with pytest.raises(JaxllmError, match="--data names a source twice: builtin:kjv-valid"):
+        perplexity(scorer, [source, source])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(JaxllmError, match=f"data source {empty} yielded no documents"):
@@ -210,10 +228,24 @@ def test_bad_input_is_a_one_line_error(hf_dir, scorer, tmp_path, capsys):
         (["--data", "builtin:kjv-valid", "--max-length", "16", "--stride", "32"], "--stride 32 must be between 1"),
         (["--data", str(empty)], "yielded no documents in a whole pass"),
         (["--data", "builtin:kjv-valid", "--max-length", "65"], "the model's context of 64 tokens"),
+        (["--data", "builtin:kjv-valid", "--stride", "0"], "--stride must be >= 1, got 0"),
         (["--data", str(tmp_path / "missing.txt")], "matches no files"),
     ]
-    for argv, message in cases:
-        assert main(["perplexity", str(hf_dir[0]), *argv]) == 2
+    bare = tmp_path / "no-tokenizer"  # the model's weights without its tokenizer files
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf_dir[0] / name).read_bytes())
+    bert = tmp_path / "bert"
+    T.BertForMaskedLM(T.BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16, max_position_embeddings=32)).save_pretrained(bert)
+    capsys.readouterr()  # transformers' progress bar
+    cases = [(hf_dir[0], argv, message) for argv, message in cases] + [
+        (bare, ["--data", "builtin:kjv-valid"], "carries no tokenizer; pass --tokenizer PATH"),
+        (bert, ["--data", "builtin:kjv-valid"], "is an encoder model; perplexity scores decoder-only"),
+        (tmp_path / "nothing", ["--data", "builtin:kjv-valid"], "does not exist; give a jaxllm run directory"),
+    ]
+    for model, argv, message in cases:
+        assert main(["perplexity", str(model), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and err.startswith("error: "), err
 
