@@ -24,8 +24,9 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +76,13 @@ class Scorer:
     params: Any
     cfg: ModelConfig
     tokenizer: Tokenizer
-    bos_id: Optional[int]
+    bos_id: int | None
     mesh: jax.sharding.Mesh
     rules: Any
     where: str = ""
 
 
-def load_scorer(path: str | Path, tokenizer: Optional[str] = None) -> Scorer:
+def load_scorer(path: str | Path, tokenizer: str | None = None) -> Scorer:
     """The decoder at `path` (a jaxllm run directory or checkpoint, or a Hugging Face directory), sharded
     fsdp-style over all devices as `jaxllm generate` loads; `tokenizer` replaces the model's own."""
     from jaxllm.train.frozen import open_pretrained
@@ -141,7 +142,7 @@ class Totals:
     bytes: int = 0
     nll: float = 0.0  # nats, summed over the scored tokens
 
-    def add(self, other: "Totals") -> None:
+    def add(self, other: Totals) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -168,9 +169,9 @@ class _Row:
     source: int
 
 
-def perplexity(scorer: Scorer, sources: Sequence[SourceConfig], max_length: Optional[int] = None,
-               stride: Optional[int] = None, batch_size: int = 8, limit: Optional[int] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+def perplexity(scorer: Scorer, sources: Sequence[SourceConfig], max_length: int | None = None,
+               stride: int | None = None, batch_size: int = 8, limit: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Token, word and byte perplexity of each source (module docstring) and, with several, of all together.
 
     `max_length`: tokens per window (default: the model's context); `stride`: new tokens scored per window
@@ -192,12 +193,10 @@ def perplexity(scorer: Scorer, sources: Sequence[SourceConfig], max_length: Opti
                              np.int32)
             total.add(Totals(documents=1, tokens=max(len(ids) - 1, 0), words=count_words(text),
                              bytes=count_bytes(text)))
-            rows += [_Row(ids, start, stop, scored, index) for start, stop, scored in windows(len(ids), max_length, stride)]
-        if total.documents == 0:
-            raise JaxllmError(f"--data {source.path} holds no text (field {source.text_field}); check the path and "
-                              "--text-field")
-        if total.tokens == 0:
-            raise JaxllmError(f"--data {source.path}: no document is longer than one token, so none is scored")
+            rows += [_Row(ids, *window, index) for window in windows(len(ids), max_length, stride)]
+        if total.tokens == 0:  # the source itself raises when it holds no text at all
+            raise JaxllmError(f"--data {source.path}: no document is longer than one token and the tokenizer adds "
+                              "no BOS, so no token has a context to be scored in")
         totals.append(total)
     for index, nll in _score(scorer, rows, max_length, batch_size, progress):
         totals[index].nll += nll
@@ -212,20 +211,24 @@ def perplexity(scorer: Scorer, sources: Sequence[SourceConfig], max_length: Opti
     return result
 
 
-def _check_arguments(cfg: ModelConfig, max_length: int, stride: int, batch_size: int, limit: Optional[int]) -> None:
+def _check_arguments(cfg: ModelConfig, max_length: int, stride: int, batch_size: int, limit: int | None) -> None:
     if max_length < 1 or max_length > cfg.max_seq_len:
         raise JaxllmError(f"--max-length {max_length} must be between 1 and the model's context of "
                           f"{cfg.max_seq_len} tokens")
-    if not 1 <= stride <= max_length:
-        raise JaxllmError(f"--stride {stride} must be between 1 and --max-length {max_length} (new tokens scored "
-                          "per window; the rest of the window is context)")
+    _check_stride(max_length, stride)
     if batch_size < 1:
         raise JaxllmError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise JaxllmError(f"--limit must be >= 1 (documents per source), got {limit}")
 
 
-def _documents(source: SourceConfig, limit: Optional[int]) -> Iterator[str]:
+def _check_stride(max_length: int, stride: int) -> None:
+    if not 1 <= stride <= max_length:
+        raise JaxllmError(f"--stride {stride} must be between 1 and --max-length {max_length} (new tokens scored "
+                          "per window; the rest of the window is context)")
+
+
+def _documents(source: SourceConfig, limit: int | None) -> Iterator[str]:
     """The texts of `source` read once from its start (all of it on every process: the windows are split over
     the devices, not the documents over the processes)."""
     iterator = iter(make_source(source, num_epochs=1))
@@ -249,7 +252,7 @@ def _lengths(max_length: int) -> list[int]:
 
 
 def _score(scorer: Scorer, rows: list[_Row], max_length: int, batch_size: int,
-           progress: Optional[Callable[[int, int], None]]) -> Iterator[tuple[int, float]]:
+           progress: Callable[[int, int], None] | None) -> Iterator[tuple[int, float]]:
     """(source index, summed NLL of a window) for every window: windows of like lengths batched together,
     padded to `_lengths` and to a batch that divides over the data-parallel devices."""
     dp = sharding.data_parallel_size(scorer.mesh, scorer.rules)
@@ -272,7 +275,7 @@ def _score(scorer: Scorer, rows: list[_Row], max_length: int, batch_size: int,
         with sharding.activate(scorer.mesh, scorer.rules):
             nll_B = _window_nll(scorer.params, *arrays, jnp.asarray(lengths_B), graphdef=scorer.graphdef,
                                 chunk=max(1, _LOGITS_PER_PIECE // (B * scorer.cfg.vocab_size)))
-        nll_B = np.asarray(jax.device_get(nll_B), np.float64)
+        nll_B = np.asarray(nll_B.addressable_data(0), np.float64)  # replicated: every process holds all of it
         for row, nll in zip(batch, nll_B):
             yield row.source, float(nll)
         if progress is not None:
@@ -301,7 +304,7 @@ def _window_nll(params, tokens_BL, targets_BL, mask_BL, lengths_B, *, graphdef, 
         return (jnp.sum(jnp.where(m_BC > 0, nll_BC, 0.0), axis=1),)  # where: padded rows may hold NaN
 
     (nll_B,) = chunked_sums(piece, (x_BLD, targets_BL, mask_BL), chunk)
-    return nll_B
+    return sharding.constrain(nll_B, (None,))  # replicated, so each process reads the whole batch's sums
 
 
 def run_perplexity(args) -> int:
@@ -317,8 +320,8 @@ def run_perplexity(args) -> int:
     for name in ("max_length", "stride"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise JaxllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
-        _check_arguments(ModelConfig(max_seq_len=args.max_length), args.max_length, args.stride, 1, None)
+    if args.max_length is not None and args.stride is not None:
+        _check_stride(args.max_length, args.stride)  # before the model is read
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise JaxllmError(f"--output {args.output}: its directory does not exist")
     distributed.initialize(DistributedConfig())  # several processes join from the environment, as generate

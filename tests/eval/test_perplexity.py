@@ -2,6 +2,7 @@
 short document's mean token NLL, context lowering perplexity on a trained model, lm-evaluation-harness's word
 and byte counts, and one-line errors for bad input."""
 
+import dataclasses
 import json
 import math
 
@@ -108,7 +109,8 @@ def test_a_short_document_at_stride_max_length_is_its_mean_token_nll(scorer, tmp
     ours = result["sources"][str(source)]
     ids = [scorer.bos_id] + scorer.tokenizer.encode(GENESIS)
     assert result["max_length"] == result["stride"] == CONTEXT > len(ids)
-    logits = jax.jit(lambda params, x: models.bind(scorer.graphdef, params)(x)[0])(scorer.params, np.asarray([ids[:-1]]))
+    forward = jax.jit(lambda params, tokens: models.bind(scorer.graphdef, params)(tokens)[0])
+    logits = forward(scorer.params, np.asarray([ids[:-1]]))
     logp = torch.log_softmax(torch.from_numpy(np.asarray(logits[0], np.float64)), dim=-1).numpy()
     mean_nll = -np.mean(logp[np.arange(len(ids) - 1), ids[1:]])
     assert ours["tokens"] == len(ids) - 1 and ours["documents"] == 1
@@ -220,6 +222,10 @@ def test_bad_input_is_a_one_line_error(hf_dir, scorer, tmp_path, capsys):
         perplexity(scorer, [source], limit=0)
     with pytest.raises(JaxllmError, match="--data names a source twice: builtin:kjv-valid"):
         perplexity(scorer, [source, source])
+    one_token = tmp_path / "one-token.txt"  # "the" is one kjv-sp4k token: without BOS nothing predicts it
+    one_token.write_text("the")
+    with pytest.raises(JaxllmError, match="no document is longer than one token and the tokenizer adds no BOS"):
+        perplexity(dataclasses.replace(scorer, bos_id=None), [SourceConfig(path=str(one_token), text_unit="file")])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(JaxllmError, match=f"data source {empty} yielded no documents"):
