@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -108,20 +109,19 @@ def load_scorer(path: str | Path, tokenizer: str | None = None) -> Scorer:
     if tok.vocab_size > cfg.vocab_size:
         raise JaxllmError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; give "
                           "the tokenizer the model was trained with")
-    adds_bos = run.data.add_bos if run is not None else _hf_adds_bos(pretrained.tokenizer_files, tok)
+    adds_bos = run.data.add_bos if run is not None else _hf_adds_bos(tok)
     graphdef = models.model_spec(cfg)[0]
     params = pretrained.params(mesh, rules)
     return Scorer(graphdef, params, cfg, tok, tok.bos_id if adds_bos else None, mesh, rules, pretrained.where)
 
 
-def _hf_adds_bos(files: dict[str, bytes], tokenizer: Tokenizer) -> bool:
+def _hf_adds_bos(tokenizer: Tokenizer) -> bool:
     """Whether a Hugging Face tokenizer frames a text with BOS: tokenizer_config.json's add_bos_token, else
-    what its tokenizer.json's post-processor does."""
-    import json
-
+    what its tokenizer.json's post-processor does (a SentencePiece model alone: no)."""
     if tokenizer.bos_id is None:
         return False
-    config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    files = tokenizer.files()
+    config = json.loads(files.get("tokenizer_config.json", b"{}"))  # valid: the tokenizer has read it
     if "add_bos_token" in config:
         return bool(config["add_bos_token"])
     if isinstance(tokenizer, HFTokenizer):
@@ -310,7 +310,6 @@ def _window_nll(params, tokens_BL, targets_BL, mask_BL, lengths_B, *, graphdef, 
 def run_perplexity(args) -> int:
     """`jaxllm perplexity MODEL --data SOURCE ...`: prints each source's numbers, and writes them as JSON to
     --output."""
-    import json
     import sys
 
     from jaxllm import distributed

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
 
 from jaxllm import models, sharding
 from jaxllm.cli import main
@@ -123,8 +125,6 @@ def char_model():
     """A one-layer character-level decoder trained for 120 steps on 20 chapters of the King James Bible:
     enough to use a few characters of context (inside words), which a window's first positions lack."""
     import optax
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers.models import BPE
 
     from jaxllm.train.losses import cross_entropy
 
@@ -245,10 +245,14 @@ def test_bad_input_is_a_one_line_error(hf_dir, scorer, tmp_path, capsys):
     T.BertForMaskedLM(T.BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=16, max_position_embeddings=32)).save_pretrained(bert)
     capsys.readouterr()  # transformers' progress bar
+    wide = tmp_path / "wide-tokenizer.json"  # more ids than the model's 4096
+    RustTokenizer(BPE({f"t{i}": i for i in range(5000)}, [], unk_token="t0")).save(str(wide))
     cases = [(hf_dir[0], argv, message) for argv, message in cases] + [
         (bare, ["--data", "builtin:kjv-valid"], "carries no tokenizer; pass --tokenizer PATH"),
         (bert, ["--data", "builtin:kjv-valid"], "is an encoder model; perplexity scores decoder-only"),
         (tmp_path / "nothing", ["--data", "builtin:kjv-valid"], "does not exist; give a jaxllm run directory"),
+        (hf_dir[0], ["--data", "builtin:kjv-valid", "--tokenizer", str(wide)],
+         "has 5000 tokens but the model only 4096"),
     ]
     for model, argv, message in cases:
         assert main(["perplexity", str(model), *argv]) == 2
