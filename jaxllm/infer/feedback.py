@@ -151,7 +151,10 @@ def win_rate(verdicts: Sequence[Verdict | None]) -> dict[str, Any]:
     return {"comparisons": n, "wins_a": wins_a, "wins_b": n - wins_a - ties, "ties": ties,
             "win_rate_a": (wins_a + ties / 2) / n, "ci95": [low, high],
             "ci_method": "Wilson score interval, ties counted as half a win",
-            "mean_prob_a": sum(v.prob_a for v in judged) / n, "too_long": len(verdicts) - n}
+            "mean_prob_a": sum(v.prob_a for v in judged) / n,
+            # The judge's mean probability of preferring whichever response it sees first: 0.5 = no position bias.
+            "first_position_preference": sum(v.prob_a_first + v.prob_b_first for v in judged) / (2 * n),
+            "too_long": len(verdicts) - n}
 
 
 def answers(model: LoadedModel, prompts: Sequence[str], gen: GenerateConfig, batch_size: int,
@@ -251,7 +254,8 @@ def run(args, gen: GenerateConfig) -> int:
         if all(v is None for v in verdicts):
             raise JaxllmError("no comparison fits the judge's context; shorten the prompts, ask for fewer new "
                               "tokens (--max-new-tokens), or use a shorter --template")
-        report = {"model_a": args.model_a, "model_b": args.model_b, "judge": args.judge, **win_rate(verdicts)}
+        report = {"model_a": args.model_a, "model_b": args.model_b, "judge": args.judge,
+                  "template": args.template or "default", "labels": labels, **win_rate(verdicts)}
         if args.report and jax.process_index() == 0:
             atomic_write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
         low, high = report["ci95"]

@@ -69,11 +69,11 @@ def open_model(path: str | Path, tokenizer: str | None = None, mesh=None) -> Loa
     its files carry unless `tokenizer` (any path `load_tokenizer` takes) replaces it. A Hugging Face model
     gets the default `Config` around its model config (BOS first on plain-text prompts, as converted runs)."""
     pretrained = open_pretrained(path)
-    if pretrained._checkpoint is not None:
+    if (Path(path) / "config.json").is_file():  # a Hugging Face directory, as open_pretrained tells them apart
+        cfg, step = Config(model=pretrained.config), 0
+    else:  # the run's own settings (data.add_bos, mesh.rules) around the plain model
         checkpointer, step = find_checkpoint(path)
         cfg = dataclasses.replace(checkpointer.restore_meta(step, with_data=False).config, model=pretrained.config)
-    else:
-        cfg, step = Config(model=pretrained.config), 0
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     params = pretrained.params(mesh, sharding.make_rules(cfg.mesh.rules))
     files = pretrained.tokenizer_files

@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     for name, seed in (("a", 0), ("b", 1)):
         save_hf(random_params(cfg, seed=seed, std=0.3), cfg, root / f"hf_{name}", files)
         out[name] = hf_to_jaxllm(root / f"hf_{name}", root / f"run_{name}")
+        out[f"hf_{name}"] = root / f"hf_{name}"
     return out
 
 
@@ -82,10 +83,14 @@ def test_label_probabilities_equal_a_direct_forward_pass(runs):
     for (ids, labels), logp in zip(rows, got):
         expected = jax.nn.log_softmax(forward(model.params, jnp.asarray([ids])))[jnp.asarray(labels)]
         np.testing.assert_allclose(logp, expected, atol=2e-5)
-    for k, v in enumerate(judge.compare(items)):
+    verdicts = judge.compare(items)
+    for k, v in enumerate(verdicts):
         first, second = got[k], got[k + len(items)]
         assert v.prob_a_first == pytest.approx(1 / (1 + math.exp(first[1] - first[0])), abs=1e-5)
         assert v.prob_b_first == pytest.approx(1 / (1 + math.exp(second[1] - second[0])), abs=1e-5)
+    # The Hugging Face directory the run was converted from judges alike.
+    from_hf = Judge(open_model(runs["hf_a"]), short, batch_size=1, progress=False).compare(items)
+    assert [v.prob_a for v in from_hf] == pytest.approx([v.prob_a for v in verdicts], abs=1e-5)
     chat = load_tokenizer("builtin:kjv-sp4k")
     chat.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -129,6 +134,7 @@ def test_wilson_interval_and_win_rate_on_known_counts():
     report = win_rate(verdicts)
     assert (report["wins_a"], report["wins_b"], report["ties"], report["too_long"]) == (3, 1, 1, 1)
     assert report["win_rate_a"] == 3.5 / 5 and report["ci95"] == list(wilson_interval(3.5, 5))
+    assert report["first_position_preference"] == pytest.approx((3 * 1.1 + 1.2 + 1.1) / 10)
 
 
 def test_win_rate_of_two_models(runs, tmp_path, capsys):
@@ -177,6 +183,8 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
     assert "'completions' must be a list of exactly two" in error(data, '{"prompt":"p","completions":["x","y","z"]}\n')
     assert "bad.jsonl:1: not valid JSON" in error(data, "{oops\n")
     assert "field 'prompt' must be a string" in error(data, '{"prompt":1,"response_a":"x","response_b":"y"}\n')
+    assert "bad.jsonl:1: expected a JSON object, got list" in error(data, "[1, 2]\n")
+    assert "holds no records" in error(data, "\n")
     bad.write_text('{"prompt":"p","response_a":"x","response_b":"y"}\n')
     assert "lacks {response_b}" in error([*data, "--template", str(template)])
     assert "'1' is not one token" in error([*data, "--labels", "1,2"])  # " 1" is "▁" + "1" in this vocabulary
