@@ -170,26 +170,29 @@ class Judge:
     def encode(self, prompt: str, first: str, second: str) -> tuple[list[int], tuple[int, int]]:
         """The rendered prompt's token ids (BOS first in plain text when the model was trained so) and the ids of
         the two labels as the judge's next token."""
-        tok: Tokenizer = self.model.tokenizer
-        text = self.render(prompt, first, second)
-        ids = tok.encode(text)
-        label_ids = tuple(self._label_id(tok, text, ids, label) for label in self.labels)
-        if self.chat is None and self.model.config.data.add_bos and tok.bos_id is not None:
-            ids = [tok.bos_id] + ids
-        return ids, label_ids
+        return self.encode_many([(prompt, first, second)])[0]
 
-    def _label_id(self, tok: Tokenizer, text: str, ids: list[int], label: str) -> int:
-        answer = label if self.chat is not None else " " + label
-        full = tok.encode(text + answer)
+    def encode_many(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], tuple[int, int]]]:
+        """`encode` of each (prompt, first, second), the tokenizer called on all texts at once."""
+        tok: Tokenizer = self.model.tokenizer
+        texts = [self.render(*item) for item in items]
+        answers = [label if self.chat is not None else " " + label for label in self.labels]
+        encoded = [tok.encode_batch([text + answer for text in texts]) for answer in ["", *answers]]
+        bos = [tok.bos_id] if self.chat is None and self.model.config.data.add_bos and tok.bos_id is not None else []
+        return [(bos + ids, tuple(self._label_id(tok, ids, full, answer) for full, answer in zip(fulls, answers)))
+                for ids, *fulls in zip(*encoded)]
+
+    def _label_id(self, tok: Tokenizer, ids: list[int], full: list[int], answer: str) -> int:
+        """The one token `answer` adds to the prompt's ids `ids` (`full`: the ids of prompt + answer)."""
         new = full[len(ids):]
         if full[:len(ids)] != ids or len(new) != 1:
             pieces = [tok.id_to_token(i) for i in new] if full[:len(ids)] == ids else "it merges with the prompt's end"
-            raise JaxllmError(f"the answer label {label!r} is not one token of the judge's vocabulary after the "
-                              f"prompt ({answer!r} encodes as {pieces}); choose labels the judge writes as single "
+            raise JaxllmError(f"the answer label {answer.strip()!r} is not one token of the judge's vocabulary after "
+                              f"the prompt ({answer!r} encodes as {pieces}); choose labels the judge writes as single "
                               "tokens, e.g. --labels A,B")
         if new[0] in self._not_text or new[0] >= self.model.config.model.vocab_size:
-            raise JaxllmError(f"the answer label {label!r} is not in the judge's vocabulary (it encodes as the "
-                              f"special token {tok.id_to_token(new[0])!r}); choose labels it has, e.g. --labels A,B")
+            raise JaxllmError(f"the answer label {answer.strip()!r} is not in the judge's vocabulary (it encodes as "
+                              f"the special token {tok.id_to_token(new[0])!r}); choose labels it has, e.g. --labels A,B")
         return new[0]
 
     def label_logprobs(self, rows: Sequence[tuple[list[int], tuple[int, int]]], group: int = 1,
@@ -226,9 +229,10 @@ class Judge:
         """A verdict for each (prompt, response_a, response_b); None where the judge's prompt is longer than its
         context (the caller counts those). Both orders of a comparison run in the same batch."""
         context = self.model.config.model.max_seq_len
+        both = self.encode_many([order for p, a, b in items for order in ((p, a, b), (p, b, a))])
         rows, where = [], []
-        for index, (prompt, a, b) in enumerate(items):
-            pair = [self.encode(prompt, a, b), self.encode(prompt, b, a)]
+        for index in range(len(items)):
+            pair = both[2 * index:2 * index + 2]
             if max(len(ids) for ids, _ in pair) <= context:
                 rows += pair
                 where.append(index)
