@@ -26,6 +26,7 @@ from jaxllm.config import GenerateConfig, JaxllmError
 from jaxllm.infer.generate import generate_text
 from jaxllm.infer.judge import Judge, Verdict, load_template, open_model, wilson_interval
 from jaxllm.infer.load import LoadedModel
+from jaxllm.train.frozen import open_pretrained
 from jaxllm.utils import atomic_write_text
 
 log = logging.getLogger("jaxllm")
@@ -214,6 +215,8 @@ def run(args, gen: GenerateConfig) -> int:
         raise JaxllmError("--data needs --out OUT.jsonl, the preference dataset to write")
     if comparing and not (args.model_a and args.model_b):
         raise JaxllmError("--prompts needs --model-a RUN_A and --model-b RUN_B, the models to compare")
+    if not comparing and (args.model_a or args.model_b or args.report):
+        raise JaxllmError("--model-a, --model-b and --report go with --prompts FILE (a win-rate)")
     if not 0.5 <= args.min_confidence <= 1.0:
         raise JaxllmError(f"--min-confidence is a probability in [0.5, 1] (the judge's confidence), "
                           f"got {args.min_confidence}")
@@ -231,7 +234,8 @@ def run(args, gen: GenerateConfig) -> int:
     labels = [label.strip() for label in args.labels.split(",")]
     if comparing:
         prompts = read_prompts(args.prompts)
-        if Path(args.model_a).resolve() == Path(args.model_b).resolve():
+        where = [Path(open_pretrained(path).where).resolve() for path in (args.model_a, args.model_b)]
+        if where[0] == where[1]:  # a run directory and its newest checkpoint are one model too
             raise JaxllmError(f"--model-a and --model-b are the same model ({args.model_a}); a win-rate compares "
                               "two different runs or checkpoints")
         responses = {}

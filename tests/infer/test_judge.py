@@ -194,7 +194,8 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
     assert "same model" in error([*judge, "--prompts", str(prompts), "--model-a", str(runs["a"]),
-                                  "--model-b", str(runs["a"]) + "/"])
+                                  "--model-b", str(runs["a"] / "checkpoints" / "0")])
+    assert "go with --prompts" in error([*data, "--model-a", str(runs["a"])])
     assert "needs --model-a" in error([*judge, "--prompts", str(prompts)])
     assert "not both" in error([*data, "--prompts", str(prompts)])
     assert "--revise needs --principle" in error([*data, "--revise"])
