@@ -1,7 +1,8 @@
 """`jaxllm judge`: AI feedback with a judge model (infer/judge.py).
 
 - Labelling: pairs of responses (`prompt` + `response_a` + `response_b`, or `prompt` + a two-item list
-  `completions`) become a preference dataset in TRL's format: `prompt`, `chosen`, `rejected`, plus the judge's
+  `completions`; strings, or lists of chat messages as in TRL's conversational format, kept as they come) become
+  a preference dataset in TRL's format: `prompt`, `chosen`, `rejected`, plus the judge's
   `confidence`, `chosen_prob_first` / `chosen_prob_second` (the probability that the chosen response wins when
   shown first / second) and `winner` ("a" or "b": which input response was chosen). Ties and pairs below
   `--min-confidence` are dropped and counted.
@@ -64,9 +65,10 @@ Rewrite the response so that it follows the principle and meets the critique. Re
 response only."""
 
 
-def read_jsonl(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
-    """The records of a jsonl file, each checked to hold the string `fields` (one-line errors name file:line).
-    `response_a` / `response_b` may also come as a two-item list `completions`."""
+def read_jsonl(path: str, fields: Sequence[str], conversations: bool = False) -> list[dict[str, Any]]:
+    """The records of a jsonl file, each checked to hold the string `fields` (one-line errors name file:line);
+    `conversations`: also lists of chat messages (TRL's conversational format). `response_a` / `response_b` may
+    also come as a two-item list `completions`."""
     if not Path(path).is_file():
         raise JaxllmError(f"--data {path} does not exist; give a jsonl file of {' + '.join(fields)} records")
     records = []
@@ -91,14 +93,31 @@ def read_jsonl(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
                 other = " (or a two-item list 'completions')" if "response_a" in missing else ""
                 raise JaxllmError(f"{path}:{number}: the record lacks {', '.join(map(repr, missing))}{other}; it has "
                                   f"{', '.join(map(repr, record)) or 'no fields'}")
-            wrong = [name for name in fields if not isinstance(record[name], str)]
+            wrong = [name for name in fields if not (isinstance(record[name], str) or
+                                                     conversations and _is_conversation(record[name]))]
             if wrong:
-                raise JaxllmError(f"{path}:{number}: field {wrong[0]!r} must be a string, got "
-                                  f"{type(record[wrong[0]]).__name__}")
+                kinds = "a string or a list of chat messages ({'role': ..., 'content': ...})" if conversations \
+                    else "a string"
+                raise JaxllmError(f"{path}:{number}: field {wrong[0]!r} must be {kinds}, got {record[wrong[0]]!r:.80}")
             records.append(record)
     if not records:
         raise JaxllmError(f"--data {path} holds no records")
     return records
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def shown(value: str | list[dict]) -> str:
+    """The text the judge reads for a field: a string as it is; a conversation's one message's content, or its
+    messages as `role: content` lines."""
+    if isinstance(value, str):
+        return value
+    if len(value) == 1:
+        return value[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -245,9 +264,9 @@ def run(args, gen: GenerateConfig) -> int:
         records = [{"prompt": p, "response_a": a, "response_b": b}
                    for p, a, b in zip(prompts, responses["a"], responses["b"])]
     else:
-        records = read_jsonl(args.data, ["prompt", "response_a", "response_b"])
+        records = read_jsonl(args.data, ["prompt", "response_a", "response_b"], conversations=True)
     judge = Judge(open_model(args.judge, tokenizer=args.tokenizer), template, labels, args.batch_size)
-    verdicts = judge.compare([(r["prompt"], r["response_a"], r["response_b"]) for r in records])
+    verdicts = judge.compare([tuple(shown(r[k]) for k in ("prompt", "response_a", "response_b")) for r in records])
     rows, counts = preference_rows(records, verdicts, args.min_confidence)
     if args.out:
         write_jsonl(args.out, rows)

@@ -24,6 +24,9 @@ PAIRS = [
     {"prompt": "Who created the heaven?", "response_a": "God created the heaven and the earth.",
      "response_b": "And the earth was without form."},
     {"prompt": "Let there be", "completions": ["light: and there was light.", "darkness upon the deep"]},
+    {"prompt": [{"role": "user", "content": "Who saw the light?"}],  # TRL's conversational format
+     "response_a": [{"role": "assistant", "content": "God saw the light."}],
+     "response_b": [{"role": "assistant", "content": "The deep."}]},
     {"prompt": "Same twice", "response_a": "And God saw the light.", "response_b": "And God saw the light."},
 ]
 
@@ -109,13 +112,16 @@ def test_judge_cli_writes_a_preference_dataset(runs, tmp_path, capsys):
     data, out = tmp_path / "pairs.jsonl", tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     assert main(["judge", "--judge", str(runs["a"]), "--data", str(data), "--out", str(out), "--batch-size", "2"]) == 0
-    assert "wrote 2 preference pairs of 3" in capsys.readouterr().out  # the identical pair is a tie
+    assert "wrote 3 preference pairs of 4" in capsys.readouterr().out  # the identical pair is a tie
     rows = list(make_source(SourceConfig(path=str(out)), num_epochs=1, convert=dict))
     judge = Judge(open_model(runs["a"]), progress=False)
-    verdicts = judge.compare([(p["prompt"], *(p.get("completions") or (p["response_a"], p["response_b"])))
-                              for p in PAIRS[:2]])
+    texts = [("Who created the heaven?", "God created the heaven and the earth.", "And the earth was without form."),
+             ("Let there be", "light: and there was light.", "darkness upon the deep"),
+             ("Who saw the light?", "God saw the light.", "The deep.")]  # a conversation's one message: its text
+    verdicts = judge.compare(texts)
+    assert len(rows) == 3
     for row, pair, verdict in zip(rows, PAIRS, verdicts):
-        a, b = pair.get("completions") or (pair["response_a"], pair["response_b"])
+        a, b = pair.get("completions") or (pair["response_a"], pair["response_b"])  # kept as they came
         assert row["prompt"] == pair["prompt"] and row["winner"] == verdict.winner
         assert (row["chosen"], row["rejected"]) == ((a, b) if verdict.winner == "a" else (b, a))
         assert row["confidence"] == pytest.approx(verdict.confidence) and 0.5 < row["confidence"] <= 1
@@ -123,7 +129,7 @@ def test_judge_cli_writes_a_preference_dataset(runs, tmp_path, capsys):
     threshold = max(r["confidence"] for r in rows) + 1e-9
     assert main(["judge", "--judge", str(runs["a"]), "--data", str(data), "--out", str(out),
                  "--min-confidence", str(threshold)]) == 0
-    assert "wrote 0 preference pairs of 3 to" in capsys.readouterr().out and out.read_text() == ""
+    assert "wrote 0 preference pairs of 4 to" in capsys.readouterr().out and out.read_text() == ""
 
 
 def test_wilson_interval_and_win_rate_on_known_counts():
@@ -182,7 +188,8 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
                                                                  '{"prompt":"p","response_a":"x"}\n')
     assert "'completions' must be a list of exactly two" in error(data, '{"prompt":"p","completions":["x","y","z"]}\n')
     assert "bad.jsonl:1: not valid JSON" in error(data, "{oops\n")
-    assert "field 'prompt' must be a string" in error(data, '{"prompt":1,"response_a":"x","response_b":"y"}\n')
+    assert "field 'prompt' must be a string or a list of chat messages" in error(
+        data, '{"prompt":[{"role":"user"}],"response_a":"x","response_b":"y"}\n')
     assert "bad.jsonl:1: expected a JSON object, got list" in error(data, "[1, 2]\n")
     assert "holds no records" in error(data, "\n")
     bad.write_text('{"prompt":"p","response_a":"x","response_b":"y"}\n')
