@@ -132,6 +132,21 @@ def test_judge_cli_writes_a_preference_dataset(runs, tmp_path, capsys):
     assert "wrote 0 preference pairs of 4 to" in capsys.readouterr().out and out.read_text() == ""
 
 
+def test_templates_and_prompt_files(tmp_path):
+    from jaxllm.infer.feedback import read_prompts
+    from jaxllm.infer.judge import load_template
+
+    template = tmp_path / "judge.txt"
+    template.write_text('{"q": "{prompt}", "answers": ["{response_a}", "{response_b}"]} Better:')
+    assert load_template(str(template)) == template.read_text() and load_template(None) == DEFAULT_TEMPLATE
+    # One pass: braces elsewhere stay, and a placeholder inside a response is not filled again.
+    assert fill(template.read_text(), "p {response_b}", "x", "y") == '{"q": "p {response_b}", "answers": ["x", "y"]} Better:'
+    (tmp_path / "p.txt").write_text("first\n\nsecond {x}\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "first"}\n{"prompt": "second", "id": 2}\n')
+    assert read_prompts(str(tmp_path / "p.txt")) == ["first", "second {x}"]
+    assert read_prompts(str(tmp_path / "p.jsonl")) == ["first", "second"]
+
+
 def test_wilson_interval_and_win_rate_on_known_counts():
     low, high = wilson_interval(8, 10)  # the textbook example: 8 of 10
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
