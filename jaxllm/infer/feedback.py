@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -24,6 +25,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxllm.config import GenerateConfig, JaxllmError
+from jaxllm.data.preference import implicit_prompt
 from jaxllm.infer.generate import generate_text
 from jaxllm.infer.judge import Judge, Verdict, load_template, open_model, wilson_interval
 from jaxllm.infer.load import LoadedModel
@@ -72,7 +74,7 @@ def read_jsonl(path: str, fields: Sequence[str], conversations: bool = False) ->
     if not Path(path).is_file():
         raise JaxllmError(f"--data {path} does not exist; give a jsonl file of {' + '.join(fields)} records")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -88,9 +90,15 @@ def read_jsonl(path: str, fields: Sequence[str], conversations: bool = False) ->
                     raise JaxllmError(f"{path}:{number}: 'completions' must be a list of exactly two responses, "
                                       f"got {pair!r:.80}")
                 record = {**record, "response_a": pair[0], "response_b": pair[1]}
+            elif "response_a" in fields and "response_a" not in record and "chosen" in record and "rejected" in record:
+                # Pairs labelled already: the judge's agreement with them is measured (a = chosen).
+                prompt, a, b = (record["prompt"], record["chosen"], record["rejected"]) if "prompt" in record else \
+                    implicit_prompt(record["chosen"], record["rejected"])
+                record = {**record, "prompt": prompt, "response_a": a, "response_b": b}
             missing = [name for name in fields if name not in record]
             if missing:
-                other = " (or a two-item list 'completions')" if "response_a" in missing else ""
+                other = (" (or a two-item list 'completions', or 'chosen' + 'rejected')"
+                         if "response_a" in missing else "")
                 raise JaxllmError(f"{path}:{number}: the record lacks {', '.join(map(repr, missing))}{other}; it has "
                                   f"{', '.join(map(repr, record)) or 'no fields'}")
             wrong = [name for name in fields if not (isinstance(record[name], str) or
@@ -121,14 +129,16 @@ def shown(value: str | list[dict]) -> str:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one a line) or a jsonl file of records with a `prompt` field."""
+    """Prompts from a text file (one a line) or a jsonl file (.jsonl, .json, .jsonl.gz) of records with a `prompt`
+    field (a string, or a conversation read as `shown` reads it)."""
     if not Path(path).is_file():
         raise JaxllmError(f"--prompts {path} does not exist; give a text file with one prompt a line, or a jsonl "
                           "file of {\"prompt\": ...} records")
-    if path.endswith((".jsonl", ".json")):
-        prompts = [r["prompt"] for r in read_jsonl(path, ["prompt"])]
+    if path.endswith((".jsonl", ".json", ".jsonl.gz")):
+        prompts = [shown(r["prompt"]) for r in read_jsonl(path, ["prompt"], conversations=True)]
     else:
-        prompts = [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise JaxllmError(f"--prompts {path} holds no prompts")
     return prompts
@@ -199,11 +209,11 @@ def revise(reviser: LoadedModel, records: Sequence[dict], principle: str, gen: G
     """Critique-and-revise: for each record (prompt + response) the reviser's critique by `principle`, then its
     rewrite; rows prompt / chosen (the revision) / rejected (the original) / critique / principle. Revisions
     that are empty or the original unchanged are dropped and counted."""
-    fill = lambda template, **values: template.format(principle=principle, **values)  # noqa: E731
-    critiques = answers(reviser, [fill(CRITIQUE_TEMPLATE, prompt=r["prompt"], response=r["response"])
-                                  for r in records], gen, batch_size, "critiquing")
-    revisions = answers(reviser, [fill(REVISE_TEMPLATE, prompt=r["prompt"], response=r["response"], critique=c)
-                                  for r, c in zip(records, critiques)], gen, batch_size, "revising")
+    asks = [CRITIQUE_TEMPLATE.format(principle=principle, prompt=r["prompt"], response=r["response"]) for r in records]
+    critiques = answers(reviser, asks, gen, batch_size, "critiquing")
+    asks = [REVISE_TEMPLATE.format(principle=principle, prompt=r["prompt"], response=r["response"], critique=c)
+            for r, c in zip(records, critiques)]
+    revisions = answers(reviser, asks, gen, batch_size, "revising")
     rows, unchanged = [], 0
     for record, critique, revision in zip(records, critiques, revisions):
         if not revision.strip() or revision.strip() == record["response"].strip():
@@ -273,6 +283,12 @@ def run(args, gen: GenerateConfig) -> int:
         _say(f"wrote {counts['kept']} preference pairs of {counts['pairs']} to {args.out} ({counts['ties']} ties, "
              f"{counts['below_min_confidence']} below --min-confidence {args.min_confidence}, "
              f"{counts['too_long']} longer than the judge's context: dropped)")
+    labelled = [v for r, v in zip(records, verdicts) if "chosen" in r and v is not None]
+    if labelled:
+        agree = win_rate(labelled)
+        low, high = agree["ci95"]
+        _say(f"the judge agrees with the given chosen/rejected labels on {agree['wins_a']} of {agree['comparisons']} "
+             f"pairs, {agree['ties']} ties: {agree['win_rate_a']:.3f} (95% CI {low:.3f} to {high:.3f}; ties half)")
     if comparing:
         if all(v is None for v in verdicts):
             raise JaxllmError("no comparison fits the judge's context; shorten the prompts, ask for fewer new "

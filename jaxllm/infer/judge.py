@@ -148,7 +148,8 @@ class Judge:
             raise JaxllmError(f"the judge must be a decoder (it answers with a next token); this model is a "
                               f"model.arch={model.config.model.arch}")
         if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
-            raise JaxllmError(f"the judge needs two different, non-empty answer labels (--labels A,B), got {list(labels)}")
+            raise JaxllmError("the judge needs two different, non-empty answer labels (--labels A,B), got "
+                              f"{list(labels)}")
         if batch_size < 1:
             raise JaxllmError(f"--batch-size must be >= 1, got {batch_size}")
         self.model, self.template, self.labels = model, template, tuple(labels)
@@ -192,7 +193,8 @@ class Judge:
                               "tokens, e.g. --labels A,B")
         if new[0] in self._not_text or new[0] >= self.model.config.model.vocab_size:
             raise JaxllmError(f"the answer label {answer.strip()!r} is not in the judge's vocabulary (it encodes as "
-                              f"the special token {tok.id_to_token(new[0])!r}); choose labels it has, e.g. --labels A,B")
+                              f"the special token {tok.id_to_token(new[0])!r}); choose labels it has, e.g. "
+                              "--labels A,B")
         return new[0]
 
     def label_logprobs(self, rows: Sequence[tuple[list[int], tuple[int, int]]], group: int = 1,

@@ -105,15 +105,16 @@ def test_label_probabilities_equal_a_direct_forward_pass(runs):
     np.testing.assert_allclose(judge.label_logprobs([(ids, labels)])[0], expected, atol=2e-5)
 
 
-def test_judge_cli_writes_a_preference_dataset(runs, tmp_path, capsys):
-    from jaxllm.config import SourceConfig
-    from jaxllm.data.sources import make_source
+def test_judge_cli_writes_a_preference_dataset_the_dpo_format_reads(runs, tmp_path, capsys):
+    from jaxllm.config import DataConfig, ObjectiveConfig, SourceConfig
+    from jaxllm.data import preference  # noqa: F401 (registers the dpo batch format, as the trainer imports it)
+    from jaxllm.data.pipeline import make_pipeline
 
     data, out = tmp_path / "pairs.jsonl", tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     assert main(["judge", "--judge", str(runs["a"]), "--data", str(data), "--out", str(out), "--batch-size", "2"]) == 0
     assert "wrote 3 preference pairs of 4" in capsys.readouterr().out  # the identical pair is a tie
-    rows = list(make_source(SourceConfig(path=str(out)), num_epochs=1, convert=dict))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     judge = Judge(open_model(runs["a"]), progress=False)
     texts = [("Who created the heaven?", "God created the heaven and the earth.", "And the earth was without form."),
              ("Let there be", "light: and there was light.", "darkness upon the deep"),
@@ -126,6 +127,19 @@ def test_judge_cli_writes_a_preference_dataset(runs, tmp_path, capsys):
         assert (row["chosen"], row["rejected"]) == ((a, b) if verdict.winner == "a" else (b, a))
         assert row["confidence"] == pytest.approx(verdict.confidence) and 0.5 < row["confidence"] <= 1
         assert row["confidence"] == pytest.approx((row["chosen_prob_first"] + row["chosen_prob_second"]) / 2)
+    # data.objective.name=dpo reads the file as it is: three pairs, chosen (odd) and rejected (even) segments.
+    cfg = DataConfig(sources=[SourceConfig(path=str(out))], seq_len=64, shuffle_window=0, prefetch=0,
+                     objective=ObjectiveConfig(name="dpo", chat_template="builtin:zephyr"))
+    batch = next(make_pipeline(cfg, load_tokenizer("builtin:kjv-sp4k"), 4, 0, 1, num_epochs=1))
+    segments = [s for row in batch["segment_ids"] for s in range(1, row.max() + 1)]
+    assert [s % 2 for s in segments] == [1, 0] * 3 and batch["loss_mask"].sum() > 0
+    # Pairs labelled already (prompt + chosen + rejected): the judge's agreement with the labels is reported.
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"prompt": p, "chosen": a, "rejected": b}) + "\n" for p, a, b in texts))
+    assert main(["judge", "--judge", str(runs["a"]), "--data", str(labelled), "--out", str(out)]) == 0
+    agree = sum(v.winner == "a" for v in verdicts)
+    assert f"agrees with the given chosen/rejected labels on {agree} of 3 pairs, 0 ties: {agree / 3:.3f}" in \
+        capsys.readouterr().out
     threshold = max(r["confidence"] for r in rows) + 1e-9
     assert main(["judge", "--judge", str(runs["a"]), "--data", str(data), "--out", str(out),
                  "--min-confidence", str(threshold)]) == 0
@@ -140,11 +154,21 @@ def test_templates_and_prompt_files(tmp_path):
     template.write_text('{"q": "{prompt}", "answers": ["{response_a}", "{response_b}"]} Better:')
     assert load_template(str(template)) == template.read_text() and load_template(None) == DEFAULT_TEMPLATE
     # One pass: braces elsewhere stay, and a placeholder inside a response is not filled again.
-    assert fill(template.read_text(), "p {response_b}", "x", "y") == '{"q": "p {response_b}", "answers": ["x", "y"]} Better:'
+    filled = fill(template.read_text(), "p {response_b}", "x", "y")
+    assert filled == '{"q": "p {response_b}", "answers": ["x", "y"]} Better:'
     (tmp_path / "p.txt").write_text("first\n\nsecond {x}\n")
-    (tmp_path / "p.jsonl").write_text('{"prompt": "first"}\n{"prompt": "second", "id": 2}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": "first"}\n{"prompt": [{"role": "user", "content": "second"}]}\n')
     assert read_prompts(str(tmp_path / "p.txt")) == ["first", "second {x}"]
     assert read_prompts(str(tmp_path / "p.jsonl")) == ["first", "second"]
+
+
+def test_labelled_pairs_without_a_prompt_use_the_shared_beginning(tmp_path):
+    from jaxllm.infer.feedback import read_jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"chosen": "And God saw the light", "rejected": "And God saw the dark"}) + "\n")
+    (record,) = read_jsonl(str(path), ["prompt", "response_a", "response_b"], conversations=True)
+    assert (record["prompt"], record["response_a"], record["response_b"]) == ("And God saw the", " light", " dark")
 
 
 def test_wilson_interval_and_win_rate_on_known_counts():
@@ -199,8 +223,8 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
         return message
 
     data = [*judge, "--data", str(bad), "--out", str(tmp_path / "o.jsonl")]
-    assert "bad.jsonl:2: the record lacks 'response_b'" in error(data, '{"prompt":"p","response_a":"x","response_b":"y"}\n'
-                                                                 '{"prompt":"p","response_a":"x"}\n')
+    assert "bad.jsonl:2: the record lacks 'response_b'" in error(
+        data, '{"prompt":"p","response_a":"x","response_b":"y"}\n{"prompt":"p","response_a":"x"}\n')
     assert "'completions' must be a list of exactly two" in error(data, '{"prompt":"p","completions":["x","y","z"]}\n')
     assert "bad.jsonl:1: not valid JSON" in error(data, "{oops\n")
     assert "field 'prompt' must be a string or a list of chat messages" in error(
