@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     jd.add_argument("--judge", required=True, help="the judge: a jaxllm run directory or checkpoint, or a Hugging "
                     "Face model directory")
     jd.add_argument("--data", help="jsonl of prompt + response_a + response_b (or a two-item list completions) to "
-                    "label; with --revise, prompt + response")
+                    "label, or of prompt + chosen + rejected to also measure the judge's agreement with them; with "
+                    "--revise, prompt + response")
     jd.add_argument("--out", help="the preference jsonl to write (prompt, chosen, rejected, confidence, ...)")
     jd.add_argument("--prompts", help="a win-rate: prompts (a text file, one a line, or jsonl with prompt) that "
                     "--model-a and --model-b answer")

@@ -5,7 +5,8 @@
   a preference dataset in TRL's format: `prompt`, `chosen`, `rejected`, plus the judge's
   `confidence`, `chosen_prob_first` / `chosen_prob_second` (the probability that the chosen response wins when
   shown first / second) and `winner` ("a" or "b": which input response was chosen). Ties and pairs below
-  `--min-confidence` are dropped and counted.
+  `--min-confidence` are dropped and counted. Pairs labelled already (`chosen` + `rejected`) are judged too, and
+  the judge's agreement with their labels is reported.
 - Win-rate: two models answer the same prompts (greedy or sampled, chat-rendered when a model has a chat
   template); the judge compares the answers; the win-rate of A over B counts ties as half a win, with a 95%
   Wilson score interval.
