@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | perplexity | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | judge | perplexity | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -74,6 +74,32 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--out", required=True, help="the jsonl file to write")
     _sampling_args(kd)
     kd.set_defaults(func=cmd_distill_data)
+
+    jd = sub.add_parser("judge", help="AI feedback: a judge model labels preference pairs, reports a win-rate of two "
+                                      "models, or critiques and revises responses (docs/post-training.md)")
+    jd.add_argument("--judge", required=True, help="the judge: a jaxllm run directory or checkpoint, or a Hugging "
+                    "Face model directory")
+    jd.add_argument("--data", help="jsonl of prompt + response_a + response_b (or a two-item list completions) to "
+                    "label, or of prompt + chosen + rejected to also measure the judge's agreement with them; with "
+                    "--revise, prompt + response")
+    jd.add_argument("--out", help="the preference jsonl to write (prompt, chosen, rejected, confidence, ...)")
+    jd.add_argument("--prompts", help="a win-rate: prompts (a text file, one a line, or jsonl with prompt) that "
+                    "--model-a and --model-b answer")
+    jd.add_argument("--model-a", help="a run, checkpoint or Hugging Face directory")
+    jd.add_argument("--model-b", help="a run, checkpoint or Hugging Face directory")
+    jd.add_argument("--report", help="with --prompts: write the win-rate report here as JSON")
+    jd.add_argument("--template", help="the judge's prompt: a text file with {prompt}, {response_a}, {response_b} "
+                    "(default: the built-in one, docs/post-training.md)")
+    jd.add_argument("--labels", default="A,B", help="the judge's answers for response A and B (single tokens)")
+    jd.add_argument("--min-confidence", type=float, default=0.5,
+                    help="drop pairs the judge prefers with a lower order-averaged probability (0.5 to 1)")
+    jd.add_argument("--batch-size", type=int, default=8, help="comparisons (2 rows each) or prompts per batch")
+    jd.add_argument("--revise", action="store_true", help="critique-and-revise: rewrite each response by "
+                    "--principle; the revision becomes chosen, the original rejected")
+    jd.add_argument("--principle", help="with --revise: the rule the critique and the rewrite follow")
+    jd.add_argument("--reviser", help="with --revise: the model that rewrites (default: the judge)")
+    _sampling_args(jd)
+    jd.set_defaults(func=cmd_judge)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
     csub = c.add_subparsers(required=True, metavar="DIRECTION")
@@ -298,6 +324,16 @@ def cmd_perplexity(args) -> int:
     from jaxllm.eval.perplexity import run_perplexity
 
     return run_perplexity(args)
+
+
+def cmd_judge(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig
+
+    distributed.initialize(DistributedConfig())
+    from jaxllm.infer.feedback import run
+
+    return run(args, _generate_config(args))
 
 
 def cmd_convert_hf_to_jaxllm(args) -> int:
