@@ -167,17 +167,17 @@ def _log1mexp(x):
 
 def orpo_losses(chosen_logps_N, rejected_logps_N, chosen_tokens_N, rejected_tokens_N, *, beta: float = 0.1,
                 valid_N=None):
-    """ORPO's odds-ratio term (TRL 1.16 experimental/orpo/orpo_trainer.py, `ORPOTrainer.odds_ratio_loss`).
-    No reference model.
+    """ORPO's odds-ratio term (TRL 1.16 experimental/orpo/orpo_trainer.py, `ORPOTrainer.odds_ratio_loss`, with
+    its sign). No reference model.
 
     With per-token means a_c, a_r (as SimPO; TRL's average_log_prob=True), odds(a) = e^a / (1 - e^a):
         log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
-        or_loss  = -β log σ(log_odds)
-    ORPO's objective is nll_loss + mean(or_loss), nll_loss the chosen sequences' mean token cross-entropy
-    (TRL: `policy_nll_loss - losses.mean()`, its `losses` = β log σ(log_odds) is -or_loss here).
+        losses   = β log σ(log_odds)                  (<= 0; TRL's name and sign)
+    ORPO's objective SUBTRACTS their mean: nll_loss - mean(losses), nll_loss the chosen sequences' mean token
+    cross-entropy (TRL 1.16 takes it over the prompt's and the response's tokens, `concatenated_forward`).
     TRL's metrics `log_odds_ratio` and `log_odds_chosen` are the means of log σ(log_odds) and log_odds.
     Rewards: β a_c, β a_r (no gradient). A mean of exactly 0 (every token certain) has infinite odds, in TRL too.
-    Returns (or_losses_N, chosen_rewards_N, rejected_rewards_N, log_odds_ratio_N, log_odds_chosen_N).
+    Returns (losses_N, chosen_rewards_N, rejected_rewards_N, log_odds_ratio_N, log_odds_chosen_N).
     """
     pc, pr = _masked(valid_N, chosen_logps_N, rejected_logps_N, fill=-1.0)
     nc, nr = _masked(valid_N, chosen_tokens_N, rejected_tokens_N, fill=1.0)
@@ -185,7 +185,7 @@ def orpo_losses(chosen_logps_N, rejected_logps_N, chosen_tokens_N, rejected_toke
     log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
     ratio = jax.nn.log_sigmoid(log_odds)
     rewards_c, rewards_r = jax.lax.stop_gradient(beta * a_c), jax.lax.stop_gradient(beta * a_r)
-    return _zero_invalid(valid_N, -beta * ratio, rewards_c, rewards_r, ratio, log_odds)
+    return _zero_invalid(valid_N, beta * ratio, rewards_c, rewards_r, ratio, log_odds)
 
 
 def kto_kl(policy_kl_logps_N, ref_kl_logps_N, valid_N=None):

@@ -164,6 +164,10 @@ def test_simpo_equals_trls_cpo_loss(beta, gamma, label_smoothing, alpha):
     np.testing.assert_allclose(rr, t_rr.numpy(), rtol=RTOL, atol=ATOL)
 
 
+def _negated(out):
+    return (-out[0], *out[1:])
+
+
 @pytest.mark.parametrize("beta,scale", [(0.1, 1.0), (0.5, 1e-3)])  # scale 1e-3: means near 0, log1mexp's other branch
 def test_orpo_equals_trls_odds_ratio_loss(beta, scale):
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
@@ -174,8 +178,9 @@ def test_orpo_equals_trls_odds_ratio_loss(beta, scale):
     try:
         chosen, rejected, mean_c, mean_r = _torch_means()
         t_losses, t_rc, t_rr, t_ratio, t_log_odds = ORPOTrainer.odds_ratio_loss(_trainer_stub(beta=beta), mean_c, mean_r)
-        (-t_losses.mean()).backward()  # TRL's loss is nll - losses.mean()
-        loss, (gc, gr), (rc, rr, ratio, log_odds) = _ours_unpaired(P.orpo_losses, beta=beta)
+        (-t_losses.mean()).backward()  # TRL's loss is nll - losses.mean(): the gradient of what is minimised
+        loss, (gc, gr), (rc, rr, ratio, log_odds) = _ours_unpaired(lambda *a, **k: _negated(P.orpo_losses(*a, **k)),
+                                                                   beta=beta)
     finally:
         CHOSEN, REJECTED = saved
     np.testing.assert_allclose(loss, -float(t_losses.mean()), rtol=RTOL, atol=ATOL)
@@ -251,7 +256,7 @@ def test_gradients_push_chosen_up_and_rejected_down(loss_type):
         if loss_type == "simpo":
             return P.simpo_losses(c, r, N_CHOSEN, N_REJECTED, beta=2.0)[0].sum()
         if loss_type == "orpo":
-            return P.orpo_losses(c, r, N_CHOSEN, N_REJECTED)[0].sum()
+            return -P.orpo_losses(c, r, N_CHOSEN, N_REJECTED)[0].sum()  # ORPO subtracts its odds-ratio term
         return P.dpo_losses(c, r, REF_CHOSEN, REF_REJECTED, N_CHOSEN, N_REJECTED, beta=0.01, loss_type=loss_type,
                             label_smoothing=0.1 if loss_type == "robust" else 0.0)[0].sum()
 
