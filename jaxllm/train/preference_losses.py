@@ -27,7 +27,8 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def check_dpo_options(loss_type: Union[str, Sequence[str]], loss_weights: Optional[Sequence[float]] = None,
-                      label_smoothing: float = 0.0, prefix: str = "preference") -> tuple[tuple[str, ...], tuple[float, ...]]:
+                      label_smoothing: float = 0.0,
+                      prefix: str = "preference") -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Validates DPO options (as TRL's DPOConfig/DPOTrainer do) and returns (loss_types, loss_weights).
 
     Raises ConfigError naming `prefix`.loss_type / loss_weights / label_smoothing and the fix.

@@ -177,7 +177,8 @@ def test_orpo_equals_trls_odds_ratio_loss(beta, scale):
     CHOSEN, REJECTED = (CHOSEN * scale).astype(np.float32), (REJECTED * scale).astype(np.float32)
     try:
         chosen, rejected, mean_c, mean_r = _torch_means()
-        t_losses, t_rc, t_rr, t_ratio, t_log_odds = ORPOTrainer.odds_ratio_loss(_trainer_stub(beta=beta), mean_c, mean_r)
+        t_losses, t_rc, t_rr, t_ratio, t_log_odds = ORPOTrainer.odds_ratio_loss(_trainer_stub(beta=beta), mean_c,
+                                                                                mean_r)
         (-t_losses.mean()).backward()  # TRL's loss is nll - losses.mean(): the gradient of what is minimised
         loss, (gc, gr), (rc, rr, ratio, log_odds) = _ours_unpaired(lambda *a, **k: _negated(P.orpo_losses(*a, **k)),
                                                                    beta=beta)
@@ -187,7 +188,8 @@ def test_orpo_equals_trls_odds_ratio_loss(beta, scale):
     np.testing.assert_allclose(gc, chosen.grad.numpy(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(gr, rejected.grad.numpy(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose([rc, rr], [t_rc.numpy(), t_rr.numpy()], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose([ratio.mean(), log_odds.mean()], [float(t_ratio), float(t_log_odds)], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose([ratio.mean(), log_odds.mean()], [float(t_ratio), float(t_log_odds)], rtol=RTOL,
+                               atol=ATOL)
 
 
 KTO_LABELS = np.array([True, False, True, True, False])
