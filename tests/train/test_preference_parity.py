@@ -131,6 +131,21 @@ def _pair_batch():
     return batch
 
 
+def _with_reference_logps(batch, directory):
+    """`batch` with `ref_logps`: each segment's summed response log-prob under the reference, computed by
+    `transformers`, on every position of the segment (the precomputed-reference layout)."""
+    model = _hf(directory).eval()
+    ref = np.zeros(batch["inputs"].shape, np.float32)
+    with torch.no_grad():
+        for b in range(len(ref)):
+            for s in range(1, batch["segment_ids"][b].max() + 1):
+                at = batch["segment_ids"][b] == s
+                logits = model(torch.tensor(batch["inputs"][b][at][None].astype(np.int64))).logits[0]
+                logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(batch["targets"][b][at][:, None]).long())
+                ref[b][at] = float((logp[:, 0] * torch.tensor(batch["loss_mask"][b][at])).sum())
+    return {**batch, "ref_logps": ref}
+
+
 def _kto_batch():
     def unit(e):
         n, label = len(e["prompt_ids"]), float(e["label"])
@@ -151,7 +166,9 @@ def ours(objective: str, models, batch, tmp_path, **preference_options):
                "simpo": preference.simpo_loss}[objective]
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
 
-    frozen = {"reference": FrozenModel(reference.params, reference.graphdef, reference.config)}
+    # a batch carrying precomputed reference log-probs (`ref_logps`) needs no reference model
+    frozen = {} if "ref_logps" in batch else {
+        "reference": FrozenModel(reference.params, reference.graphdef, reference.config)}
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy.params, policy.graphdef, batch,
                                                                        normalizers(batch), None, frozen, cfg)
     out = save_hf(grads, policy.config, tmp_path / "grads")
@@ -258,6 +275,13 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 def test_dpo_matches_trls_dpo_trainer(models, tmp_path, options):
     mine, theirs = ours("dpo", models, _pair_batch(), tmp_path, **options), trl_dpo(models, tmp_path, **options)
     _compare(mine, theirs, PAIR_METRICS)
+
+
+def test_dpo_with_precomputed_reference_logps_matches_trls_dpo_trainer(models, tmp_path):
+    """The reference's log-probs stored with the data (TRL's `precompute_ref_log_probs`) instead of a model."""
+    batch = _with_reference_logps(_pair_batch(), models[0][1])
+    mine = ours("dpo", models, batch, tmp_path, loss_type="sigmoid", beta=0.1)
+    _compare(mine, trl_dpo(models, tmp_path, loss_type="sigmoid", beta=0.1), PAIR_METRICS)
 
 
 def test_kto_matches_trls_kto_trainer(models, tmp_path):
