@@ -146,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--json", action="store_true", help="one JSON object per row: input_ids, labels (-100 where "
                     "not trained), loss_mask, segment_ids, positions")
     pv.set_defaults(func=cmd_data_preview)
+    rl = dsub.add_parser("ref-logps", help="score a DPO config's preference data with its reference model once and "
+                                           "write it back with ref_chosen_logps / ref_rejected_logps")
+    rl.add_argument("config", help="YAML config with data.objective.name=dpo, e.g. configs/tiny-dpo.yaml")
+    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sources=[{path: pairs.jsonl}]")
+    rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
+    rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+    rl.set_defaults(func=cmd_data_ref_logps)
     return p
 
 
@@ -387,9 +394,28 @@ def cmd_data_preview(args) -> int:
     if args.n < 1:
         raise JaxllmError(f"-n must be at least 1, got {args.n}")
     cfg = load_config(args.config, args.overrides)
+    from jaxllm.data.preference import OBJECTIVES as PREFERENCE
+
     tokenizer = run_tokenizer(cfg)
+    shifted = cfg.data.objective.name not in PREFERENCE
     for index, row in enumerate(first_rows(cfg, tokenizer, args.n)):
-        print(row_json(row) if args.json else row_text(row, tokenizer, index), flush=True)
+        print(row_json(row) if args.json else row_text(row, tokenizer, index, shifted), flush=True)
+    return 0
+
+
+def cmd_data_ref_logps(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.config import load_config
+    from jaxllm.train.ref_logps import precompute
+
+    if args.batch_size < 1:
+        raise JaxllmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cfg = load_config(args.config, args.overrides)
+    with tqdm(desc="reference log-probs", unit="pair") as bar:
+        counts = precompute(cfg, args.out, args.batch_size, progress=bar.update)
+    print(f"wrote {counts['written']} records to {args.out} ({counts['skipped']} skipped); train on it with "
+          f"data.sources=[{{path: {args.out}}}] data.objective.precomputed_reference=true")
     return 0
 
 

@@ -296,8 +296,8 @@ class ObjectiveConfig:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     label_field: str = "label"
-    # dpo, kto: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps,
-    # kto: ref_logps / ref_KL_logps; `jaxllm data ref-logps` writes them): no reference model is loaded.
+    # dpo: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps;
+    # `jaxllm data ref-logps` writes them): no reference model is loaded.
     precomputed_reference: bool = False
 
 

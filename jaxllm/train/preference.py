@@ -17,6 +17,8 @@ The reference (dpo, kto) is, in this order:
 Metrics, TRL's names: `rewards/chosen`, `rewards/rejected` (beta * the policy's log-ratio to the reference;
 ORPO/SimPO: beta * average log-prob), `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
 means over the batch's pairs (kto: over its desirable / undesirable examples, and `kl`); at evaluation too.
+Ours besides: `logps/accuracies`, the share of pairs whose chosen response the policy itself finds more likely
+(summed log-probs; ORPO and SimPO: their average), comparable before and after training and across methods.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jaxllm.train import preference_losses as pl
 from jaxllm.train.objective import Objective, register
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected")
+                "logps/rejected", "logps/accuracies")
 
 
 def _logps(model, batch, chunk):
@@ -80,6 +82,7 @@ def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
+        "logps/accuracies": (chosen_logps > rejected_logps).astype(jnp.float32),
     }, valid, norms)
 
 
