@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | perplexity | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -127,6 +127,22 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-compiles", type=int, default=6, help="with --search: compile at most this many")
     pl.add_argument("--rows", type=int, default=10, help="layouts shown")
     pl.set_defaults(func=cmd_plan)
+
+    pp = sub.add_parser("perplexity", help="token, word and byte perplexity of text sources with sliding windows "
+                                           "(docs/evaluation.md)")
+    pp.add_argument("model", help="a jaxllm run directory or checkpoint, or a Hugging Face model directory")
+    pp.add_argument("--data", action="append", required=True,
+                    help="a source: file, glob, builtin:kjv-valid, hf:NAME ...; repeat for several")
+    pp.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    pp.add_argument("--text-unit", choices=["file", "paragraph", "line"], default="file",
+                    help="what one document of a plain text file is (default: the whole file)")
+    pp.add_argument("--max-length", type=int, help="tokens per window (default: the model's context)")
+    pp.add_argument("--stride", type=int, help="new tokens scored per window (default: --max-length, no overlap)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows scored at once")
+    pp.add_argument("--limit", type=int, help="documents per source (default: all)")
+    pp.add_argument("--output", help="also write the results as JSON here")
+    pp.add_argument("--tokenizer", help="use this tokenizer instead of the model's own")
+    pp.set_defaults(func=cmd_perplexity)
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
@@ -276,6 +292,12 @@ def cmd_distill_data(args) -> int:
     if jax.process_index() == 0:
         print(f"wrote {count} completions to {args.out}")
     return 0
+
+
+def cmd_perplexity(args) -> int:
+    from jaxllm.eval.perplexity import run_perplexity
+
+    return run_perplexity(args)
 
 
 def cmd_convert_hf_to_jaxllm(args) -> int:
