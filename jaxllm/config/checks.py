@@ -237,6 +237,9 @@ def _validate_preference(p: PreferenceConfig, objective: str, precomputed: bool)
     _above_zero(p.beta, "preference.beta", "0.1")
     if p.loss_type == "robust" and not 0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"preference.label_smoothing must be in [0, 0.5) for loss_type=robust, got {p.label_smoothing}")
+    if p.loss_type == "exo_pair" and not 0 < p.label_smoothing < 1:
+        raise ConfigError(f"preference.label_smoothing (EXO's epsilon) must be in (0, 1) for loss_type=exo_pair, got "
+                          f"{p.label_smoothing}; the EXO paper uses 1e-3")
     _fraction(p.label_smoothing, "preference.label_smoothing (the share of flipped labels)", high_open=True)
     _non_negative(p, "preference", {"desirable_weight": "", "undesirable_weight": "", "cpo_alpha": " (0 = SimPO)"})
     if precomputed and objective != "dpo":

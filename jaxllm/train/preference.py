@@ -106,7 +106,7 @@ def dpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     ref_c, ref_r = reference_pairs(params, graphdef, batch, frozen, cfg)
     valid = n_c > 0
     losses, r_c, r_r = pl.dpo_losses(chosen, rejected, ref_c, ref_r, n_c, n_r, beta=p.beta, loss_type=p.loss_type,
-                                     label_smoothing=p.label_smoothing)
+                                     label_smoothing=p.label_smoothing, valid_N=valid)
     metrics = _pair_metrics(r_c, r_r, chosen, rejected, valid, norms)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"]
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
@@ -126,7 +126,7 @@ def orpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     model, moe_aux, chosen, rejected, n_c, n_r, logp = _policy(params, graphdef, batch, cfg, also=targets)
     valid = n_c > 0
     ratio_losses, r_c, r_r, log_odds_ratio, log_odds = pl.orpo_losses(chosen, rejected, n_c, n_r,
-                                                                      beta=cfg.preference.beta)
+                                                                      beta=cfg.preference.beta, valid_N=valid)
     nll = -jnp.sum(logp * targets) / norms["chosen_targets"]
     means = _pair_means({"or": ratio_losses, "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds}, valid,
                         norms)
@@ -144,7 +144,7 @@ def simpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     model, moe_aux, chosen, rejected, n_c, n_r, _ = _policy(params, graphdef, batch, cfg)
     valid = n_c > 0
     losses, r_c, r_r = pl.simpo_losses(chosen, rejected, n_c, n_r, beta=p.beta, simpo_gamma=p.simpo_gamma,
-                                       label_smoothing=p.label_smoothing)
+                                       label_smoothing=p.label_smoothing, valid_N=valid)
     nll = _chosen_nll(jnp.where(valid, chosen, 0.0), norms)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"] + p.cpo_alpha * nll
     metrics = _pair_metrics(r_c, r_r, chosen / jnp.maximum(n_c, 1), rejected / jnp.maximum(n_r, 1), valid, norms)
@@ -163,7 +163,7 @@ def kto_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
                                                           batch["kto_label"], 0.0))[0] > 0
     kl = pl.kto_kl(kl_logps, ref_kl, valid)
     losses, rewards = pl.kto_losses(logps, ref, desirable, kl, beta=p.beta, desirable_weight=p.desirable_weight,
-                                    undesirable_weight=p.undesirable_weight)
+                                    undesirable_weight=p.undesirable_weight, valid_N=valid)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"]
 
     def mean_over(which, x, count):
@@ -219,7 +219,8 @@ register(Objective("dpo", ("decoder",), dpo_loss, frozen_models=_reference_sourc
                    eval_metrics=_PAIR_EVAL, loss_count="examples"))
 register(Objective("orpo", ("decoder",), orpo_loss, eval_metrics=(*_PAIR_EVAL, ("nll_loss", "chosen_targets")),
                    loss_count="examples"))
-register(Objective("simpo", ("decoder",), simpo_loss, eval_metrics=_PAIR_EVAL, loss_count="examples"))
+register(Objective("simpo", ("decoder",), simpo_loss, eval_metrics=(*_PAIR_EVAL, ("nll_loss", "chosen_tokens")),
+                   loss_count="examples"))
 register(Objective("kto", ("decoder",), kto_loss, frozen_models=_reference_source, prepare=prepare,
                    eval_metrics=(("rewards/chosen", "desirable"), ("rewards/rejected", "undesirable"),
                                  ("logps/chosen", "desirable"), ("logps/rejected", "undesirable")),

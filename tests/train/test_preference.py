@@ -283,6 +283,7 @@ def test_reference_free_methods_train_without_a_reference(name, extra, base_run,
     (["data.objective.name=dpo", "preference.beta=0"], "preference.beta must be > 0"),
     (["data.objective.name=dpo", "preference.loss_type=robust", "preference.label_smoothing=0.5"],
      r"label_smoothing must be in \[0, 0.5\) for loss_type=robust"),
+    (["data.objective.name=dpo", "preference.loss_type=exo_pair"], r"EXO's epsilon\) must be in \(0, 1\)"),
     (["data.objective.name=kto", "preference.desirable_weight=0", "preference.undesirable_weight=0"],
      "KTO would learn nothing"),
 ])
