@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness tasks scored by jaxllm models (`harness.JaxLM`, `tasks.run_tasks`)."""
