@@ -321,25 +321,25 @@ def load_lm(path: str | Path, batch_size: int = 32, max_gen_toks: int = 256, see
     rules = sharding.make_rules()
     params = pretrained.params(mesh, rules)
     graphdef = models.model_spec(pretrained.config)[0]
-    return JaxLM(graphdef, params, pretrained.config, tokenizer, mesh, rules, add_bos=_adds_bos(pretrained),
-                 batch_size=batch_size, max_gen_toks=max_gen_toks, seed=seed, name=str(path))
+    add_bos = _adds_bos(pretrained, tokenizer)
+    return JaxLM(graphdef, params, pretrained.config, tokenizer, mesh, rules, add_bos=add_bos, batch_size=batch_size,
+                 max_gen_toks=max_gen_toks, seed=seed, name=str(path))
 
 
-def _adds_bos(pretrained) -> bool:
-    """Whether the model's own tokenizer starts a text with BOS: a Hugging Face directory's tokenizer.json
-    post-processor (or tokenizer_config.json's add_bos_token), a jaxllm run's data.add_bos."""
+def _adds_bos(pretrained, tokenizer: Tokenizer) -> bool:
+    """Whether the model's own tokenizer starts a text with BOS: a Hugging Face directory's tokenizer_config.json
+    (add_bos_token) or else its tokenizer.json's post-processor; a jaxllm run's data.add_bos."""
     files = pretrained.tokenizer_files
     if (Path(pretrained.path) / "config.json").is_file():
         config = json.loads(files.get("tokenizer_config.json", b"{}"))
         if isinstance(config.get("add_bos_token"), bool):
             return config["add_bos_token"]
-        if "tokenizer.json" not in files:
+        if "tokenizer.json" not in files or tokenizer.bos_id is None:
             return False
         from tokenizers import Tokenizer as RustTokenizer
 
-        fast = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
-        plain, framed = fast.encode("a", add_special_tokens=False).ids, fast.encode("a").ids
-        return len(framed) > len(plain) and framed[: len(framed) - len(plain)] != [] and framed[-len(plain):] == plain
+        framed = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8")).encode("a").ids
+        return framed[:1] == [tokenizer.bos_id]
     from jaxllm.train.checkpoint import find_checkpoint
 
     checkpointer, step = find_checkpoint(pretrained.path)

@@ -93,7 +93,7 @@ output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: [".", "\\n\\n", ","]
+  until: ["o", "\\n\\n"]
   max_gen_toks: 12
   do_sample: false
 metric_list:
