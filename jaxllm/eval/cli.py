@@ -17,9 +17,10 @@ def run_eval_command(args) -> int:
     from lm_eval.utils import make_table
 
     from jaxllm.eval.harness import load_lm
-    from jaxllm.eval.tasks import run_tasks
+    from jaxllm.eval.tasks import run_tasks, task_manager
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    task_manager(tasks, args.include_path)  # unknown tasks fail before the model loads
     if args.bench_hf:
         result = bench_against_hf(args.model, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                                   batch_size=args.batch_size, include_path=args.include_path)

@@ -6,6 +6,7 @@ results and per-sample logs are written in its format by its `EvaluationTracker`
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Sequence
@@ -16,26 +17,41 @@ log = logging.getLogger("jaxllm")
 
 
 def task_manager(tasks: Sequence[str], include_path: str | Sequence[str] | None = None):
-    """lm_eval's TaskManager with the user's task directories, after checking every name in `tasks` is a
-    task or group it knows (a ConfigError naming the unknown ones otherwise)."""
+    """lm_eval's TaskManager for `tasks`, after checking every name is a task or group it knows (a ConfigError
+    naming the unknown ones otherwise). When the user's task directories hold every task, the harness's own
+    ~15,000 task files are not indexed (tens of seconds); managers are reused across calls (evaluation during
+    training asks for the same tasks every time)."""
     import os
 
-    from lm_eval.tasks import TaskManager
-
-    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
     for path in paths:
         if not os.path.isdir(path):
             raise ConfigError(f"task directory {path} does not exist (--include-path / eval.include_path: a "
                               "directory of task YAML files)")
-    manager = TaskManager(include_path=paths or None)
     if not tasks:
         raise ConfigError("no tasks given; name lm-evaluation-harness tasks, e.g. --tasks hellaswag,arc_easy")
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known and not manager.match_tasks([t])]
+    if paths:
+        local = _manager(paths, False)
+        if not _unknown(local, tasks):
+            return local
+    manager = _manager(paths, True)
+    unknown = _unknown(manager, tasks)
     if unknown:
         raise ConfigError(f"unknown lm-evaluation-harness task(s) {', '.join(unknown)}; list them with "
                           "`lm-eval ls tasks`, or give the directory of your own task YAML with --include-path")
     return manager
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
+
+
+def _unknown(manager, tasks: Sequence[str]) -> list[str]:
+    known = set(manager.all_tasks)
+    return [t for t in tasks if t not in known and not manager.match_tasks([t])]
 
 
 def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: float | None = None,
