@@ -63,7 +63,9 @@ def bench_against_hf(model: str, tasks: list[str], *, limit: float | None, num_f
     from lm_eval.models.huggingface import HFLM
 
     from jaxllm.eval.harness import load_lm
-    from jaxllm.eval.tasks import flat_metrics, run_tasks
+    from jaxllm.eval.tasks import flat_metrics, run_tasks, task_manager
+
+    task_manager(tasks, include_path)  # the task index is built once, outside the timed runs
 
     def timed(lm) -> tuple[float, dict]:
         start = time.perf_counter()

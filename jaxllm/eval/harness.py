@@ -101,7 +101,7 @@ class JaxLM(TemplateLM):
         self.add_bos = add_bos and tokenizer.bos_id is not None
         per_step = sharding.data_parallel_size(mesh, rules)
         per_step = per_step * jax.process_count() // np.gcd(per_step, jax.process_count())
-        self.batch_size = -(-batch_size // per_step) * per_step
+        self.batch_size = int(-(-batch_size // per_step) * per_step)
         self._max_gen_toks, self.seed, self.name = max_gen_toks, seed, name
         self._rank, self._world_size = jax.process_index(), jax.process_count()
         if self.eot_token_id is None:

@@ -79,6 +79,17 @@ def test_eval_command_writes_the_harness_results_and_samples(models, tmp_path, c
     assert len(samples_file.read_text().splitlines()) == 3
 
 
+def test_bench_against_hf_reports_both_backends(models):
+    from jaxllm.eval.cli import bench_against_hf
+
+    hf, _, tasks = models
+    result = bench_against_hf(str(hf), ["tiny_mc"], limit=2, num_fewshot=None, batch_size=8, include_path=str(tasks))
+    assert result["requests"] == 4 + 3  # the choices of the first two questions
+    assert result["jaxllm"]["requests_per_sec"] > 0 and result["hf"]["requests_per_sec"] > 0
+    assert result["max_abs_loglikelihood_difference"] <= 1e-4
+    assert result["metrics"]["jaxllm"] == result["metrics"]["hf"] != {}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "no_such_task"], "unknown lm-evaluation-harness task(s) no_such_task"),
     (["--tasks", "tiny_mc", "--include-path", "/nonexistent/tasks"], "task directory /nonexistent/tasks does not exist"),
@@ -118,6 +129,11 @@ def test_training_logs_task_metrics_on_live_parameters_without_recompiling(model
     assert all(0.0 <= r["eval/tiny_mc/acc"] <= 1.0 and "eval/tiny_mc/acc_norm" in r for r in rows.values())
 
 
-def test_eval_tasks_need_a_decoder():
-    with pytest.raises(ConfigError, match="eval.tasks scores lm-evaluation-harness tasks with decoder models"):
-        load_config(None, ["model.arch=encoder", "model.head=mlm", "eval.tasks=[tiny_mc]"])
+@pytest.mark.parametrize("overrides, message", [
+    (["model.arch=encoder", "model.head=mlm"], "eval.tasks scores lm-evaluation-harness tasks with decoder models"),
+    (["eval.tasks_limit=0"], "eval.tasks_limit must be > 0"),
+    (["eval.tasks_num_fewshot=-1"], "eval.tasks_num_fewshot must be >= 0 or null"),
+])
+def test_eval_tasks_settings_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*overrides, "eval.tasks=[tiny_mc]"])
