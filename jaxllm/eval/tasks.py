@@ -38,7 +38,7 @@ def task_manager(tasks: Sequence[str], include_path: str | Sequence[str] | None 
     unknown = _unknown(manager, tasks)
     if unknown:
         raise ConfigError(f"unknown lm-evaluation-harness task(s) {', '.join(unknown)}; list them with "
-                          "`lm-eval ls tasks`, or give the directory of your own task YAML with --include-path")
+                          "lm-eval ls tasks, or give the directory of your own task YAML with --include-path")
     return manager
 
 
