@@ -11,12 +11,13 @@ longest first, batched `batch_size` at a time (rounded to the data-parallel size
 widths (powers of two, up to the model's context), so a task compiles a handful of programs; the batch is
 sharded over the mesh's data-parallel axes. With several processes each scores its own share of the
 requests (lm_eval's rank / world_size) and the processes agree on every batch's shape first; generation
-runs every process's prompts in the same batches (the sampler takes replicated prompts) and each keeps
-its own. lm_eval gathers the per-sample results on process 0.
+runs every process's prompts in the same batches (the sampler takes replicated prompts, as `jaxllm generate`
+runs on several hosts) and each keeps its own. lm_eval gathers the per-sample results on process 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -247,7 +248,10 @@ class JaxLM(TemplateLM):
             width = min(max(MIN_WIDTH, _next_pow2(max(map(len, prompts)))), room)
             dummies = [[self.prefix_token_id]] * (self.batch_size - len(prompts))
             stops = sorted({self.eot_token_id, *self._one_token_stops(until)})
-            with sharding.activate(self.mesh, self.rules):
+            # One process: the batch split over the devices. Several: as `jaxllm generate` runs (the sampler
+            # returns its tokens to every process only when the batch is not split across processes).
+            placed = sharding.activate(self.mesh, self.rules) if self.world_size == 1 else contextlib.nullcontext()
+            with placed:
                 outputs = generate(self.graphdef, self.params, self.model_cfg, prompts + dummies, gen, stops,
                                    self.tok.pad_id, width=width)
             for new_ids in outputs[: len(prompts)]:
