@@ -137,3 +137,43 @@ def test_training_logs_task_metrics_on_live_parameters_without_recompiling(model
 def test_eval_tasks_settings_are_checked_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*overrides, "eval.tasks=[tiny_mc]"])
+
+
+def _samples(out):
+    return {f.name.split("_")[1] + "_" + f.name.split("_")[2]: [json.loads(line) for line in f.read_text().splitlines()]
+            for f in out.rglob("samples_*.jsonl")}
+
+
+@pytest.mark.slow
+def test_two_processes_score_their_shares_and_process_0_writes_what_one_process_does(models, tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf, _, tasks = models
+    root = Path(__file__).parents[2]
+    args = ["eval", str(hf), "--tasks", ",".join(TASKS), "--include-path", str(tasks), "--batch-size", "8",
+            "--log-samples"]
+    proc = subprocess.run(
+        [sys.executable, str(root / "launch" / "multihost_local.py"), "--num-processes", "2",
+         "--devices-per-process", "4", "--timeout", "400", "--", sys.executable, "-m", "jaxllm.cli", *args,
+         "--output-path", str(tmp_path / "two")], capture_output=True, text=True, timeout=450, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("|tiny_mc |") == 1  # process 0 alone prints the table
+    assert main([*args, "--output-path", str(tmp_path / "one")]) == 0
+    two, one = _samples(tmp_path / "two"), _samples(tmp_path / "one")
+    assert sorted(two) == sorted(one) == sorted(TASKS)
+    for task in TASKS:
+        by_doc = {s["doc_id"]: s for s in two[task]}
+        assert sorted(by_doc) == sorted(s["doc_id"] for s in one[task])  # every example, once
+        for s in one[task]:
+            theirs = by_doc[s["doc_id"]]
+            # The files hold responses as strings; a request the harness repeated to even out the processes'
+            # shares has its response twice.
+            for (x, *_), (y, *_) in zip(s["resps"], theirs["resps"]):
+                if task == "tiny_gen":
+                    assert x == y
+                else:
+                    assert abs(float(_logp(x)) - float(_logp(y))) <= 1e-5 and x[1:] == y[1:]
+            assert s["metrics"] == theirs["metrics"] and all(s[m] == theirs[m] for m in s["metrics"]
+                                                             if task != "tiny_ppl")
