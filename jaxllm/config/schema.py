@@ -132,7 +132,10 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (sentence A/B) embeddings (BERT)
     share_layers: bool = False  # one layer's weights applied num_layers times (ALBERT)
     # Encoder heads: BERT's masked LM, ELECTRA's discriminator, or none (hidden states, e.g. embeddings).
-    head: Literal["lm", "mlm", "discriminator", "none"] = "lm"
+    # Decoders: lm (next-token logits) or reward: a scalar per position from a bias-free D -> 1 `score`
+    # (Hugging Face's *ForSequenceClassification, num_labels=1); a sequence's reward is read at its last
+    # token (docs/post-training.md, Reward models). With train.init_from of an LM, the head starts fresh.
+    head: Literal["lm", "mlm", "discriminator", "none", "reward"] = "lm"
     electra_generator: Optional[ElectraGenerator] = None  # with head=discriminator: ELECTRA pre-training
     tie_embeddings: bool = False
     logits_bias: bool = False  # a bias on the output logits (BERT's MLM decoder, BART's final_logits_bias)
@@ -254,9 +257,10 @@ class ObjectiveConfig:
     ELECTRA generator's batch). span: T5 span corruption. bart: BART text infilling + sentence
     permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives.
     sft: supervised fine-tuning on conversations / prompt-completion / text records (decoder).
-    distill: a decoder learns a teacher's next-token distributions (the `distill:` section)."""
+    distill: a decoder learns a teacher's next-token distributions (the `distill:` section).
+    reward: a reward model (model.head=reward) learns preference pairs (prompt/chosen/rejected records)."""
 
-    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill"] = "clm"
+    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill", "reward"] = "clm"
     # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8  # the mask token
@@ -289,6 +293,10 @@ class ObjectiveConfig:
     train_on_all: bool = False  # loss on every token, not only the assistant's / the completion's
     packing: bool = True  # several examples per row (first fit, never split; segment ids keep them apart)
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than data.seq_len + 1 tokens
+    # reward (docs/post-training.md, Reward models): Bradley-Terry -logsigmoid(r_chosen - r_rejected - margin), the
+    # margin a record's `margin` field (0 without); plus this coefficient * mean((r_chosen + r_rejected)^2) to keep
+    # rewards centred on 0 (TRL's RewardConfig.center_rewards_coefficient; null = none).
+    center_rewards_coefficient: Optional[float] = None
 
 
 @dataclass

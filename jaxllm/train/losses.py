@@ -54,6 +54,8 @@ def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
     if "segment_ids" in batch:  # unused counts cost nothing: XLA drops what no loss reads
         counts["examples"] = jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
+        # Preference rows: segments 2k-1 (chosen) and 2k (rejected) of a row are pair k.
+        counts["pairs"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1) // 2).astype(jnp.float32)
     return counts
 
 
@@ -72,6 +74,31 @@ def segment_totals(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array
     base = jax.lax.cummax(jnp.where(starts, before, 0.0), axis=1)  # running sums are non-decreasing
     ends = (segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]) & (segment_ids_BL > 0)
     return jnp.where(ends, total - base, 0.0)
+
+
+def segment_last(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
+    """float32 [B, L]: `values` at the last position of each segment (ids > 0), 0 elsewhere: a reward model's
+    reward of each packed sequence, which ends with its EOS."""
+    ends = (segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]) & (segment_ids_BL > 0)
+    return jnp.where(ends, values_BL.astype(jnp.float32), 0.0)
+
+
+def pair_sums(segment_ids_BL: jax.Array, values_BL: jax.Array):
+    """Per-pair sums of `values` over preference rows (segment 2k-1 = pair k's chosen, 2k its rejected):
+    (chosen_BP, rejected_BP, valid_BP), P = L // 2 pairs at most per row; valid: both sequences present."""
+    B, L = segment_ids_BL.shape
+    P = max(L // 2, 1)
+    pair = jnp.clip((segment_ids_BL - 1) // 2, 0, P - 1)
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, L))
+    values = values_BL.astype(jnp.float32)
+    chosen_side = (segment_ids_BL > 0) & (segment_ids_BL % 2 == 1)
+    rejected_side = (segment_ids_BL > 0) & (segment_ids_BL % 2 == 0)
+
+    def scatter(side, x):
+        return jnp.zeros((B, P), jnp.float32).at[rows, pair].add(jnp.where(side, x, 0.0))
+
+    valid = (scatter(chosen_side, 1.0) > 0) & (scatter(rejected_side, 1.0) > 0)
+    return scatter(chosen_side, values), scatter(rejected_side, values), valid
 
 
 def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Array], targets_BL: jax.Array,
