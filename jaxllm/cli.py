@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | score | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--out", required=True, help="the jsonl file to write")
     _sampling_args(kd)
     kd.set_defaults(func=cmd_distill_data)
+
+    sc = sub.add_parser("score", help="a reward model's scores of prompt/response rows or prompt/chosen/rejected "
+                                      "pairs (jsonl), written beside every field; on pairs, the accuracy")
+    sc.add_argument("--model", required=True, help="a reward model: jaxllm run or checkpoint (model.head=reward), or "
+                    "a Hugging Face *ForSequenceClassification directory")
+    sc.add_argument("--data", required=True, help="jsonl rows: prompt + completion, messages, or prompt + chosen + "
+                    "rejected")
+    sc.add_argument("--out", required=True, help="the jsonl file to write")
+    sc.add_argument("--batch-size", type=int, default=16, help="sequences scored at once")
+    sc.set_defaults(func=cmd_score)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
     csub = c.add_subparsers(required=True, metavar="DIRECTION")
@@ -268,6 +278,15 @@ def cmd_distill_data(args) -> int:
                               batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(f"wrote {count} completions to {args.out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from jaxllm.infer.score import score_file
+
+    result = score_file(args.model, args.data, args.out, args.batch_size)
+    accuracy = f", accuracy {result['accuracy']:.4f} on {result['pairs']} pairs" if result["pairs"] else ""
+    print(f"wrote {result['rows']} scored rows to {args.out}{accuracy}")
     return 0
 
 
