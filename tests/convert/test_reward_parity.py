@@ -164,3 +164,51 @@ def test_bradley_terry_loss_and_gradients_equal_trls(name, center, tmp_path):
     for tensor_name, theirs in theirs_by_name.items():
         error = np.max(np.abs(ours_by_name[tensor_name] - theirs)) / max(np.max(np.abs(theirs)), 1e-12)
         assert error <= 1e-4, f"{tensor_name}: relative max error {error:.2e}"
+
+
+def test_a_classifier_with_several_labels_is_refused():
+    from jaxllm.convert.hf import config_from_hf
+    from jaxllm.convert.hf_io import ConversionError
+
+    hf = T.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=6, num_labels=3).to_dict()
+    hf["architectures"] = ["LlamaForSequenceClassification"]
+    with pytest.raises(ConversionError, match="num_labels=3: jaxllm converts reward models"):
+        config_from_hf(hf)
+    hf = T.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=6, num_labels=1).to_dict()
+    hf["architectures"] = ["LlamaForSequenceClassification"]
+    assert config_from_hf(hf).head == "reward"
+
+
+def test_a_lora_reward_model_round_trips_through_peft_with_its_head(tmp_path):
+    """The head LoRA trains in full is PEFT's modules_to_save: PEFT loads our adapter onto the transformers
+    reward model and computes our rewards; we load it back exactly."""
+    peft = pytest.importorskip("peft")
+    from jaxllm.config import LoraConfig
+    from jaxllm.convert.peft import load_peft_adapters, save_peft_adapters
+    from jaxllm.models import lora
+
+    hf_model = _hf_model("llama", tmp_path / "hf")
+    base = from_hf(tmp_path / "hf")
+    cfg = dataclasses.replace(base.config, lora=LoraConfig(rank=4, alpha=8, targets="attn/(q|v)$"))
+    params = lora.adapt(base.params, cfg)
+    rng = np.random.default_rng(3)
+    params = jax.tree_util.tree_map_with_path(  # trained-looking adapters and head
+        lambda p, x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype)
+        if any(getattr(k, "key", "") in ("lora_b", "score") for k in p) else x, params)
+    save_peft_adapters(params, cfg, tmp_path / "adapter")
+    again, again_cfg = load_peft_adapters(tmp_path / "adapter", base.params, base.config)
+    assert again_cfg.lora.rank == 4
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, again)
+
+    peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
+    seqs = [s for pair in _pairs(np.random.default_rng(4), 2) for s in pair]
+    ids, mask = _right_padded(seqs)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids, attention_mask=mask).logits[:, 0].numpy()
+    from jaxllm import models
+
+    rewards = np.asarray(models.bind(models.model_spec(cfg)[0], params)(ids.numpy(), None, mask.numpy())[0])
+    ours = rewards[np.arange(len(seqs)), mask.sum(1).numpy() - 1]
+    assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
