@@ -221,3 +221,26 @@ def change_head_back(params, lm):
     out = {k: v for k, v in params.items() if k != "score"}
     out["lm_head"] = {"kernel": jnp.zeros((lm.d_model, lm.vocab_size), jnp.float32)}
     return out
+
+
+def test_a_reward_run_exports_as_a_transformers_reward_model(reward_dirs, tmp_path):
+    """jaxllm-to-hf of a reward run: *ForSequenceClassification with the tokenizer's pad id, whose reward of a
+    scored row is jaxllm's."""
+    torch = pytest.importorskip("torch")
+    import transformers as T
+
+    from jaxllm.convert.hf import jaxllm_to_hf
+
+    tmp, _, _, rows = reward_dirs
+    out = jaxllm_to_hf(tmp / "run", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 0
+    model = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    reward = load_reward_model(tmp / "run")
+    ids = RecordEncoder(reward)(rows[1])[1][0]
+    score = score_file(tmp / "run", tmp / "rows.jsonl", tmp_path / "s.jsonl", progress=False)
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([ids + [0, 0]])).logits[0, 0].item()  # right-padded with pad id 0
+    np.testing.assert_allclose(scored[1]["score"], theirs, rtol=1e-4, atol=1e-5)
+    assert score["pairs"] == 2
