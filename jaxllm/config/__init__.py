@@ -37,6 +37,7 @@ from jaxllm.config.schema import (
     MoEConfig,
     ObjectiveConfig,
     OptimConfig,
+    PreferenceConfig,
     QuantConfig,
     RopeScaling,
     SourceConfig,
@@ -48,7 +49,7 @@ __all__ = [
     "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
     "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
-    "MoEConfig", "ObjectiveConfig", "OptimConfig", "QuantConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
+    "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "apply_override", "config_from_yaml_text", "dump_yaml", "from_dict", "load_config", "read_yaml",
     "to_dict", "validate",
 ]

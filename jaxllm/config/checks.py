@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any
 
-from jaxllm.config.schema import (Config, ConfigError, DistillConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+from jaxllm.config.schema import (Config, ConfigError, DistillConfig, PreferenceConfig, ModelConfig, ObjectiveConfig, OptimConfig,
                                   TrainConfig)
 
 log = logging.getLogger("jaxllm")
@@ -56,6 +56,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
     _validate_objective(d.objective, m.max_seq_len)
     _validate_distill(cfg.distill, d.objective.name)
+    _validate_preference(cfg.preference, d.objective.name)
     _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
     _non_negative(t, "train", {"seed": "", "z_loss": " (0 = off)", "loss_chunk": " (0 = all positions at once)"})
     _non_negative(d, "data", {"seed": ""})
@@ -232,6 +233,16 @@ def _validate_distill(k: DistillConfig, objective: str) -> None:
     _fraction(k.alpha, "distill.alpha (the weight of the hard-label cross-entropy)")
     _above_zero(k.temperature, "distill.temperature", "1.0")
     _positive(k, "distill", ["vocab"], null="the tokenizer's ids")
+
+
+def _validate_preference(p: PreferenceConfig, objective: str) -> None:
+    _above_zero(p.beta, "preference.beta", "0.1")
+    if p.loss_type == "robust" and not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(f"preference.label_smoothing must be in [0, 0.5) for loss_type=robust, got {p.label_smoothing}")
+    _fraction(p.label_smoothing, "preference.label_smoothing (the share of flipped labels)", high_open=True)
+    _non_negative(p, "preference", {"desirable_weight": "", "undesirable_weight": "", "cpo_alpha": " (0 = SimPO)"})
+    if objective == "kto" and p.desirable_weight + p.undesirable_weight == 0:
+        raise ConfigError("preference.desirable_weight and undesirable_weight are both 0: KTO would learn nothing")
 
 
 def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:

@@ -258,9 +258,9 @@ class ObjectiveConfig:
     permutation. ul2: a mixture of denoisers. span, bart and ul2 are encoder-decoder objectives.
     sft: supervised fine-tuning on conversations / prompt-completion / text records (decoder).
     distill: a decoder learns a teacher's next-token distributions (the `distill:` section).
-    reward: a reward model (model.head=reward) learns preference pairs (prompt/chosen/rejected records)."""
+    dpo, kto, orpo, simpo: preference optimisation (the `preference:` section); reward: a reward model."""
 
-    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill", "reward"] = "clm"
+    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill", "dpo", "kto", "orpo", "simpo", "reward"] = "clm"
     # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8  # the mask token
@@ -293,6 +293,15 @@ class ObjectiveConfig:
     train_on_all: bool = False  # loss on every token, not only the assistant's / the completion's
     packing: bool = True  # several examples per row (first fit, never split; segment ids keep them apart)
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than data.seq_len + 1 tokens
+    # Preference records (dpo, orpo, simpo, reward: prompt + chosen + rejected; kto: prompt + completion + label),
+    # TRL's formats; docs/post-training.md. The prompt field (prompt_field) may be absent from pairs: the
+    # shared beginning of chosen and rejected is the prompt.
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    label_field: str = "label"
+    # dpo, kto: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps,
+    # kto: ref_logps / ref_KL_logps; `jaxllm data ref-logps` writes them): no reference model is loaded.
+    precomputed_reference: bool = False
     # reward (docs/post-training.md, Reward models): Bradley-Terry -logsigmoid(r_chosen - r_rejected - margin), the
     # margin a record's `margin` field (0 without); plus this coefficient * mean((r_chosen + r_rejected)^2) to keep
     # rewards centred on 0 (TRL's RewardConfig.center_rewards_coefficient; null = none).
@@ -429,6 +438,28 @@ class DistillConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference optimisation (data.objective.name: dpo, kto, orpo, simpo; docs/post-training.md), with TRL's
+    names and defaults (DPOConfig, KTOConfig, ORPOConfig, CPOConfig with loss_type=simpo)."""
+
+    # DPO and KTO: the strength of the KL penalty to the reference; ORPO: the odds-ratio weight (lambda);
+    # SimPO: the reward scale (its paper uses 2 to 10).
+    beta: float = 0.1
+    # dpo: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing); sigmoid with
+    # label_smoothing > 0 is conservative DPO (cDPO).
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0  # dpo: the assumed share of flipped labels; simpo: as in TRL's CPO
+    # dpo, kto: the frozen reference. null: the model training starts from (train.init_from), or, with
+    # model.lora, the same weights with the adapters switched off (no second copy).
+    reference: Optional[str] = None
+    reference_dtype: Optional[Literal["float32", "bfloat16"]] = None  # store the reference in it; null = as saved
+    desirable_weight: float = 1.0  # kto: weights of the desirable and the undesirable examples' losses
+    undesirable_weight: float = 1.0
+    simpo_gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
+    cpo_alpha: float = 0.0  # simpo: weight of the chosen responses' cross-entropy added to the loss (TRL's cpo_alpha)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -442,6 +473,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 # ----------------------------------------------------------------------------------------- loading

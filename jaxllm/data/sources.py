@@ -57,6 +57,9 @@ BUILTIN_CORPORA = {
     "kjv-sft-valid-book": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 0, 232),  # which book is this verse from
     "kjv-sft-valid-first-word": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 232, 464),  # its first word
     "kjv-sft-valid-last-word": BuiltinCorpus("kjv-sft-valid.jsonl.gz", 464, 696),  # its last word
+    "kjv-pref": BuiltinCorpus("kjv-pref.jsonl.gz"),  # preference pairs made from kjv (tools/make_preferences.py)
+    "kjv-pref-valid": BuiltinCorpus("kjv-pref-valid.jsonl.gz"),  # their held-out pairs
+    "kjv-kto": BuiltinCorpus("kjv-kto.jsonl.gz"),  # kjv-pref unpaired (prompt, completion, label)
 }
 
 

@@ -21,6 +21,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import lora
 from jaxllm.models.blocks import without_embedding_noise
 from jaxllm.models.layers import DTYPES
+from jaxllm.models.vocab import resize_vocab
 from jaxllm.convert.hf import config_from_hf, from_hf, hf_tokenizer_files_of
 from jaxllm.convert.hf_io import SafetensorsReader, read_hf_config
 from jaxllm.train.checkpoint import find_checkpoint
@@ -35,6 +36,9 @@ class FrozenSource:
 
     path: str
     param_dtype: str | None = None
+    # Grow a smaller vocabulary to the trained model's (the new rows as `models.vocab.resize_vocab` makes them,
+    # as the trained model's own grew at init_from): a reference that must equal the starting model.
+    match_vocab: bool = False
 
 
 @struct.dataclass
@@ -100,12 +104,16 @@ def open_pretrained(path: str | Path) -> Pretrained:
                       (checkpointer, step, saved))
 
 
-def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None) -> FrozenModel:
+def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None,
+                vocab_size: int | None = None) -> FrozenModel:
     """A frozen model from a jaxllm run directory or checkpoint, or a Hugging Face model directory
-    (config.json + safetensors), sharded on `mesh`; `param_dtype` (e.g. bfloat16) casts its parameters."""
+    (config.json + safetensors), sharded on `mesh`; `param_dtype` (e.g. bfloat16) casts its parameters;
+    `vocab_size`: a smaller vocabulary grows to it (`models.vocab.resize_vocab`)."""
     pretrained = open_pretrained(path)
     params = pretrained.params(mesh, rules, param_dtype)
     cfg = pretrained.config if param_dtype is None else dataclasses.replace(pretrained.config, param_dtype=param_dtype)
+    if vocab_size is not None and cfg.vocab_size < vocab_size:
+        params, cfg = resize_vocab(params, cfg, vocab_size)
     log.info("frozen model from %s: %s, %s parameters", path, cfg.family or cfg.arch,
              f"{sum(a.size for a in jax.tree.leaves(params)):,}")
     return FrozenModel(params, models.model_spec(cfg)[0], cfg)

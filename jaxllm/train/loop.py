@@ -200,7 +200,8 @@ class Trainer:
 
     def _load_frozen_models(self) -> dict[str, FrozenModel]:
         """The objective's frozen models (reference, teacher, ...), on this mesh; none for pretraining."""
-        return {name: load_frozen(source.path, self.mesh, self.rules, source.param_dtype)
+        return {name: load_frozen(source.path, self.mesh, self.rules, source.param_dtype,
+                                  self.cfg.model.vocab_size if source.match_vocab else None)
                 for name, source in self.objective.frozen_models(self.cfg).items()}
 
     def _compile(self) -> None:
@@ -214,7 +215,7 @@ class Trainer:
             self._step_fn = jit_train_step(cfg, self.spec, self.batch_sharding, frozen)
         self._eval_fn = jax.jit(
             functools.partial(eval_step, graphdef=self.graphdef, loss=bound_loss(cfg),
-                              metrics=self.objective.eval_metrics),
+                              metrics=self.objective.eval_metrics, loss_count=self.objective.loss_count),
             in_shardings=(self.state_shardings.params, self.batch_sharding, frozen),
         )
 
@@ -256,16 +257,17 @@ class Trainer:
         if total["tokens"] == 0:
             raise JaxllmError(f"eval.sources {paths} produced no tokens")
         metrics = self._eval_metrics(total, "")
-        metrics["eval_ppl"] = float(np.exp(min(metrics["eval_loss"], 50.0)))
+        if self.objective.loss_count == "tokens":  # a token loss: its perplexity
+            metrics["eval_ppl"] = float(np.exp(min(metrics["eval_loss"], 50.0)))
         if len(per_source) > 1:
             for name, sums in per_source.items():
                 metrics.update(self._eval_metrics(sums, f"/{name}"))
         return metrics
 
     def _eval_metrics(self, sums: dict[str, float], suffix: str) -> dict[str, float]:
-        tokens = sums["tokens"]
-        out = {f"eval_loss{suffix}": sums["nll_sum"] / tokens if tokens else float("nan"),
-               f"eval_tokens{suffix}": tokens}
+        count = sums["loss_count"]
+        out = {f"eval_loss{suffix}": sums["nll_sum"] / count if count else float("nan"),
+               f"eval_tokens{suffix}": sums["tokens"]}
         for name, count in self.objective.eval_metrics:
             denominator = sums[f"count/{count}"]
             out[f"eval_{name}{suffix}"] = sums[f"sum/{name}"] / denominator if denominator else float("nan")
@@ -294,7 +296,7 @@ class Trainer:
         finally:
             pipeline.close()
         if sums is None:
-            return {"nll_sum": 0.0, "tokens": 0.0, **{k: 0.0 for name, c in self.objective.eval_metrics
+            return {"nll_sum": 0.0, "tokens": 0.0, "loss_count": 0.0, **{k: 0.0 for name, c in self.objective.eval_metrics
                                                        for k in (f"sum/{name}", f"count/{c}")}}
         return {k: float(v) for k, v in jax.device_get(sums).items()}
 

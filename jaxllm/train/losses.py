@@ -54,8 +54,13 @@ def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
     if "segment_ids" in batch:  # unused counts cost nothing: XLA drops what no loss reads
         counts["examples"] = jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
-        # Preference rows: segments 2k-1 (chosen) and 2k (rejected) of a row are pair k.
-        counts["pairs"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1) // 2).astype(jnp.float32)
+        # preference rows (data/preference.py): the response tokens of each unit's first sequences (chosen)
+        counts["chosen_tokens"] = jnp.sum(loss_mask(batch).astype(jnp.float32) * (batch["segment_ids"] % 2 == 1))
+    if "kto_label" in batch:  # kto units: an example's sequence and its KL sequence carry its label
+        label = batch["kto_label"]
+        for name, weight in (("desirable", label), ("undesirable", 1.0 - label)):
+            trained = segment_totals(batch["segment_ids"], loss_mask(batch) * weight) > 0
+            counts[name] = jnp.sum(trained).astype(jnp.float32) / 2
     return counts
 
 
@@ -83,22 +88,32 @@ def segment_last(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
     return jnp.where(ends, values_BL.astype(jnp.float32), 0.0)
 
 
-def pair_sums(segment_ids_BL: jax.Array, values_BL: jax.Array):
-    """Per-pair sums of `values` over preference rows (segment 2k-1 = pair k's chosen, 2k its rejected):
-    (chosen_BP, rejected_BP, valid_BP), P = L // 2 pairs at most per row; valid: both sequences present."""
-    B, L = segment_ids_BL.shape
-    P = max(L // 2, 1)
-    pair = jnp.clip((segment_ids_BL - 1) // 2, 0, P - 1)
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, L))
-    values = values_BL.astype(jnp.float32)
-    chosen_side = (segment_ids_BL > 0) & (segment_ids_BL % 2 == 1)
-    rejected_side = (segment_ids_BL > 0) & (segment_ids_BL % 2 == 0)
+def segment_sums(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
+    """float32 [B, L + 1]: column s holds the sum of `values` over the positions of segment s of each row
+    (column 0: the padding's). Rows stay independent (a vmapped scatter: batch sharding is kept)."""
+    L = segment_ids_BL.shape[1]
+    return jax.vmap(lambda ids, v: jax.ops.segment_sum(v, ids, num_segments=L + 1))(
+        segment_ids_BL, values_BL.astype(jnp.float32))
 
-    def scatter(side, x):
-        return jnp.zeros((B, P), jnp.float32).at[rows, pair].add(jnp.where(side, x, 0.0))
 
-    valid = (scatter(chosen_side, 1.0) > 0) & (scatter(rejected_side, 1.0) > 0)
-    return scatter(chosen_side, values), scatter(rejected_side, values), valid
+def pair_sums(segment_ids_BL: jax.Array, values_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sums of `values` over the two segments of each unit of a preference row (data/preference.py: segment
+    2k-1 an example's sequence, 2k its partner): (first [B, P], second [B, P]), P = L // 2 (the most a row holds)."""
+    sums = segment_sums(segment_ids_BL, values_BL)
+    P = segment_ids_BL.shape[1] // 2
+    return sums[:, 1::2][:, :P], sums[:, 2::2][:, :P]
+
+
+def token_logps(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Array], targets_BL: jax.Array,
+                mask_BL: jax.Array, chunk: int) -> jax.Array:
+    """float32 [B, L]: log p(target) where mask is 1 (0 elsewhere), from hidden states and the output
+    projection, `chunk` positions at a time (`chunked_sums`)."""
+    def piece(x_BCD, t_BC, m_BC):
+        log_p = jax.nn.log_softmax(head(x_BCD).astype(jnp.float32), axis=-1)
+        return (), (jnp.take_along_axis(log_p, t_BC[..., None], axis=-1)[..., 0] * m_BC,)
+
+    _, (logp,) = chunked_sums(piece, (x_BLD, targets_BL, mask_BL.astype(jnp.float32)), chunk, per_position=True)
+    return logp
 
 
 def chunked_cross_entropy(x_BLD: jax.Array, head: Callable[[jax.Array], jax.Array], targets_BL: jax.Array,

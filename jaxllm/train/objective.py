@@ -8,7 +8,7 @@ An objective is chosen by `data.objective.name` and is
 - a loss: a pure function `loss(params, graphdef, batch, norms, key, frozen, cfg) -> (objective,
   metrics)`, both already divided by the whole batch's counts in `norms` (see `step.normalizers`), so
   gradient accumulation sums exact contributions; `metrics["loss"]` is what the loop logs and what
-  evaluation sums (evaluation calls it with norms of 1);
+  evaluation sums (evaluation calls it with norms of 1, and divides by the count `loss_count` names);
 - the frozen models it needs (`frozen_models(cfg) -> {name: FrozenSource}`): a reference policy, a
   teacher, a reward model. The Trainer loads each beside the trained model, sharded by the same rules,
   never differentiated, never in the optimizer state or the checkpoint, and hands them to the loss as
@@ -57,6 +57,9 @@ class Objective:
     # Metrics evaluation reports besides eval_loss, each a mean over the held-out set: (metric, the count in
     # `step.normalizers` it is divided by), e.g. ("mean_token_accuracy", "tokens"); logged as eval_<metric>.
     eval_metrics: tuple[tuple[str, str], ...] = ()
+    # The count in `step.normalizers` that the loss is a mean over: eval_loss divides the summed loss by it
+    # (and eval_ppl is logged only for a token loss).
+    loss_count: str = "tokens"
 
 
 _OBJECTIVES: dict[str, Objective] = {}

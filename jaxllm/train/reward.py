@@ -27,9 +27,12 @@ from jaxllm.train.losses import pair_sums, segment_last
 from jaxllm.train.objective import Objective, register
 
 
-def pair_rewards(rewards_BL: jax.Array, segment_ids_BL: jax.Array):
-    """(chosen_BP, rejected_BP, valid_BP): each pair's two sequence rewards, read at their last tokens."""
-    return pair_sums(segment_ids_BL, segment_last(segment_ids_BL, rewards_BL))
+def pair_rewards(rewards_BL: jax.Array, segment_ids_BL: jax.Array, loss_mask_BL: jax.Array):
+    """(chosen_BP, rejected_BP, valid_BP): each pair's two sequence rewards, read at their last tokens; valid:
+    both sequences are there (each has a response token)."""
+    chosen, rejected = pair_sums(segment_ids_BL, segment_last(segment_ids_BL, rewards_BL))
+    n_chosen, n_rejected = pair_sums(segment_ids_BL, loss_mask_BL)
+    return chosen, rejected, (n_chosen > 0) & (n_rejected > 0)
 
 
 def bradley_terry(chosen: jax.Array, rejected: jax.Array, valid: jax.Array, margin: jax.Array | None = None,
@@ -47,19 +50,19 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array, valid: jax.Array, marg
 
 
 def reward_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
-    """The objective (see objective.Loss): Bradley-Terry over the batch's pairs, divided by its pair count."""
+    """The objective (see objective.Loss): Bradley-Terry over the batch's pairs, divided by its pair count (half
+    its count of sequences, `examples`)."""
     model = bind(graphdef, params)
     segment_ids = batch["segment_ids"]
     x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], segment_ids)
-    chosen, rejected, valid = pair_rewards(model.rewards(x_BLD), segment_ids)
+    chosen, rejected, valid = pair_rewards(model.rewards(x_BLD), segment_ids, batch["loss_mask"])
     margin = pair_sums(segment_ids, segment_last(segment_ids, batch["margin"]))[0] if "margin" in batch else None
     sums = bradley_terry(chosen, rejected, valid, margin, cfg.data.objective.center_rewards_coefficient)
-    metrics = {name: value / norms["pairs"] for name, value in sums.items()}
+    metrics = {name: value / (norms["examples"] / 2) for name, value in sums.items()}
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
     return metrics["loss"] + moe_loss, {**metrics, **moe_metrics}
 
 
-# Evaluation's eval_loss is the mean over pairs too (the `loss` entry replaces the per-token mean).
-register(Objective("reward", ("decoder",), reward_loss,
-                   eval_metrics=(("loss", "pairs"), ("accuracy", "pairs"), ("margin", "pairs"),
-                                 ("mean_reward", "pairs"))))
+# Means over pairs at evaluation too: the sums divided by the count of sequences, two per pair (see above).
+register(Objective("reward", ("decoder",), reward_loss, loss_count="examples",
+                   eval_metrics=(("accuracy", "examples"), ("margin", "examples"), ("mean_reward", "examples"))))

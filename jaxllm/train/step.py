@@ -20,7 +20,7 @@ from jaxllm import models, sharding
 from jaxllm.config import AdversarialConfig, Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key, perturb_embeddings
-from jaxllm.train import distill, reward  # noqa: F401  (register the distill and reward objectives)
+from jaxllm.train import distill, preference, reward  # noqa: F401  (register the distill, preference and reward objectives)
 from jaxllm.train.losses import batch_counts, normalizers
 from jaxllm.train.noise import gradient_fn
 from jaxllm.train.objective import objective_for
@@ -137,17 +137,19 @@ def train_step(
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *, graphdef: nnx.GraphDef,
-              loss: Callable, metrics: tuple[tuple[str, str], ...] = ()) -> dict[str, jax.Array]:
+              loss: Callable, metrics: tuple[tuple[str, str], ...] = (), loss_count: str = "tokens"
+              ) -> dict[str, jax.Array]:
     """Summed loss ("nll_sum": the objective's `loss` metric with counts of 1, i.e. its token sum) and the
     count of predicted tokens of a batch, for a mean and perplexity over many batches; and for each
     (metric, count) of `metrics` (the objective's `eval_metrics`) its sum "sum/<metric>" and the batch's
     count "count/<count>". ELECTRA's held-out loss is its generator's masked-LM loss, distillation's the
-    student's cross-entropy: comparable with mlm and clm runs."""
+    student's cross-entropy: comparable with mlm and clm runs. "loss_count": the count the objective's loss is
+    a mean over (`Objective.loss_count`: tokens, or e.g. the examples of a preference objective)."""
     counts = batch_counts(batch)
     ones = {k: jnp.float32(1.0) for k in counts}
     _, out = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
     held_out = out.get("mlm_loss", out.get("ce_loss", out["loss"]))
-    sums = {"nll_sum": held_out, "tokens": counts["tokens"]}
+    sums = {"nll_sum": held_out, "tokens": counts["tokens"], "loss_count": counts[loss_count]}
     for name, count in metrics:
         sums[f"sum/{name}"] = out[name]
         sums[f"count/{count}"] = counts[count]

@@ -23,14 +23,16 @@ from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.models import lora
 from jaxllm.models.heads import change_head
 from jaxllm.infer.score import RecordEncoder, bucket, load_reward_model, reward_position, score_file
-from jaxllm.train.losses import batch_counts, normalizers, pair_sums, segment_last
+from jaxllm.train.losses import batch_counts, normalizers, segment_last
+from jaxllm.train.loop import Trainer
 from jaxllm.train.objective import check_trainable
 from jaxllm.train.optim import make_optimizer, make_schedule
-from jaxllm.train.reward import bradley_terry, reward_loss
+from jaxllm.train.reward import bradley_terry, pair_rewards, reward_loss
 from jaxllm.train.step import TrainState, bound_loss, train_step
 from tests.conftest import random_params, tiny_model_config
+from tests.train.test_loop import micro_config
 
-SEGMENTS = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 4, 0],   # two pairs
+SEGMENTS = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 4, 4],   # two pairs
                      [1, 1, 2, 2, 2, 2, 0, 0, 0, 0],   # one pair
                      [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # padding only
 
@@ -39,16 +41,17 @@ def test_segment_last_and_pair_sums_read_each_sequence_at_its_end():
     values = np.arange(30, dtype=np.float32).reshape(3, 10) + 1
     last = np.asarray(segment_last(jnp.asarray(SEGMENTS), jnp.asarray(values)))
     expected = np.zeros_like(values)
-    for r, c in [(0, 2), (0, 4), (0, 7), (0, 8), (1, 1), (1, 5)]:
+    for r, c in [(0, 2), (0, 4), (0, 7), (0, 9), (1, 1), (1, 5)]:
         expected[r, c] = values[r, c]
     np.testing.assert_array_equal(last, expected)
-    chosen, rejected, valid = map(np.asarray, pair_sums(jnp.asarray(SEGMENTS), jnp.asarray(last)))
+    mask = jnp.asarray((SEGMENTS == np.roll(SEGMENTS, -1, 1)) & (SEGMENTS > 0), jnp.float32)
+    chosen, rejected, valid = map(np.asarray, pair_rewards(jnp.asarray(values), jnp.asarray(SEGMENTS), mask))
     assert chosen.shape == (3, 5)
     np.testing.assert_array_equal(chosen[:, :2], [[3, 8], [12, 0], [0, 0]])
-    np.testing.assert_array_equal(rejected[:, :2], [[5, 9], [16, 0], [0, 0]])
+    np.testing.assert_array_equal(rejected[:, :2], [[5, 10], [16, 0], [0, 0]])
     np.testing.assert_array_equal(valid[:, :2], [[True, True], [True, False], [False, False]])
     assert not valid[:, 2:].any()
-    assert float(batch_counts({"segment_ids": jnp.asarray(SEGMENTS), "loss_mask": jnp.ones((3, 10))})["pairs"]) == 3
+    assert float(batch_counts({"segment_ids": jnp.asarray(SEGMENTS), "loss_mask": mask})["examples"]) == 6
 
 
 def test_bradley_terry_sums_with_margin_and_centring():
@@ -88,7 +91,7 @@ def test_reward_loss_is_the_mean_over_pairs_of_the_rewards_at_segment_ends():
     batch = _preference_batch(cfg)
     loss, metrics = reward_loss(params, graphdef, batch, normalizers(batch), jax.random.key(0), {}, config)
     rewards = np.asarray(models.bind(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])[0])
-    c, r = rewards[[0, 0, 1], [2, 7, 1]], rewards[[0, 0, 1], [4, 8, 5]]
+    c, r = rewards[[0, 0, 1], [2, 7, 1]], rewards[[0, 0, 1], [4, 9, 5]]
     expected = np.mean(np.log1p(np.exp(-(c - r))) + 0.01 * (c + r) ** 2)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(c > r))
@@ -143,6 +146,46 @@ def test_config_checks_pair_the_head_with_the_objective():
         check_trainable(dataclasses.replace(config, model=tiny_model_config()))
     with pytest.raises(JaxllmError, match="data.objective.name=clm with model.head=reward"):
         check_trainable(dataclasses.replace(config, data=DataConfig()))
+
+
+PAIRS = [
+    {"prompt": "In the beginning", "chosen": " God created the heaven and the earth.", "rejected": " the earth.",
+     "margin": 0.5},
+    {"prompt": "And God said,", "chosen": " Let there be light.", "rejected": " light be there let."},
+    {"chosen": "And God saw the light, that it was good.", "rejected": "And God saw the darkness."},
+]
+
+
+def test_a_reward_model_trains_from_a_language_model_with_a_fresh_head(tmp_path):
+    """train.init_from of a causal LM (a Hugging Face directory here) with model.head=reward: the backbone is
+    the LM's, the LM head is gone, `score` is new; the pipeline's pairs (with their margins) train and evaluate
+    with TRL's metrics, eval_loss per pair."""
+    tok = load_tokenizer("builtin:kjv-sp4k")
+    lm = tiny_model_config(vocab_size=tok.vocab_size, family="llama", max_seq_len=64)
+    lm_params = random_params(lm, seed=2)
+    save_hf(lm_params, lm, tmp_path / "lm", hf_tokenizer_files(tok, DataConfig()))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 6))
+    cfg = micro_config(tmp_path / "rm", f"train.init_from={tmp_path / 'lm'}", "model.head=reward",
+                       f"data.sources=[{{path: {pairs}}}]", "data.objective.name=reward", "data.seq_len=64",
+                       "data.shuffle_window=0", "data.prefetch=0", "train.steps=3", "checkpoint.every=100",
+                       f"eval.sources=[{{path: {pairs}}}]", "eval.every=3")
+    trainer = Trainer(cfg)
+    try:
+        params = trainer.state.params
+        assert "lm_head" not in params and params["score"]["kernel"].shape == (lm.d_model, 1)
+        np.testing.assert_array_equal(params["layers"]["attn"]["q"]["kernel"], lm_params["layers"]["attn"]["q"]["kernel"])
+        evaluated = trainer.evaluate()
+        assert {"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} <= set(evaluated)
+        assert "eval_ppl" not in evaluated and 0 < evaluated["eval_loss"] < 5
+        batch = trainer.next_batch()
+        margins = np.asarray(batch["margin"])[np.asarray(batch["segment_ids"]) > 0]
+        assert set(np.unique(margins)) == {0.0, 0.5}
+        metrics = jax.device_get(trainer.train_step(batch))
+        assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
+        assert {"margin", "mean_reward"} <= set(metrics)
+    finally:
+        trainer.close()
 
 
 # ------------------------------------------------------------------------------------------ score
