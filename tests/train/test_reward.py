@@ -188,6 +188,18 @@ def test_a_reward_model_trains_from_a_language_model_with_a_fresh_head(tmp_path)
         trainer.close()
 
 
+def test_a_margin_must_be_a_number():
+    from jaxllm.config import SourceConfig
+    from jaxllm.data.preference import EncodePair
+    from jaxllm.data.readers import RecordError
+
+    cfg = DataConfig(sources=[SourceConfig(path="x.jsonl")], objective=ObjectiveConfig(name="reward"))
+    encode = EncodePair(cfg, load_tokenizer("builtin:kjv-sp4k"), cfg.sources[0])
+    assert encode({"prompt": "a", "chosen": "b", "rejected": "c", "margin": 2})["margin"] == 2.0
+    with pytest.raises(RecordError, match="field 'margin' must be a finite number"):
+        encode({"prompt": "a", "chosen": "b", "rejected": "c", "margin": "high"})
+
+
 # ------------------------------------------------------------------------------------------ score
 
 
