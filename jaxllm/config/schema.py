@@ -71,7 +71,8 @@ class MoEConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters (docs/lora.md) on the dense projections whose path matches `targets`: y = x W +
-    scale * dropout(x) A B, with A [in, rank], B [rank, out], B starting at zero. Only adapters train."""
+    scale * dropout(x) A B, with A [in, rank], B [rank, out], B starting at zero. Only adapters train (and a
+    reward model's fresh `score` head)."""
 
     rank: int = 8
     alpha: float = 16.0
