@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | score | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | judge | perplexity | score | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -75,6 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(kd)
     kd.set_defaults(func=cmd_distill_data)
 
+    jd = sub.add_parser("judge", help="AI feedback: a judge model labels preference pairs, reports a win-rate of two "
+                                      "models, or critiques and revises responses (docs/post-training.md)")
+    jd.add_argument("--judge", required=True, help="the judge: a jaxllm run directory or checkpoint, or a Hugging "
+                    "Face model directory")
+    jd.add_argument("--data", help="jsonl of prompt + response_a + response_b (or a two-item list completions) to "
+                    "label, or of prompt + chosen + rejected to also measure the judge's agreement with them; with "
+                    "--revise, prompt + response")
+    jd.add_argument("--out", help="the preference jsonl to write (prompt, chosen, rejected, confidence, ...)")
+    jd.add_argument("--prompts", help="a win-rate: prompts (a text file, one a line, or jsonl with prompt) that "
+                    "--model-a and --model-b answer")
+    jd.add_argument("--model-a", help="a run, checkpoint or Hugging Face directory")
+    jd.add_argument("--model-b", help="a run, checkpoint or Hugging Face directory")
+    jd.add_argument("--report", help="with --prompts: write the win-rate report here as JSON")
+    jd.add_argument("--template", help="the judge's prompt: a text file with {prompt}, {response_a}, {response_b} "
+                    "(default: the built-in one, docs/post-training.md)")
+    jd.add_argument("--labels", default="A,B", help="the judge's answers for response A and B (single tokens)")
+    jd.add_argument("--min-confidence", type=float, default=0.5,
+                    help="drop pairs the judge prefers with a lower order-averaged probability (0.5 to 1)")
+    jd.add_argument("--batch-size", type=int, default=8, help="comparisons (2 rows each) or prompts per batch")
+    jd.add_argument("--revise", action="store_true", help="critique-and-revise: rewrite each response by "
+                    "--principle; the revision becomes chosen, the original rejected")
+    jd.add_argument("--principle", help="with --revise: the rule the critique and the rewrite follow")
+    jd.add_argument("--reviser", help="with --revise: the model that rewrites (default: the judge)")
+    _sampling_args(jd)
+    jd.set_defaults(func=cmd_judge)
+
     sc = sub.add_parser("score", help="a reward model's scores of prompt/response rows or prompt/chosen/rejected "
                                       "pairs (jsonl), written beside every field; on pairs, the accuracy")
     sc.add_argument("--model", required=True, help="a reward model: jaxllm run or checkpoint (model.head=reward), or "
@@ -138,6 +164,22 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--rows", type=int, default=10, help="layouts shown")
     pl.set_defaults(func=cmd_plan)
 
+    pp = sub.add_parser("perplexity", help="token, word and byte perplexity of text sources with sliding windows "
+                                           "(docs/evaluation.md)")
+    pp.add_argument("model", help="a jaxllm run directory or checkpoint, or a Hugging Face model directory")
+    pp.add_argument("--data", action="append", required=True,
+                    help="a source: file, glob, builtin:kjv-valid, hf:NAME ...; repeat for several")
+    pp.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    pp.add_argument("--text-unit", choices=["file", "paragraph", "line"], default="file",
+                    help="what one document of a plain text file is (default: the whole file)")
+    pp.add_argument("--max-length", type=int, help="tokens per window (default: the model's context)")
+    pp.add_argument("--stride", type=int, help="new tokens scored per window (default: --max-length, no overlap)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows scored at once")
+    pp.add_argument("--limit", type=int, help="documents per source (default: all)")
+    pp.add_argument("--output", help="also write the results as JSON here")
+    pp.add_argument("--tokenizer", help="use this tokenizer instead of the model's own")
+    pp.set_defaults(func=cmd_perplexity)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
     tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
@@ -156,6 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--json", action="store_true", help="one JSON object per row: input_ids, labels (-100 where "
                     "not trained), loss_mask, segment_ids, positions")
     pv.set_defaults(func=cmd_data_preview)
+    rl = dsub.add_parser("ref-logps", help="score a DPO config's preference data with its reference model once and "
+                                           "write it back with ref_chosen_logps / ref_rejected_logps")
+    rl.add_argument("config", help="YAML config with data.objective.name=dpo, e.g. configs/tiny-dpo.yaml")
+    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sources=[{path: pairs.jsonl}]")
+    rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
+    rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+    rl.set_defaults(func=cmd_data_ref_logps)
     return p
 
 
@@ -279,6 +328,22 @@ def cmd_distill_data(args) -> int:
     if jax.process_index() == 0:
         print(f"wrote {count} completions to {args.out}")
     return 0
+
+
+def cmd_perplexity(args) -> int:
+    from jaxllm.eval.perplexity import run_perplexity
+
+    return run_perplexity(args)
+
+
+def cmd_judge(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig
+
+    distributed.initialize(DistributedConfig())
+    from jaxllm.infer.feedback import run
+
+    return run(args, _generate_config(args))
 
 
 def cmd_score(args) -> int:
@@ -406,9 +471,28 @@ def cmd_data_preview(args) -> int:
     if args.n < 1:
         raise JaxllmError(f"-n must be at least 1, got {args.n}")
     cfg = load_config(args.config, args.overrides)
+    from jaxllm.data.preference import OBJECTIVES as PREFERENCE
+
     tokenizer = run_tokenizer(cfg)
+    shifted = cfg.data.objective.name not in PREFERENCE
     for index, row in enumerate(first_rows(cfg, tokenizer, args.n)):
-        print(row_json(row) if args.json else row_text(row, tokenizer, index), flush=True)
+        print(row_json(row) if args.json else row_text(row, tokenizer, index, shifted), flush=True)
+    return 0
+
+
+def cmd_data_ref_logps(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.config import load_config
+    from jaxllm.train.ref_logps import precompute
+
+    if args.batch_size < 1:
+        raise JaxllmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cfg = load_config(args.config, args.overrides)
+    with tqdm(desc="reference log-probs", unit="pair") as bar:
+        counts = precompute(cfg, args.out, args.batch_size, progress=bar.update)
+    print(f"wrote {counts['written']} records to {args.out} ({counts['skipped']} skipped); train on it with "
+          f"data.sources=[{{path: {args.out}}}] data.objective.precomputed_reference=true")
     return 0
 
 

@@ -18,7 +18,8 @@ KIND is one of
 Chapters are split as in tools/make_instructions.py: every 10th chapter (index 5, 15, ...) is held out
 (`kjv-pref-valid`: 2 pairs per held-out chapter, each corruption in turn); the training chapters give 3 pairs
 each (`kjv-pref`, in random order). `kjv-kto` is `kjv-pref` unpaired in TRL's unpaired format
-(`{"prompt", "completion", "label"}`: the chosen half labelled true, the rejected false), in random order.
+(`{"prompt", "completion", "label"}`: the chosen half labelled true, the rejected false), in random order;
+`kjv-kto-valid` is `kjv-pref-valid` unpaired the same way.
 The tiny base model saw every chapter in pretraining (builtin:kjv), never a corrupted verse.
 """
 
@@ -110,13 +111,14 @@ def _write(path: Path, records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("assets", type=Path, help="jaxllm/assets (reads kjv.jsonl.gz, writes kjv-pref*, kjv-kto)")
+    parser.add_argument("assets", type=Path, help="jaxllm/assets (reads kjv.jsonl.gz, writes kjv-pref*, kjv-kto*)")
     args = parser.parse_args()
     train, held_out = build(args.assets / "kjv.jsonl.gz")
     _write(args.assets / "kjv-pref.jsonl.gz", train)
     _write(args.assets / "kjv-pref-valid.jsonl.gz", held_out)
     kto = unpaired(train, np.random.default_rng(1))
     _write(args.assets / "kjv-kto.jsonl.gz", kto)
+    _write(args.assets / "kjv-kto-valid.jsonl.gz", unpaired(held_out, np.random.default_rng(2)))
     kinds = {k: sum(r["corruption"] == k for r in held_out) for k in CORRUPTIONS}
     print(f"kjv-pref: {len(train)} pairs; kjv-pref-valid: {len(held_out)} {kinds}; kjv-kto: {len(kto)} rows")
 

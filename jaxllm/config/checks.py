@@ -56,7 +56,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key} must be >= 0 (0 turns it off), got {getattr(d, key)}")
     _validate_objective(d.objective, m.max_seq_len)
     _validate_distill(cfg.distill, d.objective.name)
-    _validate_preference(cfg.preference, d.objective.name)
+    _validate_preference(cfg.preference, d.objective.name, d.objective.precomputed_reference)
     _positive(t, "train", ["steps", "batch_size", "grad_accum", "log_every", "sample_tokens"])
     _non_negative(t, "train", {"seed": "", "z_loss": " (0 = off)", "loss_chunk": " (0 = all positions at once)"})
     _non_negative(d, "data", {"seed": ""})
@@ -235,12 +235,20 @@ def _validate_distill(k: DistillConfig, objective: str) -> None:
     _positive(k, "distill", ["vocab"], null="the tokenizer's ids")
 
 
-def _validate_preference(p: PreferenceConfig, objective: str) -> None:
+def _validate_preference(p: PreferenceConfig, objective: str, precomputed: bool) -> None:
     _above_zero(p.beta, "preference.beta", "0.1")
     if p.loss_type == "robust" and not 0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"preference.label_smoothing must be in [0, 0.5) for loss_type=robust, got {p.label_smoothing}")
+    if p.loss_type == "exo_pair" and not 0 < p.label_smoothing < 1:
+        raise ConfigError(f"preference.label_smoothing (EXO's epsilon) must be in (0, 1) for loss_type=exo_pair, got "
+                          f"{p.label_smoothing}; the EXO paper uses 1e-3")
     _fraction(p.label_smoothing, "preference.label_smoothing (the share of flipped labels)", high_open=True)
     _non_negative(p, "preference", {"desirable_weight": "", "undesirable_weight": "", "cpo_alpha": " (0 = SimPO)"})
+    if precomputed and objective != "dpo":
+        raise ConfigError(f"data.objective.precomputed_reference is for dpo (records carrying ref_chosen_logps and "
+                          f"ref_rejected_logps); data.objective.name={objective} "
+                          + ("pairs records with their KL partners only when batches are made: drop it" if objective
+                             == "kto" else "uses no reference: drop it"))
     if objective == "kto" and p.desirable_weight + p.undesirable_weight == 0:
         raise ConfigError("preference.desirable_weight and undesirable_weight are both 0: KTO would learn nothing")
 

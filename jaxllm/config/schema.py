@@ -300,8 +300,8 @@ class ObjectiveConfig:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     label_field: str = "label"
-    # dpo, kto: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps,
-    # kto: ref_logps / ref_KL_logps; `jaxllm data ref-logps` writes them): no reference model is loaded.
+    # dpo: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps;
+    # `jaxllm data ref-logps` writes them): no reference model is loaded.
     precomputed_reference: bool = False
     # reward (docs/post-training.md, Reward models): Bradley-Terry -logsigmoid(r_chosen - r_rejected - margin), the
     # margin a record's `margin` field (0 without); plus this coefficient * mean((r_chosen + r_rejected)^2) to keep
@@ -446,9 +446,11 @@ class PreferenceConfig:
     # DPO and KTO: the strength of the KL penalty to the reference; ORPO: the odds-ratio weight (lambda);
     # SimPO: the reward scale (its paper uses 2 to 10).
     beta: float = 0.1
-    # dpo: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing); sigmoid with
-    # label_smoothing > 0 is conservative DPO (cDPO).
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # dpo: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing), and TRL's others (exo_pair,
+    # nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm; docs/post-training.md); sigmoid
+    # with label_smoothing > 0 is conservative DPO (cDPO).
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                       "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     label_smoothing: float = 0.0  # dpo: the assumed share of flipped labels; simpo: as in TRL's CPO
     # dpo, kto: the frozen reference. null: the model training starts from (train.init_from), or, with
     # model.lora, the same weights with the adapters switched off (no second copy).

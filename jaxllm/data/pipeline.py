@@ -27,7 +27,7 @@ import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from jaxllm.config import DataConfig, JaxllmError
-from jaxllm.data import sft  # noqa: F401 (registers the sft batch format)
+from jaxllm.data import preference, sft  # noqa: F401 (register the sft and preference batch formats)
 from jaxllm.data.objectives import batch_format
 from jaxllm.data.sources import make_source
 from jaxllm.data.tokenizer import Tokenizer

@@ -25,9 +25,9 @@ the KL one). Row fields, each [seq_len]:
 - `segment_ids` (0 = padding), `positions` (0, 1, ... within each sequence);
 - kto: `kto_label`, 1 on the positions of a desirable example's two segments, 0 on an undesirable one's;
 - reward: `margin`, a record's optional `margin` (TRL's column; 0 without) on every position of both segments;
-- with precomputed reference log-probs (records carrying TRL's `ref_chosen_logps` / `ref_rejected_logps`,
-  kto `ref_logps` / `ref_KL_logps`; `jaxllm data ref-logps` writes them): `ref_logps`, the reference's summed
-  response log-prob of each segment on every position of it.
+- dpo with precomputed reference log-probs (data.objective.precomputed_reference: records carrying TRL's
+  `ref_chosen_logps` / `ref_rejected_logps`, which `jaxllm data ref-logps` writes): `ref_logps`, the
+  reference's summed response log-prob of each segment on every position of it.
 
 A unit longer than data.seq_len is cut (the longest sequences first, to a common cap, keeping their start:
 TRL's `keep_start`), or dropped with data.objective.overlong=drop; a unit in which a sequence keeps no response
@@ -51,8 +51,9 @@ from jaxllm.data.sft import ExampleCounts, _template_tokens, chat_template_for
 from jaxllm.data.tokenizer import Tokenizer
 
 PAIRED = ("dpo", "orpo", "simpo", "reward")
-# Per-record reference log-probs, TRL's column names: of (the example's sequence, its partner).
-REF_FIELDS = {"pair": ("ref_chosen_logps", "ref_rejected_logps"), "kto": ("ref_logps", "ref_KL_logps")}
+OBJECTIVES = (*PAIRED, "kto")
+# Per-record reference log-probs of (chosen, rejected), TRL's column names.
+REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -93,8 +94,8 @@ def _field(record: dict, name: str, option: str) -> Any:
     return record[name]
 
 
-def _ref_logps(record: dict, kind: str) -> Optional[tuple[float, float]]:
-    names = REF_FIELDS[kind]
+def _ref_logps(record: dict) -> Optional[tuple[float, float]]:
+    names = REF_FIELDS
     if not any(n in record for n in names):
         return None
     values = tuple(record.get(n) for n in names)
@@ -130,7 +131,7 @@ class EncodePair:
                 raise RecordError(f"field 'margin' must be a finite number (how much chosen should beat rejected by), "
                                   f"got {margin!r:.40}")
             unit["margin"] = float(margin)
-        ref = _ref_logps(record, "pair")
+        ref = _ref_logps(record)
         if ref is not None:
             unit["ref"] = list(ref)
         return unit
@@ -153,11 +154,7 @@ class EncodeUnpaired:
                               f"{label!r:.40}")
         ids, mask = self.sequences.encode(prompt, completion, o.completion_field)
         start = mask.index(1) if 1 in mask else len(mask)
-        unit = {"ids": ids, "mask": mask, "start": start, "label": label}
-        ref = _ref_logps(record, "kto")
-        if ref is not None:
-            unit["ref"] = list(ref)
-        return unit
+        return {"ids": ids, "mask": mask, "start": start, "label": label}
 
 
 def kto_unit(a: dict, b: dict) -> dict[str, Any]:
@@ -166,11 +163,8 @@ def kto_unit(a: dict, b: dict) -> dict[str, Any]:
     def kl(x, y):  # x's prompt, y's completion
         return x["ids"][: x["start"]] + y["ids"][y["start"]:], [0] * x["start"] + y["mask"][y["start"]:]
 
-    unit = {"sequences": [(a["ids"], a["mask"]), kl(a, b), (b["ids"], b["mask"]), kl(b, a)],
+    return {"sequences": [(a["ids"], a["mask"]), kl(a, b), (b["ids"], b["mask"]), kl(b, a)],
             "labels": [a["label"], b["label"]]}
-    if "ref" in a and "ref" in b:
-        unit["ref"] = a["ref"] + b["ref"]
-    return unit
 
 
 def fit(lengths: list[int], limit: int) -> list[int]:
@@ -221,9 +215,9 @@ class UnitToExample:
                 part["kto_label"] = np.full(n, float(unit["labels"][k // 2]), np.float32)
             if self.with_ref:
                 if "ref" not in unit:
-                    raise RecordError("the record has no precomputed reference log-probs (fields "
-                                      f"{' / '.join(REF_FIELDS['kto' if 'labels' in unit else 'pair'])}), but other "
-                                      "records do; precompute them for every record (jaxllm data ref-logps)")
+                    raise RecordError(f"the record has no precomputed reference log-probs ({' and '.join(REF_FIELDS)}) "
+                                      "but data.objective.precomputed_reference is true; write them with "
+                                      "`jaxllm data ref-logps`")
                 part["ref_logps"] = np.full(n, unit["ref"][k], np.float32)
             parts.append(part)
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -251,7 +245,7 @@ def finish_unit_row(units_per_example: int):
 
 
 def _with_ref(cfg: DataConfig) -> bool:
-    return cfg.objective.name != "reward" and cfg.objective.precomputed_reference
+    return cfg.objective.name == "dpo" and cfg.objective.precomputed_reference
 
 
 def _rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int,
@@ -304,5 +298,5 @@ def _convert(cfg: DataConfig, tokenizer: Tokenizer, source: SourceConfig):
 
 
 FORMAT = BatchFormat(_rows, _spec, convert=_convert, tokens=_template_tokens)
-for _name in (*PAIRED, "kto"):
+for _name in OBJECTIVES:
     register_format(_name, FORMAT)

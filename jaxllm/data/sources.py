@@ -60,6 +60,7 @@ BUILTIN_CORPORA = {
     "kjv-pref": BuiltinCorpus("kjv-pref.jsonl.gz"),  # preference pairs made from kjv (tools/make_preferences.py)
     "kjv-pref-valid": BuiltinCorpus("kjv-pref-valid.jsonl.gz"),  # their held-out pairs
     "kjv-kto": BuiltinCorpus("kjv-kto.jsonl.gz"),  # kjv-pref unpaired (prompt, completion, label)
+    "kjv-kto-valid": BuiltinCorpus("kjv-kto-valid.jsonl.gz"),  # kjv-pref-valid unpaired
 }
 
 

@@ -76,6 +76,7 @@ class Pretrained:
     tokenizer_files: dict[str, bytes]
     where: str  # for messages: the checkpoint step directory, or the Hugging Face directory
     _checkpoint: Any = None  # (checkpointer, step, saved model config) of a jaxllm checkpoint
+    run_config: Any = None  # a jaxllm checkpoint's whole Config (its data framing, mesh rules); None for Hugging Face
 
     def params(self, mesh, rules, param_dtype: str | None = None) -> Any:
         """The parameters on `mesh`, sharded by `rules`; `param_dtype` (e.g. bfloat16) casts them."""
@@ -101,7 +102,7 @@ def open_pretrained(path: str | Path) -> Pretrained:
     saved = meta.config.model
     config = saved if saved.lora is None and saved.quant is None else lora.base_config(saved)
     return Pretrained(path, config, meta.tokenizer_files, str(checkpointer.directory / str(step)),
-                      (checkpointer, step, saved))
+                      (checkpointer, step, saved), meta.config)
 
 
 def load_frozen(path: str | Path, mesh, rules, param_dtype: str | None = None,

@@ -56,6 +56,7 @@ def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         counts["examples"] = jnp.sum(segment_totals(batch["segment_ids"], loss_mask(batch)) > 0).astype(jnp.float32)
         # preference rows (data/preference.py): the response tokens of each unit's first sequences (chosen)
         counts["chosen_tokens"] = jnp.sum(loss_mask(batch).astype(jnp.float32) * (batch["segment_ids"] % 2 == 1))
+        counts["chosen_targets"] = jnp.sum(chosen_targets(batch["segment_ids"]))
     if "kto_label" in batch:  # kto units: an example's sequence and its KL sequence carry its label
         label = batch["kto_label"]
         for name, weight in (("desirable", label), ("undesirable", 1.0 - label)):
@@ -86,6 +87,13 @@ def segment_last(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
     reward of each packed sequence, which ends with its EOS."""
     ends = (segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]) & (segment_ids_BL > 0)
     return jnp.where(ends, values_BL.astype(jnp.float32), 0.0)
+
+
+def chosen_targets(segment_ids_BL: jax.Array) -> jax.Array:
+    """float32 [B, L]: 1 at every next-token target of a preference row's first sequences (odd segments: chosen),
+    prompt and response alike (each position of the segment but its last): ORPO's nll_loss, as TRL's."""
+    following = jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]
+    return ((segment_ids_BL % 2 == 1) & (following == segment_ids_BL)).astype(jnp.float32)
 
 
 def segment_sums(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ An objective is chosen by `data.objective.name` and is
 - a loss: a pure function `loss(params, graphdef, batch, norms, key, frozen, cfg) -> (objective,
   metrics)`, both already divided by the whole batch's counts in `norms` (see `step.normalizers`), so
   gradient accumulation sums exact contributions; `metrics["loss"]` is what the loop logs and what
-  evaluation sums (evaluation calls it with norms of 1, and divides by the count `loss_count` names);
+  evaluation averages (each batch's value weighted by the count `loss_count` names: `step.eval_step`);
 - the frozen models it needs (`frozen_models(cfg) -> {name: FrozenSource}`): a reference policy, a
   teacher, a reward model. The Trainer loads each beside the trained model, sharded by the same rules,
   never differentiated, never in the optimizer state or the checkpoint, and hands them to the loss as

@@ -17,6 +17,8 @@ The reference (dpo, kto) is, in this order:
 Metrics, TRL's names: `rewards/chosen`, `rewards/rejected` (beta * the policy's log-ratio to the reference;
 ORPO/SimPO: beta * average log-prob), `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
 means over the batch's pairs (kto: over its desirable / undesirable examples, and `kl`); at evaluation too.
+Ours besides: `logps/accuracies`, the share of pairs whose chosen response the policy itself finds more likely
+(summed log-probs; ORPO and SimPO: their average), comparable before and after training and across methods.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from jaxllm.models import bind
 from jaxllm.models.lora import ADAPTER_KEYS
 from jaxllm.models.moe import moe_objective
 from jaxllm.train.frozen import FrozenSource
-from jaxllm.train.losses import pair_sums, segment_sums, token_logps
+from jaxllm.train.losses import chosen_targets, pair_sums, segment_sums, token_logps
 from jaxllm.train import preference_losses as pl
 from jaxllm.train.objective import Objective, register
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected")
+                "logps/rejected", "logps/accuracies")
 
 
 def _logps(model, batch, chunk):
@@ -80,26 +82,31 @@ def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
+        "logps/accuracies": (chosen_logps > rejected_logps).astype(jnp.float32),
     }, valid, norms)
 
 
-def _policy(params, graphdef, batch, cfg):
+def _policy(params, graphdef, batch, cfg, also=None):
+    """(model, MoE aux, summed response log-probs of each unit's two sequences [B, P] x 2, their response token
+    counts [B, P] x 2, and with `also` (a [B, L] mask) the token log-probs [B, L] on `also` as well)."""
     model = bind(graphdef, params)
-    logp, moe_aux = _logps(model, batch, cfg.train.loss_chunk)
+    mask = batch["loss_mask"]
+    logp, moe_aux = _logps(model, batch if also is None else {**batch, "loss_mask": jnp.maximum(mask, also)},
+                           cfg.train.loss_chunk)
     seg = batch["segment_ids"]
-    chosen, rejected = pair_sums(seg, logp)
-    n_chosen, n_rejected = pair_sums(seg, batch["loss_mask"])
-    return model, moe_aux, chosen, rejected, n_chosen, n_rejected
+    chosen, rejected = pair_sums(seg, logp if also is None else logp * mask)
+    n_chosen, n_rejected = pair_sums(seg, mask)
+    return model, moe_aux, chosen, rejected, n_chosen, n_rejected, logp
 
 
 def dpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     """DPO and its variants (preference.loss_type), against the reference (module docstring)."""
     p = cfg.preference
-    model, moe_aux, chosen, rejected, n_c, n_r = _policy(params, graphdef, batch, cfg)
+    model, moe_aux, chosen, rejected, n_c, n_r, _ = _policy(params, graphdef, batch, cfg)
     ref_c, ref_r = reference_pairs(params, graphdef, batch, frozen, cfg)
     valid = n_c > 0
     losses, r_c, r_r = pl.dpo_losses(chosen, rejected, ref_c, ref_r, n_c, n_r, beta=p.beta, loss_type=p.loss_type,
-                                     label_smoothing=p.label_smoothing)
+                                     label_smoothing=p.label_smoothing, valid_N=valid)
     metrics = _pair_metrics(r_c, r_r, chosen, rejected, valid, norms)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"]
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
@@ -107,18 +114,20 @@ def dpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
 
 
 def _chosen_nll(chosen, norms):
-    """Mean cross-entropy of the chosen responses' tokens (ORPO's and CPO's `nll_loss`)."""
+    """Mean cross-entropy of the chosen responses' tokens (CPO's `nll_loss`)."""
     return -jnp.sum(chosen) / norms["chosen_tokens"]
 
 
 def orpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
-    """ORPO: the chosen responses' cross-entropy minus beta * the mean log-sigmoid of the log odds ratio of
-    the average log-probs; no reference."""
-    model, moe_aux, chosen, rejected, n_c, n_r = _policy(params, graphdef, batch, cfg)
+    """ORPO: the chosen sequences' cross-entropy minus beta * the mean log-sigmoid of the log odds ratio of
+    the average log-probs; no reference. The cross-entropy is over the chosen sequences' prompt and response
+    tokens, as TRL's ORPOTrainer (`concatenated_forward`: "computed over the full prompt and response")."""
+    targets = chosen_targets(batch["segment_ids"])
+    model, moe_aux, chosen, rejected, n_c, n_r, logp = _policy(params, graphdef, batch, cfg, also=targets)
     valid = n_c > 0
     ratio_losses, r_c, r_r, log_odds_ratio, log_odds = pl.orpo_losses(chosen, rejected, n_c, n_r,
-                                                                      beta=cfg.preference.beta)
-    nll = _chosen_nll(jnp.where(valid, chosen, 0.0), norms)
+                                                                      beta=cfg.preference.beta, valid_N=valid)
+    nll = -jnp.sum(logp * targets) / norms["chosen_targets"]
     means = _pair_means({"or": ratio_losses, "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds}, valid,
                         norms)
     loss = nll - means["or"]
@@ -132,10 +141,10 @@ def simpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     """SimPO: the length-normalised log-probs' margin against a target margin; no reference (TRL's CPO
     trainer with loss_type=simpo; `cpo_alpha` adds the chosen responses' cross-entropy)."""
     p = cfg.preference
-    model, moe_aux, chosen, rejected, n_c, n_r = _policy(params, graphdef, batch, cfg)
+    model, moe_aux, chosen, rejected, n_c, n_r, _ = _policy(params, graphdef, batch, cfg)
     valid = n_c > 0
-    losses, r_c, r_r = pl.simpo_losses(chosen, rejected, n_c, n_r, beta=p.beta, gamma=p.simpo_gamma,
-                                       label_smoothing=p.label_smoothing)
+    losses, r_c, r_r = pl.simpo_losses(chosen, rejected, n_c, n_r, beta=p.beta, simpo_gamma=p.simpo_gamma,
+                                       label_smoothing=p.label_smoothing, valid_N=valid)
     nll = _chosen_nll(jnp.where(valid, chosen, 0.0), norms)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"] + p.cpo_alpha * nll
     metrics = _pair_metrics(r_c, r_r, chosen / jnp.maximum(n_c, 1), rejected / jnp.maximum(n_r, 1), valid, norms)
@@ -147,14 +156,14 @@ def kto_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     """KTO: each example's log-ratio to the reference against the batch's KL estimate (from the KL sequences),
     weighted by desirability; the mean over the batch's examples."""
     p = cfg.preference
-    model, moe_aux, logps, kl_logps, n_x, _ = _policy(params, graphdef, batch, cfg)
+    model, moe_aux, logps, kl_logps, n_x, _, _ = _policy(params, graphdef, batch, cfg)
     ref, ref_kl = reference_pairs(params, graphdef, batch, frozen, cfg)
     valid = n_x > 0
     desirable = pair_sums(batch["segment_ids"], jnp.where(_segment_ends(batch["segment_ids"]),
                                                           batch["kto_label"], 0.0))[0] > 0
     kl = pl.kto_kl(kl_logps, ref_kl, valid)
     losses, rewards = pl.kto_losses(logps, ref, desirable, kl, beta=p.beta, desirable_weight=p.desirable_weight,
-                                    undesirable_weight=p.undesirable_weight)
+                                    undesirable_weight=p.undesirable_weight, valid_N=valid)
     loss = _pair_means({"loss": losses}, valid, norms)["loss"]
 
     def mean_over(which, x, count):
@@ -208,9 +217,10 @@ def prepare(cfg: Config, tokenizer) -> Config:
 _PAIR_EVAL = tuple((m, "examples") for m in PAIR_METRICS)
 register(Objective("dpo", ("decoder",), dpo_loss, frozen_models=_reference_source, prepare=prepare,
                    eval_metrics=_PAIR_EVAL, loss_count="examples"))
-register(Objective("orpo", ("decoder",), orpo_loss, eval_metrics=(*_PAIR_EVAL, ("nll_loss", "chosen_tokens")),
+register(Objective("orpo", ("decoder",), orpo_loss, eval_metrics=(*_PAIR_EVAL, ("nll_loss", "chosen_targets")),
                    loss_count="examples"))
-register(Objective("simpo", ("decoder",), simpo_loss, eval_metrics=_PAIR_EVAL, loss_count="examples"))
+register(Objective("simpo", ("decoder",), simpo_loss, eval_metrics=(*_PAIR_EVAL, ("nll_loss", "chosen_tokens")),
+                   loss_count="examples"))
 register(Objective("kto", ("decoder",), kto_loss, frozen_models=_reference_source, prepare=prepare,
                    eval_metrics=(("rewards/chosen", "desirable"), ("rewards/rejected", "undesirable"),
                                  ("logps/chosen", "desirable"), ("logps/rejected", "undesirable")),

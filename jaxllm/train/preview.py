@@ -75,8 +75,9 @@ def row_json(row: dict[str, np.ndarray]) -> str:
     return json.dumps({k: np.asarray(v).tolist() for k, v in out.items()})
 
 
-def row_text(row: dict[str, np.ndarray], tokenizer: Tokenizer, index: int) -> str:
-    """One row as text: each segment decoded, the trained tokens marked (module docstring)."""
+def row_text(row: dict[str, np.ndarray], tokenizer: Tokenizer, index: int, shifted: bool = True) -> str:
+    """One row as text: each segment decoded, the trained tokens marked (module docstring). `shifted`: rows
+    whose inputs lack each segment's last token (clm, sft); preference rows hold it (data/preference.py)."""
     prefix = "decoder_" if "decoder_inputs" in row else ""
     inputs, targets = row[f"{prefix}inputs"], row[f"{prefix}targets"]
     mask, segments = row[f"{prefix}loss_mask"] > 0, row[f"{prefix}segment_ids"]
@@ -92,7 +93,11 @@ def row_text(row: dict[str, np.ndarray], tokenizer: Tokenizer, index: int) -> st
             lines.append(f"  [{s}] encoder: {_show(tokenizer, source, np.zeros(len(source), bool))}")
             lines.append(f"      decoder: {_show(tokenizer, t, m)}")
         elif len(x) > 1 and np.array_equal(x[1:], t[:-1]):  # next-token rows: the text once, trained part marked
-            lines.append(f"  [{s}] {_show(tokenizer, np.append(x, t[-1]), np.append(False, m))}")
+            if shifted:  # the last target follows the last input
+                x, m = np.append(x, t[-1]), np.append(False, m)
+            else:  # preference rows: the inputs are the whole sequence
+                m = np.append(False, m[:-1])
+            lines.append(f"  [{s}] {_show(tokenizer, x, m)}")
         else:  # masked LM: the corrupted input, and the tokens predicted at the masked positions
             lines.append(f"  [{s}] input:  {_show(tokenizer, x, np.zeros(len(x), bool))}")
             lines.append(f"      target: {_show(tokenizer, np.where(m, t, -1), m)}")

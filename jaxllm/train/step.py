@@ -139,19 +139,20 @@ def train_step(
 def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *, graphdef: nnx.GraphDef,
               loss: Callable, metrics: tuple[tuple[str, str], ...] = (), loss_count: str = "tokens"
               ) -> dict[str, jax.Array]:
-    """Summed loss ("nll_sum": the objective's `loss` metric with counts of 1, i.e. its token sum) and the
-    count of predicted tokens of a batch, for a mean and perplexity over many batches; and for each
-    (metric, count) of `metrics` (the objective's `eval_metrics`) its sum "sum/<metric>" and the batch's
-    count "count/<count>". ELECTRA's held-out loss is its generator's masked-LM loss, distillation's the
-    student's cross-entropy: comparable with mlm and clm runs. "loss_count": the count the objective's loss is
-    a mean over (`Objective.loss_count`: tokens, or e.g. the examples of a preference objective)."""
+    """Sums over a batch, for means over many batches: the objective's `loss` metric (computed with the batch's
+    own normalizers, as a train step does) times the count it is a mean over ("nll_sum", and "loss_count":
+    that count, `Objective.loss_count`: tokens, or e.g. a preference objective's examples); the count of
+    predicted tokens; and for each (metric, count) of `metrics` (the objective's `eval_metrics`) the metric
+    times its count, "sum/<metric>", and the count, "count/<count>". A metric that is a mean over its count
+    is then exact over any number of batches; one that mixes counts (ORPO's loss: a token mean and a pair mean)
+    is each batch's value weighted by its count. ELECTRA's held-out loss is its generator's masked-LM loss,
+    distillation's the student's cross-entropy: comparable with mlm and clm runs."""
     counts = batch_counts(batch)
-    ones = {k: jnp.float32(1.0) for k in counts}
-    _, out = loss(params, graphdef, batch, ones, jax.random.key(0), frozen)
+    _, out = loss(params, graphdef, batch, normalizers(batch), jax.random.key(0), frozen)
     held_out = out.get("mlm_loss", out.get("ce_loss", out["loss"]))
-    sums = {"nll_sum": held_out, "tokens": counts["tokens"], "loss_count": counts[loss_count]}
+    sums = {"nll_sum": held_out * counts[loss_count], "tokens": counts["tokens"], "loss_count": counts[loss_count]}
     for name, count in metrics:
-        sums[f"sum/{name}"] = out[name]
+        sums[f"sum/{name}"] = out[name] * counts[count]
         sums[f"count/{count}"] = counts[count]
     return sums
 

@@ -197,6 +197,35 @@ def test_lora_reference_is_the_base_with_adapters_off(base_run, pairs_file, tmp_
         trainer.close()
 
 
+def test_precomputed_reference_log_probs_equal_the_frozen_reference(base_run, pairs_file, tmp_path):
+    from jaxllm.train.ref_logps import precompute
+
+    cfg = _pref_config(tmp_path / "pre", base_run, pairs_file)
+    out = tmp_path / "with_ref.jsonl"
+    assert precompute(cfg, out, batch_size=3) == {"written": len(PAIRS) * 6, "skipped": 0}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in records)
+    frozen_cfg = _pref_config(tmp_path / "frozen", base_run, out)
+    trainer = Trainer(frozen_cfg)
+    try:
+        batch = trainer.next_batch()
+        want = reference_pairs(None, None, batch, trainer.frozen, trainer.cfg)
+    finally:
+        trainer.close()
+    trainer = Trainer(_pref_config(tmp_path / "pre", base_run, out, "data.objective.precomputed_reference=true"))
+    try:
+        assert trainer.frozen == {}  # no reference model loaded
+        batch = trainer.next_batch()
+        got = reference_pairs(None, None, batch, {}, trainer.cfg)
+        first = jax.device_get(trainer.train_step(batch))
+    finally:
+        trainer.close()
+    valid = np.asarray(want[0]) != 0
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], rtol=1e-5)
+    assert float(first["loss"]) == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_a_reference_is_required(pairs_file, tmp_path):
     cfg = micro_config(tmp_path / "x", f"data.sources=[{{path: {pairs_file}}}]", "data.objective.name=dpo",
                        *MICRO_PREF)
@@ -220,3 +249,58 @@ def test_kto_trains(base_run, tmp_path):
     finally:
         trainer.close()
     assert summary["losses"][3] < 0.5
+
+
+def test_preview_shows_each_pairs_two_sequences_with_the_responses_marked(capsys):
+    from jaxllm.cli import main
+
+    assert main(["data", "preview", "configs/tiny-dpo.yaml", "-n", "1", "train.init_from=null"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    assert [line[:5] for line in lines[:2]] == ["  [1]", "  [2]"]
+    prompts = [line.split("⟦")[0][6:] for line in lines[:2]]
+    assert prompts[0] == prompts[1] and prompts[0].endswith("<|assistant|>\\n")  # one prompt, two responses
+    assert all(line.count("⟦") == 1 and line.endswith("</s>⟧\\n") for line in lines[:2])
+
+
+@pytest.mark.parametrize("name, extra", [("orpo", []), ("simpo", ["preference.beta=2.0", "preference.cpo_alpha=0.5"])])
+def test_reference_free_methods_train_without_a_reference(name, extra, base_run, pairs_file, tmp_path):
+    cfg = micro_config(tmp_path / name, f"train.init_from={base_run}", f"data.sources=[{{path: {pairs_file}}}]",
+                       f"data.objective.name={name}", "train.steps=4", *MICRO_PREF, *extra)
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.frozen == {}
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    rows = [r for r in read_metrics(tmp_path / name) if "loss" in r]
+    assert summary["losses"][4] < summary["losses"][1]
+    assert rows[-1]["nll_loss"] > 0 and "rewards/accuracies" in rows[-1] and "logps/accuracies" in rows[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.objective.name=kto", "data.objective.precomputed_reference=true"], "precomputed_reference is for dpo"),
+    (["data.objective.name=orpo", "data.objective.precomputed_reference=true"], "uses no reference: drop it"),
+    (["data.objective.name=dpo", "preference.beta=0"], "preference.beta must be > 0"),
+    (["data.objective.name=dpo", "preference.loss_type=robust", "preference.label_smoothing=0.5"],
+     r"label_smoothing must be in \[0, 0.5\) for loss_type=robust"),
+    (["data.objective.name=dpo", "preference.loss_type=exo_pair"], r"EXO's epsilon\) must be in \(0, 1\)"),
+    (["data.objective.name=kto", "preference.desirable_weight=0", "preference.undesirable_weight=0"],
+     "KTO would learn nothing"),
+])
+def test_bad_preference_configs_are_one_line_errors(overrides, message, tmp_path):
+    from jaxllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        micro_config(tmp_path, *overrides)
+
+
+def test_ref_logps_needs_one_dpo_source(pairs_file, tmp_path):
+    from jaxllm.train.ref_logps import precompute
+
+    two = micro_config(tmp_path, "data.objective.name=dpo",
+                       f"data.sources=[{{path: {pairs_file}}}, {{path: {pairs_file}}}]")
+    with pytest.raises(JaxllmError, match="reads one source, the config has 2"):
+        precompute(two, tmp_path / "out.jsonl")
+    with pytest.raises(JaxllmError, match="precomputes a DPO reference; data.objective.name is kto"):
+        precompute(micro_config(tmp_path, "data.objective.name=kto"), tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()

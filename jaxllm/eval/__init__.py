@@ -1,0 +1,1 @@
+"""Evaluation: perplexity of text sources, and benchmark tasks."""
