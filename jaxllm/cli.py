@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | judge | perplexity | score | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | judge | eval | perplexity | score | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -100,6 +100,22 @@ def _parser() -> argparse.ArgumentParser:
     jd.add_argument("--reviser", help="with --revise: the model that rewrites (default: the judge)")
     _sampling_args(jd)
     jd.set_defaults(func=cmd_judge)
+
+    ev = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run, checkpoint or Hugging Face directory "
+                                     "(docs/evaluation.md)")
+    ev.add_argument("model", help="a jaxllm run directory or checkpoint, or a Hugging Face model directory")
+    ev.add_argument("--tasks", required=True, help="comma-separated harness tasks or groups, e.g. hellaswag,arc_easy")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    ev.add_argument("--limit", type=float, help="examples per task (below 1: a fraction); for quick checks")
+    ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass over all devices")
+    ev.add_argument("--max-gen-toks", type=int, default=256, help="new tokens of a generation task that sets none")
+    ev.add_argument("--output-path", help="write the harness's results JSON (and samples) under this directory")
+    ev.add_argument("--log-samples", action="store_true", help="also write every sample's prompt, answers and metrics")
+    ev.add_argument("--include-path", help="a directory of your own task YAML files (local data: docs/evaluation.md)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the few-shot sampling and of sampled generation")
+    ev.add_argument("--bench-hf", action="store_true", help="instead: time these tasks on this model with jaxllm and "
+                    "with the harness's Hugging Face backend (a Hugging Face directory), requests/s side by side")
+    ev.set_defaults(func=cmd_eval)
 
     sc = sub.add_parser("score", help="a reward model's scores of prompt/response rows or prompt/chosen/rejected "
                                       "pairs (jsonl), written beside every field; on pairs, the accuracy")
@@ -344,6 +360,16 @@ def cmd_judge(args) -> int:
     from jaxllm.infer.feedback import run
 
     return run(args, _generate_config(args))
+
+
+def cmd_eval(args) -> int:
+    from jaxllm import distributed
+    from jaxllm.config import DistributedConfig
+
+    distributed.initialize(DistributedConfig())
+    from jaxllm.eval.cli import run_eval_command
+
+    return run_eval_command(args)
 
 
 def cmd_score(args) -> int:

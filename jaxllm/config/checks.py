@@ -73,6 +73,14 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint, "checkpoint", ["keep_every"], null="no extra checkpoints kept")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every and eval.batches must be >= 0 (0 = at the end only / the whole set)")
+    if cfg.eval.tasks and (cfg.model.arch != "decoder" or cfg.model.electra_generator is not None):
+        raise ConfigError(f"eval.tasks scores lm-evaluation-harness tasks with decoder models, not {cfg.model.arch}; "
+                          "remove eval.tasks")
+    if cfg.eval.tasks_limit is not None and cfg.eval.tasks_limit <= 0:
+        raise ConfigError(f"eval.tasks_limit must be > 0 (examples per task; below 1 a fraction) or null (all), "
+                          f"got {cfg.eval.tasks_limit}")
+    if cfg.eval.tasks_num_fewshot is not None and cfg.eval.tasks_num_fewshot < 0:
+        raise ConfigError(f"eval.tasks_num_fewshot must be >= 0 or null, got {cfg.eval.tasks_num_fewshot}")
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(

@@ -326,12 +326,19 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     """Held-out loss and perplexity, logged as eval_loss / eval_ppl over all sources; with several sources
-    each one's loss also as eval_loss/PATH (e.g. the domain and the general held-out set when adapting)."""
+    each one's loss also as eval_loss/PATH (e.g. the domain and the general held-out set when adapting);
+    and harness tasks' metrics (`tasks`)."""
 
-    sources: list[SourceConfig] = field(default_factory=list)  # empty = no evaluation
+    sources: list[SourceConfig] = field(default_factory=list)  # empty = no held-out loss
     every: int = 0  # steps between evaluations; 0 = only at the end of training
     batches: int = 0  # batches per evaluation of each source; 0 = the whole held-out set once
     at_start: bool = False  # also evaluate before the first step (logged at step 0): a fine-tune's starting point
+    # lm-evaluation-harness tasks (or groups) run on the live parameters at each evaluation, logged as
+    # eval/TASK/METRIC (docs/evaluation.md); needs `pip install -e .[eval]` and a decoder model.
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: Optional[float] = 100  # examples per task (below 1: a fraction); null = all
+    tasks_num_fewshot: Optional[int] = None  # few-shot examples; null = each task's own default
+    include_path: Optional[str] = None  # a directory of your own task YAML files
 
 
 @dataclass

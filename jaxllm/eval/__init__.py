@@ -1,1 +1,2 @@
-"""Evaluation: perplexity of text sources, and benchmark tasks."""
+"""Evaluation: lm-evaluation-harness tasks scored by jaxllm models (`harness.JaxLM`, `tasks.run_tasks`), and
+the perplexity of text sources (`perplexity`)."""

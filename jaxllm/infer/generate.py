@@ -20,11 +20,12 @@ from jaxllm.infer.sampling import sample_logits
 from jaxllm.models import bind, init_cache
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [B, P] and mask [B, P] (1 on prompt tokens) with prompts aligned to the right edge."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [B, P] and mask [B, P] (1 on prompt tokens) with prompts aligned to the right edge; P is the
+    longest prompt's length, or `width` when that is more (a caller's fixed shape: fewer compilations)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise JaxllmError("every prompt must have at least one token (an empty prompt needs a BOS token)")
-    width = max(len(p) for p in prompts)
+    width = max(width, *(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -102,15 +103,17 @@ def generate(
     eos_id: int | Sequence[int] | None,
     pad_id: int,
     decoder_start_id: int | None = None,
+    width: int = 0,
 ) -> list[list[int]]:
     """New tokens for each prompt (token-id lists), cut before the first EOS (`eos_id`: one id, or several
     that each end a row, e.g. a chat template's end-of-turn token and EOS).
 
     For an encoder-decoder the prompts are the encoder's input and decoding starts from
-    `decoder_start_id` (T5: pad, BART: EOS).
+    `decoder_start_id` (T5: pad, BART: EOS). `width`: pad the prompts to at least this many tokens (callers
+    that generate many batches use a few widths, so the decode loop compiles a few times).
     """
     stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    tokens, mask = left_pad(prompts, pad_id)
+    tokens, mask = left_pad(prompts, pad_id, width)
     seq2seq = model_cfg.arch == "encoder_decoder"
     if model_cfg.arch == "encoder":
         raise JaxllmError("an encoder model does not generate text; use a decoder or encoder-decoder checkpoint")

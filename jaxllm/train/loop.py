@@ -77,6 +77,10 @@ class Trainer:
         self._build_state()
         self.frozen = self._load_frozen_models()
         self._compile()
+        if self.cfg.eval.tasks:  # an unknown task or task directory fails now, not at the first evaluation
+            from jaxllm.eval.tasks import task_manager
+
+            task_manager(self.cfg.eval.tasks, self.cfg.eval.include_path)
         if jax.process_index() == 0:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
         self._stop = threading.Event()
@@ -249,14 +253,22 @@ class Trainer:
         from its start (at most eval.batches batches each), and the objective's eval metrics (eval_<metric>,
         e.g. sft's eval_exact_match); with more than one source also each source's own loss, tokens and
         metrics as eval_loss/NAME, eval_tokens/NAME, eval_<metric>/NAME (NAME: the source's path, with #INDEX
-        after a path that two sources share)."""
+        after a path that two sources share); and with eval.tasks the harness tasks' metrics as
+        eval/TASK/METRIC (jaxllm.eval.tasks.evaluate_tasks)."""
+        metrics = {}
+        if self.cfg.eval.tasks:
+            from jaxllm.eval.tasks import evaluate_tasks
+
+            metrics.update(evaluate_tasks(self))
+        if not self.cfg.eval.sources:
+            return metrics
         paths = [source.path for source in self.cfg.eval.sources]
         names = [p if paths.count(p) == 1 else f"{p}#{i}" for i, p in enumerate(paths)]
         per_source = {name: self._eval_sums(source) for name, source in zip(names, self.cfg.eval.sources)}
         total = {k: sum(sums[k] for sums in per_source.values()) for k in next(iter(per_source.values()))}
         if total["tokens"] == 0:
             raise JaxllmError(f"eval.sources {paths} produced no tokens")
-        metrics = self._eval_metrics(total, "")
+        metrics.update(self._eval_metrics(total, ""))
         if self.objective.loss_count == "tokens":  # a token loss: its perplexity
             metrics["eval_ppl"] = float(np.exp(min(metrics["eval_loss"], 50.0)))
         if len(per_source) > 1:
@@ -328,10 +340,12 @@ class Trainer:
         summary: dict[str, Any] = {"start_step": start, "losses": {}}
         tokens_per_step = sum(  # input tokens a step reads (encoder and decoder for seq2seq)
             int(np.prod(shape)) for k, (shape, _) in self.batch_spec.items() if k.endswith("inputs"))
-        if cfg.eval.sources and cfg.eval.at_start and start == 0:
+        evaluates = bool(cfg.eval.sources or cfg.eval.tasks)
+        if evaluates and cfg.eval.at_start and start == 0:
             m = self.evaluate()
             writer.write(0, m)
-            summary["start_eval_loss"] = m["eval_loss"]
+            if "eval_loss" in m:
+                summary["start_eval_loss"] = m["eval_loss"]
         t_last, since_log, step = time.perf_counter(), 0, start
         try:
             while step < end and not self._stop.is_set():
@@ -340,7 +354,7 @@ class Trainer:
                 step += 1
                 since_log += 1
                 monitor.add(step, before, metrics)
-                do_eval = bool(cfg.eval.sources) and (
+                do_eval = evaluates and (
                     (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps
                 )
                 if step % cfg.train.log_every == 0 or step == end or do_eval:
@@ -352,7 +366,8 @@ class Trainer:
                     m["tokens_per_sec"] = tokens_per_step * since_log / (now - t_last)
                     if do_eval:
                         m.update(self.evaluate())
-                        summary["eval_loss"] = m["eval_loss"]
+                        if "eval_loss" in m:
+                            summary["eval_loss"] = m["eval_loss"]
                     t_last, since_log = time.perf_counter(), 0
                     writer.write(step, m)
                     summary["losses"][step] = m["loss"]
