@@ -4,31 +4,31 @@ them): equal tokens for prompts of different lengths decoded as one left-padded 
 (sequences_scores) within 1e-4, over length penalties, early stopping settings, n-best lists and the
 penalties that act on beams."""
 
-
+import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from jaxllm import from_hf
 from jaxllm.config import GenerateConfig
 from jaxllm.infer.generate import generate_scored
-from tests.convert.test_parity import CASES, _hf_model, _llama
-from tests.convert.test_parity import Case
+from tests.convert.test_parity import CASES, Case, _hf_model, _llama
 
-LLAMA = Case("llama-beam", __import__("transformers").LlamaForCausalLM, _llama(max_position_embeddings=128),
-             "decoder", 97)
+LLAMA = Case("llama-beam", transformers.LlamaForCausalLM, _llama(max_position_embeddings=128), "decoder", 97)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 NEW = 9
 PAD = 0
 
 
 def _model(case, tmp_path, sharpen):
+    torch.manual_seed(0)  # the same random model whichever tests ran before
     hf_model = _hf_model(case, tmp_path)
     with torch.no_grad():
         for p in hf_model.parameters():
             p.mul_(sharpen)  # distributions sharp enough that beams are not near ties
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    return hf_model, from_hf(tmp_path)
+    return hf_model, from_hf(tmp_path, devices=jax.devices()[:1])  # one device: small and quick
 
 
 def _stop_ids(hf_model, kind, start, use_cache):
@@ -82,19 +82,19 @@ def _check(case, hf_model, loaded, start, settings, use_cache=True):
 def test_decoder_beam_search_matches_transformers(tmp_path):
     hf_model, loaded = _model(LLAMA, tmp_path, 4.0)
     _check(LLAMA, hf_model, loaded, None, [
-        dict(num_beams=3),
         dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=3),
         dict(num_beams=3, length_penalty=-0.5, early_stopping=True, num_return_sequences=2,
              repetition_penalty=1.3, no_repeat_ngram_size=2),
     ])
 
 
-@pytest.mark.parametrize("name, start", [("t5-v1.1-gated-untied", 0), ("bart", 2)])
-def test_encoder_decoder_beam_search_matches_transformers(name, start, tmp_path):
+@pytest.mark.parametrize("name, start, options", [
+    ("t5-v1.1-gated-untied", 0, dict(num_beams=2, length_penalty=0.5, early_stopping=True, min_new_tokens=3,
+                                     num_return_sequences=2)),
+    ("bart", 2, dict(num_beams=3, num_return_sequences=2)),  # transformers' defaults otherwise
+])
+def test_encoder_decoder_beam_search_matches_transformers(name, start, options, tmp_path):
     case = next(c for c in CASES if c.name == name)
     hf_model, loaded = _model(case, tmp_path, 4.0)
     # transformers' own cache mis-sizes decoders deeper than encoders (T5 here): it runs without one.
-    _check(case, hf_model, loaded, start, [
-        dict(num_beams=3, num_return_sequences=2),
-        dict(num_beams=2, length_penalty=0.5, early_stopping=True, min_new_tokens=3),
-    ], use_cache=False)
+    _check(case, hf_model, loaded, start, [options], use_cache=False)

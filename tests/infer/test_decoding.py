@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 import transformers.generation.logits_process as hf
 from flax import nnx
 
@@ -14,10 +15,9 @@ from jaxllm import from_hf, models
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, GenerateConfig
 from jaxllm.infer.generate import cut_at_stop, generate
-from jaxllm.infer.sampling import Penalties, no_repeat_ngram, repetition_penalty, suppress_stops
+from jaxllm.infer.sampling import no_repeat_ngram, repetition_penalty, suppress_stops
 from tests.conftest import tiny_model_config
-from tests.convert.test_parity import CASES, _hf_model, _llama
-from tests.convert.test_parity import Case
+from tests.convert.test_parity import CASES, Case, _hf_model, _llama
 
 RNG = np.random.default_rng(0)
 V = 40
@@ -53,19 +53,19 @@ def test_processors_match_transformers_on_random_logits(n):
                                       theirs)
 
 
-LLAMA = Case("llama-decoding", __import__("transformers").LlamaForCausalLM, _llama(max_position_embeddings=128),
-             "decoder", 97)
+LLAMA = Case("llama-decoding", transformers.LlamaForCausalLM, _llama(max_position_embeddings=128), "decoder", 97)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
     hf_model = _hf_model(LLAMA, directory)
     with torch.no_grad():
         for p in hf_model.parameters():
             p.mul_(4.0)
     hf_model.save_pretrained(directory, safe_serialization=True)
-    return hf_model, from_hf(directory)
+    return hf_model, from_hf(directory, devices=jax.devices()[:1])
 
 
 def test_greedy_with_penalties_matches_transformers(llama):
@@ -137,7 +137,7 @@ def test_encoder_decoder_caches_cross_attention_keys_and_values(tmp_path):
     longer need the memory itself (a zeroed one gives the same logits), and match full decoding."""
     case = next(c for c in CASES if c.name == "bart")
     _hf_model(case, tmp_path)
-    loaded = from_hf(tmp_path)
+    loaded = from_hf(tmp_path, devices=jax.devices()[:1])
     enc = jnp.asarray([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
     dec = jnp.asarray([[2, 30, 31, 32], [2, 40, 41, 42]])
 
