@@ -65,7 +65,6 @@ def search(
     stop_ids: jax.Array,
     pad_id: jax.Array,
     *,
-    n_stops: int,
     max_new_tokens: int,
     beams: BeamSettings,
     penalties: Penalties,
@@ -74,11 +73,13 @@ def search(
     stop token with pad_id) and their scores [B, R] (transformers' sequences_scores), best first.
 
     step(tokens [B*N, 1], positions [B*N, 1], segment ids, cache) -> (logits [B*N, 1, V], cache) runs the
-    model on the B * N rows; `cache`, `logits_BV` and `next_pos_B` are the prefill's (B rows).
+    model on the B * N rows; `cache`, `logits_BV` and `next_pos_B` are the prefill's (B rows). stop_ids:
+    the ids that end a hypothesis (a never-written id such as -1 when there are none: the K kept is the
+    same for none and for one stop id).
     """
     N, T = beams.num_beams, max_new_tokens
     B, P = prompt_BP.shape
-    K = max(2, 1 + n_stops) * N
+    K = max(2, 1 + stop_ids.shape[0]) * N
     lp, early = beams.length_penalty, beams.early_stopping
     cache = expand_cache(cache, N)
     logits_RV = expand_rows(logits_BV, N)

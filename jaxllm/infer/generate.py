@@ -18,7 +18,6 @@ from jaxllm.config import Config, GenerateConfig, JaxllmError, ModelConfig
 from jaxllm.config.checks import validate_generate
 from jaxllm.data.chat_template import ChatTemplate
 from jaxllm.infer import beam
-from jaxllm.infer.beam import BeamSettings
 from jaxllm.infer.sampling import Penalties, sample_logits
 from jaxllm.models import bind, init_cache
 
@@ -37,10 +36,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "penalties", "beams", "n_stops"))
+                                             "penalties", "beams"))
 def _generate(
     params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, *,
-    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None, n_stops=1
+    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None
 ):
     """Decoder-only: tokens_BP is the prompt. Encoder-decoder: the encoder reads encoder_tokens_BS once
     and tokens_BP holds the decoder's start token; the prefill puts the memory's cross-attention keys and
@@ -64,7 +63,7 @@ def _generate(
     if beams is not None:
         step = step_with(None if memory is None else beam.expand_rows(memory, beams.num_beams))
         return beam.search(step, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, tokens_BP, mask_BP, eos_id,
-                           pad_id, n_stops=n_stops, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
+                           pad_id, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
     step = step_with(memory)
     T = max_new_tokens
 
@@ -151,7 +150,7 @@ def generate_scored(
     stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     beams = None
     if gen.num_beams > 1:
-        beams = BeamSettings(gen.num_beams, float(gen.length_penalty), gen.early_stopping, gen.num_return_sequences)
+        beams = beam.BeamSettings(gen.num_beams, float(gen.length_penalty), gen.early_stopping, gen.num_return_sequences)
     elif gen.num_return_sequences > 1:  # n samples of each prompt: its row n times
         prompts = [p for p in prompts for _ in range(gen.num_return_sequences)]
     tokens, mask = left_pad(prompts, pad_id)
@@ -189,7 +188,6 @@ def generate_scored(
         top_p=float(gen.top_p),
         penalties=Penalties(float(gen.repetition_penalty), int(gen.no_repeat_ngram_size), int(gen.min_new_tokens)),
         beams=beams,
-        n_stops=len(stops),
     )
     scores = None
     if beams is not None:
