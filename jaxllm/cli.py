@@ -220,7 +220,9 @@ def cmd_train(args) -> int:
         return 0
     if cfg.train.sample_prompt and trainer.cfg.model.arch != "encoder":
         # Every process takes part (the parameters are global arrays); process 0 prints.
-        gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens)
+        # One sample of train.sample_tokens tokens, whatever generate.* asks of a full generation.
+        gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens, num_return_sequences=1,
+                                  min_new_tokens=min(cfg.generate.min_new_tokens, cfg.train.sample_tokens))
         (text,) = generate_text(trainer.graphdef, trainer.state.params, trainer.cfg, trainer.tokenizer,
                                 [cfg.train.sample_prompt], gen)
         if jax.process_index() == 0:
