@@ -231,6 +231,19 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams, help="> 1: beam search (with --temperature 0)")
+    parser.add_argument("--length-penalty", type=float, default=defaults.length_penalty,
+                        help="beam search: score = sum of log-probs / new_tokens ** this")
+    parser.add_argument("--early-stopping", choices=["true", "false", "never"], default="false",
+                        help="beam search: stop when num_beams hypotheses are done (true), when none can improve "
+                             "(false), or as canonical beam search (never); as transformers")
+    parser.add_argument("--num-return-sequences", type=int, default=defaults.num_return_sequences,
+                        help="outputs per prompt: the n best beams, or n samples")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size, help="0 = off")
+    parser.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens,
+                        help="no EOS before this many new tokens")
+    parser.add_argument("--stop", action="append", default=[], help="the text ends before this string; repeatable")
     parser.add_argument("--tokenizer", help="use this tokenizer instead of the checkpoint's (needed when it has none): "
                                             "a tokenizer.json, a directory with one, a SentencePiece .model, "
                                             "builtin:kjv-sp4k")
@@ -240,8 +253,13 @@ def _generate_config(args) -> GenerateConfig:
     """The sampling options of `args`, checked as a config's would be."""
     from jaxllm.config import Config, validate
 
+    early = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_beams=args.num_beams,
+                         length_penalty=args.length_penalty, early_stopping=early,
+                         num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+                         no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
+                         stop=list(args.stop))
     validate(dataclasses.replace(Config(), generate=gen))
     return gen
 
@@ -277,7 +295,9 @@ def cmd_train(args) -> int:
         return 0
     if cfg.train.sample_prompt and trainer.cfg.model.arch != "encoder":
         # Every process takes part (the parameters are global arrays); process 0 prints.
-        gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens)
+        # One sample of train.sample_tokens tokens, whatever generate.* asks of a full generation.
+        gen = dataclasses.replace(cfg.generate, max_new_tokens=cfg.train.sample_tokens, num_return_sequences=1,
+                                  min_new_tokens=min(cfg.generate.min_new_tokens, cfg.train.sample_tokens))
         (text,) = generate_text(trainer.graphdef, trainer.state.params, trainer.cfg, trainer.tokenizer,
                                 [cfg.train.sample_prompt], gen)
         if jax.process_index() == 0:
@@ -314,9 +334,11 @@ def cmd_generate(args) -> int:
                           chat=args.chat)
     if jax.process_index() != 0:
         return 0
-    for prompt, text in zip(prompts, texts):
+    per_prompt = gen.num_return_sequences
+    for i, text in enumerate(texts):
+        prompt = prompts[i // per_prompt]
         print(f"{prompt}\n> {text}" if args.chat else f"{prompt}{text}")
-        if len(prompts) > 1:
+        if len(texts) > 1:
             print("---")
     return 0
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
-from jaxllm.config.schema import (Config, ConfigError, DistillConfig, PreferenceConfig, ModelConfig, ObjectiveConfig, OptimConfig,
-                                  TrainConfig)
+from jaxllm.config.schema import (Config, ConfigError, DistillConfig, GenerateConfig, ModelConfig, ObjectiveConfig,
+                                  OptimConfig, PreferenceConfig, TrainConfig)
 
 log = logging.getLogger("jaxllm")
 
@@ -89,11 +90,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mesh.dcn_data must be >= 1 (the number of slices), got {cfg.mesh.dcn_data}")
     _positive(cfg.distributed, "distributed", ["timeout_s", "heartbeat_timeout_s"])
     _positive(cfg.distributed, "distributed", ["num_processes"], null="read from JAXLLM_NUM_PROCESSES")
-    g = cfg.generate
+    validate_generate(cfg.generate)
+
+
+def validate_generate(g: GenerateConfig) -> None:
+    """The decoding options alone (`jaxllm generate` flags, or a config's generate section)."""
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("generate: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-    _positive(g, "generate", ["max_new_tokens"])
-    _non_negative(g, "generate", {"seed": ""})
+    _positive(g, "generate", ["max_new_tokens", "num_beams", "num_return_sequences"])
+    _non_negative(g, "generate", {"seed": "", "no_repeat_ngram_size": " (0 = off)", "min_new_tokens": ""})
+    if not (isinstance(g.early_stopping, bool) or g.early_stopping == "never"):
+        raise ConfigError(f"generate.early_stopping must be true, false or never, got {g.early_stopping!r}")
+    if not math.isfinite(g.length_penalty):
+        raise ConfigError(f"generate.length_penalty must be a finite number (1.0 = average log-probability per "
+                          f"token, 0 = sum), got {g.length_penalty}")
+    _above_zero(g.repetition_penalty, "generate.repetition_penalty", "1.2; 1 = off")
+    if g.min_new_tokens > g.max_new_tokens:
+        raise ConfigError(f"generate.min_new_tokens={g.min_new_tokens} exceeds max_new_tokens={g.max_new_tokens}; "
+                          "lower it or allow more new tokens")
+    if not isinstance(g.stop, list) or not all(isinstance(x, str) and x for x in g.stop):
+        raise ConfigError(f"generate.stop must be a list of non-empty strings, got {g.stop!r}")
+    if g.num_beams > 1:
+        if g.temperature > 0:
+            raise ConfigError(f"beam search (num_beams={g.num_beams}) is deterministic and does not sample: set "
+                              "temperature 0 (--temperature 0, generate.temperature=0), or num_beams 1 to sample")
+        if g.num_return_sequences > g.num_beams:
+            raise ConfigError(f"num_return_sequences={g.num_return_sequences} exceeds num_beams={g.num_beams}: beam "
+                              "search returns at most its beams; raise num_beams or lower num_return_sequences")
+    elif g.num_return_sequences > 1 and g.temperature == 0:
+        raise ConfigError(f"num_return_sequences={g.num_return_sequences} greedy sequences would all be the same: "
+                          "sample (temperature > 0) or use beam search (num_beams >= num_return_sequences)")
+    elif g.length_penalty != 1.0 or g.early_stopping is not False:
+        raise ConfigError("generate.length_penalty and early_stopping belong to beam search; set num_beams > 1 "
+                          "or leave them at their defaults")
 
 
 def _validate_embedding_noise(t: TrainConfig) -> None:

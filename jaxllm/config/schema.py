@@ -426,6 +426,15 @@ class GenerateConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
+    # Decoding options (docs/evaluation.md#decoding), defined as transformers' generate's.
+    num_beams: int = 1  # > 1: beam search (needs temperature 0)
+    length_penalty: float = 1.0  # beam score = sum of log-probs / new_tokens ** length_penalty
+    early_stopping: Any = False  # beam search: true | false | "never"
+    num_return_sequences: int = 1  # sequences per prompt: the n best beams, or n samples
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text
+    no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram occurs twice
+    min_new_tokens: int = 0  # EOS (and the other stop ids) banned before this many new tokens
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these strings
 
 
 @dataclass

@@ -46,11 +46,13 @@ def prompts_from_source(source: SourceConfig, tokenizer: Tokenizer, limit: int, 
 
 def teacher_completions(teacher: LoadedModel, prompts: list[str], gen: GenerateConfig,
                         batch_size: int) -> Iterator[dict[str, str]]:
-    """`{"prompt", "completion", "text"}` for each prompt, generated `batch_size` prompts at a time."""
+    """`{"prompt", "completion", "text"}` for each prompt (gen.num_return_sequences of them), generated
+    `batch_size` prompts at a time."""
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         texts = generate_text(teacher.graphdef, teacher.params, teacher.config, teacher.tokenizer, batch, gen)
-        for prompt, completion in zip(batch, texts):
+        for i, completion in enumerate(texts):
+            prompt = batch[i // gen.num_return_sequences]
             yield {"prompt": prompt, "completion": completion, "text": prompt + completion}
 
 

@@ -15,8 +15,10 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import Config, GenerateConfig, JaxllmError, ModelConfig
+from jaxllm.config.checks import validate_generate
 from jaxllm.data.chat_template import ChatTemplate
-from jaxllm.infer.sampling import sample_logits
+from jaxllm.infer import beam
+from jaxllm.infer.sampling import Penalties, sample_logits
 from jaxllm.models import bind, init_cache
 
 
@@ -34,47 +36,65 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> t
     return tokens, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "penalties", "beams"))
 def _generate(
     params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, *,
-    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p
+    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None
 ):
     """Decoder-only: tokens_BP is the prompt. Encoder-decoder: the encoder reads encoder_tokens_BS once
-    and tokens_BP holds the decoder's start token."""
+    and tokens_BP holds the decoder's start token; the prefill puts the memory's cross-attention keys and
+    values in the cache, and every step reads them there.
+
+    New tokens [B, T]; with `beams` (BeamSettings) the best hypotheses [B, R, T] and their scores [B, R]."""
     model = bind(graphdef, params)
-    if encoder_tokens_BS is None:
-        step = model
-    else:
+    memory = None
+    if encoder_tokens_BS is not None:
         memory = model.encode(encoder_tokens_BS, _positions(encoder_mask_BS), encoder_mask_BS)
 
-        def step(tokens, positions, segment_ids, cache):
-            return model.decode(memory, tokens, positions, segment_ids, cache)
+    def step_with(memory):
+        if memory is None:
+            return model
+        return lambda tokens, positions, segment_ids, cache: model.decode(memory, tokens, positions, segment_ids, cache)
 
     B, P = tokens_BP.shape
     cache = init_cache(model_cfg, B, P + max_new_tokens)
     positions_BP = _positions(mask_BP)
-    logits_BPV, cache = step(tokens_BP, positions_BP, mask_BP, cache)
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits_BPV, cache = step_with(memory)(tokens_BP, positions_BP, mask_BP, cache)
+    if beams is not None:
+        step = step_with(None if memory is None else beam.expand_rows(memory, beams.num_beams))
+        return beam.search(step, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, tokens_BP, mask_BP, eos_id,
+                           pad_id, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
+    step = step_with(memory)
+    T = max_new_tokens
+
+    def choose(logits_BV, out_BT, t, key):
+        if penalties != Penalties():
+            seq_BL = jnp.concatenate([tokens_BP, out_BT], axis=1)
+            valid_BL = jnp.concatenate([mask_BP > 0, jnp.broadcast_to(jnp.arange(T) < t, (B, T))], axis=1)
+            logits_BV = penalties.apply(logits_BV, seq_BL, valid_BL, P + t, t, eos_id)
+        return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
     key, sub = jax.random.split(key)
-    first_B = sample(logits_BPV[:, -1], sub)
-    out_BT = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+    out_BT = jnp.full((B, T), pad_id, jnp.int32)
+    first_B = choose(logits_BPV[:, -1], out_BT, 0, sub)
     state = dict(
         cache=cache,
         last_B=first_B,
         pos_B=positions_BP[:, -1] + 1,
         done_B=jnp.isin(first_B, eos_id),
-        out_BT=out_BT,
+        out_BT=out_BT.at[:, 0].set(first_B),
         t=jnp.array(1, jnp.int32),
         key=key,
     )
 
     def cond(s):
-        return (s["t"] < max_new_tokens) & ~jnp.all(s["done_B"])
+        return (s["t"] < T) & ~jnp.all(s["done_B"])
 
     def body(s):
         logits_B1V, cache = step(s["last_B"][:, None], s["pos_B"][:, None], jnp.ones((B, 1), jnp.int32), s["cache"])
         key, sub = jax.random.split(s["key"])
-        next_B = sample(logits_B1V[:, 0], sub)
+        next_B = choose(logits_B1V[:, 0], s["out_BT"], s["t"], sub)
         next_B = jnp.where(s["done_B"], pad_id, next_B)
         return dict(
             cache=cache,
@@ -110,9 +130,34 @@ def generate(
 
     For an encoder-decoder the prompts are the encoder's input and decoding starts from
     `decoder_start_id` (T5: pad, BART: EOS). `width`: pad the prompts to at least this many tokens (callers
-    that generate many batches use a few widths, so the decode loop compiles a few times).
+    that generate many batches use a few widths, so the decode loop compiles a few times). With
+    gen.num_return_sequences = n > 1 there are n lists per prompt, one prompt's after another (the n best
+    beams, best first, or n samples).
     """
+    return generate_scored(graphdef, params, model_cfg, prompts, gen, eos_id, pad_id, decoder_start_id, width)[0]
+
+
+def generate_scored(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    model_cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    gen: GenerateConfig,
+    eos_id: int | Sequence[int] | None,
+    pad_id: int,
+    decoder_start_id: int | None = None,
+    width: int = 0,
+) -> tuple[list[list[int]], list[float] | None]:
+    """`generate`'s token lists and, with beam search (gen.num_beams > 1), each one's score as
+    transformers' sequences_scores: the sum of its log-probabilities (after the penalties) divided by
+    (new tokens, the EOS counted) ** length_penalty. Scores are None without beam search."""
+    validate_generate(gen)
     stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    beams = None
+    if gen.num_beams > 1:
+        beams = beam.BeamSettings(gen.num_beams, float(gen.length_penalty), gen.early_stopping, gen.num_return_sequences)
+    elif gen.num_return_sequences > 1:  # n samples of each prompt: its row n times
+        prompts = [p for p in prompts for _ in range(gen.num_return_sequences)]
     tokens, mask = left_pad(prompts, pad_id, width)
     seq2seq = model_cfg.arch == "encoder_decoder"
     if model_cfg.arch == "encoder":
@@ -146,12 +191,24 @@ def generate(
         temperature=float(gen.temperature),
         top_k=int(gen.top_k),
         top_p=float(gen.top_p),
+        penalties=Penalties(float(gen.repetition_penalty), int(gen.no_repeat_ngram_size), int(gen.min_new_tokens)),
+        beams=beams,
     )
+    scores = None
+    if beams is not None:
+        out, scores = out
+        scores = np.asarray(scores).reshape(-1).tolist()
     result = []
-    for row in np.asarray(out).tolist():
+    for row in np.asarray(out).reshape(-1, gen.max_new_tokens).tolist():
         ends = [row.index(i) for i in stops if i in row]
         result.append(row[: min(ends)] if ends else row)
-    return result
+    return result, scores
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (the stop string itself not kept)."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 # Tokens that end an assistant's turn in common chat templates (ChatML / Qwen, Llama-3, Gemma, Phi-3).
@@ -181,6 +238,8 @@ def generate_text(
     prompt + EOS; BART: BOS + prompt + EOS; UL2: the [S] mode token first) and write an answer.
     `chat`: each prompt is a user message rendered with the tokenizer's chat template and its generation
     prompt (the assistant's turn begins); the reply ends at EOS or an end-of-turn token (CHAT_STOP_TOKENS).
+    Each text ends before the first of the strings gen.stop (checked on the decoded text after
+    generation); with gen.num_return_sequences = n, n texts per prompt, one prompt's after another.
     """
     pad = tokenizer.pad_id
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -207,13 +266,16 @@ def generate_text(
         encoded = [(bos if cfg.data.add_bos else []) + tokenizer.encode(p) for p in prompts]
     stops: list[int] = eos + ([i for i in map(tokenizer.token_to_id, CHAT_STOP_TOKENS) if i is not None] if chat else [])
     outputs = generate(graphdef, params, cfg.model, encoded, gen, stops, pad, start)
+    per_prompt = gen.num_return_sequences
     texts = []
-    for prompt_ids, new_ids in zip(encoded, outputs):
+    for row, new_ids in enumerate(outputs):
+        prompt_ids = encoded[row // per_prompt]
         new_ids = [i for i in new_ids if i < tokenizer.vocab_size]  # objective ids (sentinels) have no text
         if cfg.model.arch == "encoder_decoder":
-            texts.append(tokenizer.decode(new_ids))
+            texts.append(cut_at_stop(tokenizer.decode(new_ids), gen.stop))
             continue
         # Decode prompt and continuation together: a token's leading space only survives in context.
         prefix_text, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
-        texts.append(full[len(prefix_text):] if full.startswith(prefix_text) else tokenizer.decode(new_ids))
+        text = full[len(prefix_text):] if full.startswith(prefix_text) else tokenizer.decode(new_ids)
+        texts.append(cut_at_stop(text, gen.stop))
     return texts

@@ -39,11 +39,15 @@ class Masking(NamedTuple):
 
 
 class LayerCache(NamedTuple):
-    """One layer's cached keys/values [B, S, K, H] and where the current tokens are written."""
+    """One layer's cached keys/values [B, S, K, H] and where the current tokens are written; in a
+    decoder with cross-attention also the keys/values of the encoder memory [B, S_enc, K, H], computed
+    once at prefill (None until then)."""
 
     k_BSKH: jax.Array
     v_BSKH: jax.Array
     index: jax.Array
+    cross_k_BSKH: jax.Array | None = None
+    cross_v_BSKH: jax.Array | None = None
 
 
 def attention_mask(
@@ -224,20 +228,27 @@ class Attention(nnx.Module):
         bias_BNLS: jax.Array | None = None,
         cache: LayerCache | None = None,
         memory_BSD: jax.Array | None = None,
+        memory_kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Attention output [B, L, D] and, with a cache, this layer's updated (k, v).
+        """Attention output [B, L, D] and, with a cache, this layer's updated (k, v); cross-attention
+        returns the memory's (k, v) (what a decoding cache keeps).
 
-        Self-attention reads keys/values from x (and the cache); cross-attention from memory_BSD.
+        Self-attention reads keys/values from x (and the cache); cross-attention from memory_BSD, or
+        from memory_kv, the memory's keys/values computed once before (cached decoding).
         """
-        source_BSD = x_BLD if memory_BSD is None else memory_BSD
         q_BLNH = constrain(self.q(x_BLD), ("batch", "length", "act_heads", None))
-        k_BSKH = constrain(self.k(source_BSD), ("batch", "length", "act_kv_heads", None))
-        v_BSKH = constrain(self.v(source_BSD), ("batch", "length", "act_kv_heads", None))
+        cross = memory_BSD is not None or memory_kv is not None
+        if memory_kv is not None:  # cached: stored in the cache's dtype
+            k_BSKH, v_BSKH = (a.astype(q_BLNH.dtype) for a in memory_kv)
+        else:
+            source_BSD = memory_BSD if cross else x_BLD
+            k_BSKH = constrain(self.k(source_BSD), ("batch", "length", "act_kv_heads", None))
+            v_BSKH = constrain(self.v(source_BSD), ("batch", "length", "act_kv_heads", None))
+        new_cache = (k_BSKH, v_BSKH) if cross else None
         if self.inv_freq is not None:
             q_BLNH = apply_rope(q_BLNH, positions_BL, self.inv_freq)
             k_BSKH = apply_rope(k_BSKH, positions_BL, self.inv_freq)
-        new_cache = None
-        if cache is not None:
+        if cache is not None and not cross:
             start = (0, cache.index, 0, 0)
             k_BSKH = jax.lax.dynamic_update_slice(cache.k_BSKH, k_BSKH.astype(cache.k_BSKH.dtype), start)
             v_BSKH = jax.lax.dynamic_update_slice(cache.v_BSKH, v_BSKH.astype(cache.v_BSKH.dtype), start)

@@ -29,13 +29,18 @@ REMAT_POLICIES = {
 
 class StackCache(NamedTuple):
     """KV cache of a stack. k, v: [layers, B, S, K, H]; segment_ids, positions: [B, S] of each slot
-    (segment 0 = empty or padding); index: the next slot to write."""
+    (segment 0 = empty or padding); index: the next slot to write. A decoder with cross-attention also
+    keeps the encoder memory's keys/values cross_k, cross_v [layers, B, S_enc, K, H]: None in an empty
+    cache, filled by the first (prefill) call, then read by every decoding step instead of projecting
+    the memory again."""
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     positions: jax.Array
     index: jax.Array
+    cross_k: jax.Array | None = None
+    cross_v: jax.Array | None = None
 
 
 class Memory(NamedTuple):
@@ -100,13 +105,19 @@ class Block(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL, masking, bias_BNLS, cache=None, memory=None, memory_masking=None,
                  valid_BL=None):
-        """(x, this layer's new (k, v) or None, aux). valid_BL marks real tokens (for MoE routing)."""
+        """(x, this layer's new (k, v) or None, aux). valid_BL marks real tokens (for MoE routing).
+
+        With a cache, a cross-attending block reads the memory's keys/values from it when they are
+        there (cache.cross_k_BSKH) and returns (k, v, cross k, cross v)."""
         out_BLD, new_cache = self.attn(self._input(self.attn_norm, x_BLD), positions_BL, masking, bias_BNLS, cache)
         x_BLD = self._residual(self.attn_norm, x_BLD, out_BLD)
         if self.cross is not None:
-            out_BLD, _ = self.cross(self._input(self.cross_norm, x_BLD), positions_BL, memory_masking,
-                                    memory_BSD=memory)
+            cached = None if cache is None or cache.cross_k_BSKH is None else (cache.cross_k_BSKH, cache.cross_v_BSKH)
+            out_BLD, cross_kv = self.cross(self._input(self.cross_norm, x_BLD), positions_BL, memory_masking,
+                                           memory_BSD=None if cached is not None else memory, memory_kv=cached)
             x_BLD = self._residual(self.cross_norm, x_BLD, out_BLD)
+            if cache is not None:
+                new_cache = (*new_cache, *cross_kv)
         h_BLD = self._input(self.mlp_norm, x_BLD)
         out_BLD, aux = self.mlp(h_BLD, valid_BL) if isinstance(self.mlp, MoE) else (self.mlp(h_BLD), {})
         return self._residual(self.mlp_norm, x_BLD, out_BLD), new_cache, aux
@@ -115,15 +126,15 @@ class Block(nnx.Module):
 def run_in_order(blocks, x_BLD, kv, apply):
     """x through `blocks` one after another: the loop of an unrolled stack and of a `LayerGroup`.
 
-    apply(i, block, x_BLD, layer_kv) -> (x_BLD, the layer's new (k, v) or None, aux), where layer_kv is
-    the i-th layer's slice of kv = (k, v) [len(blocks), B, S, K, H], or None without a cache.
-    Returns x_BLD, the new (k, v) stacked like kv (None without a cache) and the layers' aux sums."""
+    apply(i, block, x_BLD, layer_kv) -> (x_BLD, the layer's new (k, v, ...) or None, aux), where layer_kv
+    is the i-th layer's slice of kv = (k, v[, cross k, cross v]) [len(blocks), B, S, K, H], or None without
+    a cache. Returns x_BLD, the layers' new kv stacked (None without a cache) and the aux sums."""
     outs, aux = [], {}
     for i, block in enumerate(blocks):
-        x_BLD, out_kv, block_aux = apply(i, block, x_BLD, None if kv is None else (kv[0][i], kv[1][i]))
+        x_BLD, out_kv, block_aux = apply(i, block, x_BLD, None if kv is None else tuple(a[i] for a in kv))
         outs.append(out_kv)
         aux = add_aux(aux, block_aux)
-    new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+    new_kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*outs))
     return x_BLD, new_kv, aux
 
 
@@ -143,7 +154,7 @@ class LayerGroup(nnx.Module):
         blocks = [getattr(self, f"dense{j}") for j in range(self.size - 1)] + [self.moe]
 
         def apply(j, block, x_BLD, layer_kv):
-            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
+            layer_cache = None if layer_kv is None else LayerCache(layer_kv[0], layer_kv[1], cache.index)
             return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache, memory, memory_masking, valid_BL)
 
         return run_in_order(blocks, x_BLD, None if cache is None else (cache.k_BSKH, cache.v_BSKH), apply)
@@ -228,7 +239,7 @@ class Stack(nnx.Module):
 
         def apply_block(graphdef, block_state, x_BLD, layer_kv, index):
             block = nnx.merge(graphdef, block_state)
-            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.index)
+            layer_cache = None if layer_kv is None else LayerCache(layer_kv[0], layer_kv[1], cache.index, *layer_kv[2:])
             with fold_dropout_key(index):  # LoRA dropout masks differ per layer (a no-op otherwise)
                 return block(x_BLD, positions_BL, masking, bias_BNLS, layer_cache,
                              None if memory is None else memory.x_BSD, memory_masking, valid_BL)
@@ -241,7 +252,9 @@ class Stack(nnx.Module):
         if self.cfg.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.cfg.remat],
                                          prevent_cse=not self.cfg.scan_layers or unroll > 1)
-        kv = None if cache is None else (cache.k, cache.v)
+        kv = None
+        if cache is not None:
+            kv = (cache.k, cache.v) + (() if cache.cross_k is None else (cache.cross_k, cache.cross_v))
         indices = jnp.arange(units) if dropout_active() else None
         if self.cfg.share_layers or self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -272,6 +285,8 @@ class Stack(nnx.Module):
             x_BLD, new_kv, aux = run_in_order(self.layers, x_BLD, kv, apply_layer)
         if cache is not None:
             cache = cache._replace(k=new_kv[0], v=new_kv[1], index=cache.index + L)
+            if len(new_kv) == 4:  # the memory's keys/values, computed by the first call
+                cache = cache._replace(cross_k=new_kv[2].astype(cache.k.dtype), cross_v=new_kv[3].astype(cache.k.dtype))
         if self.final_norm is not None:
             x_BLD = self.final_norm(x_BLD)
         return x_BLD, cache, aux
