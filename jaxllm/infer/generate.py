@@ -162,6 +162,9 @@ def generate_scored(
     seq2seq = model_cfg.arch == "encoder_decoder"
     if model_cfg.arch == "encoder":
         raise JaxllmError("an encoder model does not generate text; use a decoder or encoder-decoder checkpoint")
+    if model_cfg.head == "reward":
+        raise JaxllmError("a reward model (model.head=reward) scores text and does not generate it; use `jaxllm score "
+                          "--model ...`, or generate with the language model it was trained from")
     longest = gen.max_new_tokens + (1 if seq2seq else tokens.shape[1])
     if max(longest, tokens.shape[1]) > model_cfg.max_seq_len:
         what = "the prompt" if seq2seq and tokens.shape[1] > model_cfg.max_seq_len else (

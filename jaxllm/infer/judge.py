@@ -147,6 +147,9 @@ class Judge:
         if model.config.model.arch != "decoder":
             raise JaxllmError(f"the judge must be a decoder (it answers with a next token); this model is a "
                               f"model.arch={model.config.model.arch}")
+        if model.config.model.head == "reward":
+            raise JaxllmError("the judge is a reward model (model.head=reward): it scores responses, it does not "
+                              "answer; use `jaxllm score --model ...` for it, or a language model as the judge")
         if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
             raise JaxllmError("the judge needs two different, non-empty answer labels (--labels A,B), got "
                               f"{list(labels)}")

@@ -299,3 +299,13 @@ def test_a_reward_run_exports_as_a_transformers_reward_model(reward_dirs, tmp_pa
         theirs = model(input_ids=torch.tensor([ids + [0, 0]])).logits[0, 0].item()  # right-padded with pad id 0
     np.testing.assert_allclose(scored[1]["score"], theirs, rtol=1e-4, atol=1e-5)
     assert score["pairs"] == 2
+
+
+def test_generate_and_judge_refuse_a_reward_model(reward_dirs, tmp_path, capsys):
+    tmp, _, _, _ = reward_dirs
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    assert main(["generate", "--run-dir", str(tmp / "run"), "--prompt", "In the beginning", "--max-new-tokens", "2"]) == 2
+    assert "a reward model (model.head=reward) scores text and does not generate it" in capsys.readouterr().err
+    assert main(["judge", "--judge", str(tmp / "run"), "--data", str(tmp_path / "pairs.jsonl"),
+                 "--out", str(tmp_path / "judged.jsonl")]) == 2
+    assert "the judge is a reward model" in capsys.readouterr().err
