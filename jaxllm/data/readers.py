@@ -11,7 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from jaxllm.config import JaxllmError
 
@@ -232,3 +233,22 @@ class ParquetReader:
 
     def close(self) -> None:
         self._file.close()
+
+
+def json_objects(path: str | Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a jsonl file (gzipped when it ends in .gz), for the
+    commands that read a whole file of records (`jaxllm judge`, `jaxllm score`): a missing file, a line that is
+    not JSON or not an object are one-line JaxllmErrors naming file:line; `what` says what the file should hold."""
+    if not Path(path).is_file():
+        raise JaxllmError(f"--data {path} does not exist; give a jsonl file of {what}")
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JaxllmError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise JaxllmError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import GenerateConfig, JaxllmError
 from jaxllm.data.preference import implicit_prompt
+from jaxllm.data.readers import json_objects
 from jaxllm.infer.generate import generate_text
 from jaxllm.infer.judge import Judge, Verdict, load_template, open_model, wilson_interval
 from jaxllm.infer.load import LoadedModel
@@ -72,43 +72,32 @@ def read_jsonl(path: str, fields: Sequence[str], conversations: bool = False) ->
     """The records of a jsonl file, each checked to hold the string `fields` (one-line errors name file:line);
     `conversations`: also lists of chat messages (TRL's conversational format). `response_a` / `response_b` may
     also come as a two-item list `completions`."""
-    if not Path(path).is_file():
-        raise JaxllmError(f"--data {path} does not exist; give a jsonl file of {' + '.join(fields)} records")
     records = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxllmError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise JaxllmError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            if "response_a" in fields and "response_a" not in record and "completions" in record:
-                pair = record["completions"]
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise JaxllmError(f"{path}:{number}: 'completions' must be a list of exactly two responses, "
-                                      f"got {pair!r:.80}")
-                record = {**record, "response_a": pair[0], "response_b": pair[1]}
-            elif "response_a" in fields and "response_a" not in record and "chosen" in record and "rejected" in record:
-                # Pairs labelled already: the judge's agreement with them is measured (a = chosen).
-                prompt, a, b = (record["prompt"], record["chosen"], record["rejected"]) if "prompt" in record else \
-                    implicit_prompt(record["chosen"], record["rejected"])
-                record = {**record, "prompt": prompt, "response_a": a, "response_b": b}
-            missing = [name for name in fields if name not in record]
-            if missing:
-                other = (" (or a two-item list 'completions', or 'chosen' + 'rejected')"
-                         if "response_a" in missing else "")
-                raise JaxllmError(f"{path}:{number}: the record lacks {', '.join(map(repr, missing))}{other}; it has "
-                                  f"{', '.join(map(repr, record)) or 'no fields'}")
-            wrong = [name for name in fields if not (isinstance(record[name], str) or
-                                                     conversations and _is_conversation(record[name]))]
-            if wrong:
-                kinds = "a string or a list of chat messages ({'role': ..., 'content': ...})" if conversations \
-                    else "a string"
-                raise JaxllmError(f"{path}:{number}: field {wrong[0]!r} must be {kinds}, got {record[wrong[0]]!r:.80}")
-            records.append(record)
+    for number, record in json_objects(path, f"{' + '.join(fields)} records"):
+        if "response_a" in fields and "response_a" not in record and "completions" in record:
+            pair = record["completions"]
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise JaxllmError(f"{path}:{number}: 'completions' must be a list of exactly two responses, "
+                                  f"got {pair!r:.80}")
+            record = {**record, "response_a": pair[0], "response_b": pair[1]}
+        elif "response_a" in fields and "response_a" not in record and "chosen" in record and "rejected" in record:
+            # Pairs labelled already: the judge's agreement with them is measured (a = chosen).
+            prompt, a, b = (record["prompt"], record["chosen"], record["rejected"]) if "prompt" in record else \
+                implicit_prompt(record["chosen"], record["rejected"])
+            record = {**record, "prompt": prompt, "response_a": a, "response_b": b}
+        missing = [name for name in fields if name not in record]
+        if missing:
+            other = (" (or a two-item list 'completions', or 'chosen' + 'rejected')"
+                     if "response_a" in missing else "")
+            raise JaxllmError(f"{path}:{number}: the record lacks {', '.join(map(repr, missing))}{other}; it has "
+                              f"{', '.join(map(repr, record)) or 'no fields'}")
+        wrong = [name for name in fields if not (isinstance(record[name], str) or
+                                                 conversations and _is_conversation(record[name]))]
+        if wrong:
+            kinds = "a string or a list of chat messages ({'role': ..., 'content': ...})" if conversations \
+                else "a string"
+            raise JaxllmError(f"{path}:{number}: field {wrong[0]!r} must be {kinds}, got {record[wrong[0]]!r:.80}")
+        records.append(record)
     if not records:
         raise JaxllmError(f"--data {path} holds no records")
     return records

@@ -30,7 +30,7 @@ from jaxllm import models, sharding
 from jaxllm.config import DataConfig, JaxllmError, MeshConfig, ModelConfig
 from jaxllm.convert.hf_io import read_hf_config
 from jaxllm.data.chat import ChatEncoder, ChatFields
-from jaxllm.data.readers import RecordError
+from jaxllm.data.readers import RecordError, json_objects
 from jaxllm.data.sft import chat_template_for
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer_from_files
 from jaxllm.train.checkpoint import find_checkpoint
@@ -143,21 +143,7 @@ def score_sequences(model: RewardModel, sequences: list[list[int]], batch_size: 
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise JaxllmError(f"--data {path} is not a file; give a jsonl file of prompt/completion, messages or "
-                          "prompt/chosen/rejected rows")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxllmError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise JaxllmError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    rows = [row for _, row in json_objects(path, "prompt/completion, messages or prompt/chosen/rejected rows")]
     if not rows:
         raise JaxllmError(f"--data {path} holds no rows")
     return rows

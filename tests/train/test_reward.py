@@ -264,7 +264,7 @@ def test_score_refuses_a_language_model_and_bad_rows(reward_dirs, tmp_path, caps
                  "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "is not a reward model" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3\n')
-    with pytest.raises(JaxllmError, match=r"bad.jsonl:2: not a JSON line"):
+    with pytest.raises(JaxllmError, match=r"bad.jsonl:2: not valid JSON"):
         score_file(tmp / "hf", tmp_path / "bad.jsonl", tmp_path / "x.jsonl", progress=False)
     (tmp_path / "odd.jsonl").write_text('{"question": "a"}\n')
     with pytest.raises(JaxllmError, match=r"odd.jsonl:1: the record has none of the fields"):
