@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.bench import summary
-from jaxllm.bench_batches import check_segments, synthetic_examples, synthetic_pairs
+from jaxllm.bench_batches import PAIR_OBJECTIVES, check_segments, synthetic_examples, synthetic_pairs
 from jaxllm.bench_peer import _cuda_available, hf_causal_lm
 from jaxllm.config import Config, JaxllmError, ModelConfig
 
@@ -338,15 +338,15 @@ def check_installed() -> None:
 def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings: tuple[str, ...] = ("bfd",),
                         segments: int = 4) -> dict[str, Any]:
     """Rows of `jaxllm bench --peer trl`: TRL's SFT step (and GKD's, when the config's objective has a
-    teacher; DPOTrainer's, when it is dpo) next to jaxllm's pretraining (clm) step, SFT step and the config's own objective's step on
-    the same model, global batch and sequence length. A TRL row's `compare_to` names its jaxllm row; its MFU
+    teacher; DPOTrainer's, when it is dpo) next to jaxllm's pretraining (clm) step, SFT step and the config's
+    own objective's step on the same model, global batch and sequence length. A TRL row's `compare_to` names its jaxllm row; its MFU
     uses that row's FLOPs per token and peak. TRL runs first: JAX keeps a GPU's memory once it has it."""
     from jaxllm import bench
     from jaxllm.train.objective import check_trainable
 
     objective = check_trainable(cfg)
     name = cfg.data.objective.name
-    check_segments(segments, cfg.data.seq_len, pairs=name == DPO)
+    check_segments(segments, cfg.data.seq_len, pairs=name in PAIR_OBJECTIVES)
     check_installed()
     sources = objective.frozen_models(cfg)
     teacher = frozen_model_config(sources[TEACHER]) if TEACHER in sources else None  # before any peer runs
@@ -354,7 +354,7 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
     methods = {"jaxllm pretraining (clm)": (with_objective(cfg, "clm"), False),
                "jaxllm sft": (with_objective(cfg, "sft"), True)}
     own = f"jaxllm {name}"
-    if name not in ("clm", "sft"):  # a distillation step learns from the SFT batch's examples
+    if name not in ("clm", "sft"):  # distillation learns from the SFT batch's examples, dpo from the DPO batch's pairs
         methods[own] = (cfg, True if teacher is not None else None)
     results: dict[str, Any] = {}
     for packing in packings:
