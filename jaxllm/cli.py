@@ -1,4 +1,4 @@
-"""The `jaxllm` command: train | generate | distill-data | judge | eval | perplexity | convert | bench | plan | data.
+"""The `jaxllm` command: train | generate | distill-data | judge | eval | perplexity | score | convert | bench | plan | data.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit status 2, never a traceback.
 """
@@ -116,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--bench-hf", action="store_true", help="instead: time these tasks on this model with jaxllm and "
                     "with the harness's Hugging Face backend (a Hugging Face directory), requests/s side by side")
     ev.set_defaults(func=cmd_eval)
+
+    sc = sub.add_parser("score", help="a reward model's scores of prompt/response rows or prompt/chosen/rejected "
+                                      "pairs (jsonl), written beside every field; on pairs, the accuracy")
+    sc.add_argument("--model", required=True, help="a reward model: jaxllm run or checkpoint (model.head=reward), or "
+                    "a Hugging Face *ForSequenceClassification directory")
+    sc.add_argument("--data", required=True, help="jsonl rows: prompt + completion, messages, or prompt + chosen + "
+                    "rejected")
+    sc.add_argument("--out", required=True, help="the jsonl file to write")
+    sc.add_argument("--batch-size", type=int, default=16, help="sequences scored at once")
+    sc.set_defaults(func=cmd_score)
 
     c = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (safetensors)")
     csub = c.add_subparsers(required=True, metavar="DIRECTION")
@@ -360,6 +370,15 @@ def cmd_eval(args) -> int:
     from jaxllm.eval.cli import run_eval_command
 
     return run_eval_command(args)
+
+
+def cmd_score(args) -> int:
+    from jaxllm.infer.score import score_file
+
+    result = score_file(args.model, args.data, args.out, args.batch_size)
+    accuracy = f", accuracy {result['accuracy']:.4f} on {result['pairs']} pairs" if result["pairs"] else ""
+    print(f"wrote {result['rows']} scored rows to {args.out}{accuracy}")
+    return 0
 
 
 def cmd_convert_hf_to_jaxllm(args) -> int:

@@ -27,7 +27,9 @@ def validate(cfg: Config) -> None:
         )
     if m.positions == "rope" and m.dim_per_head % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got {m.dim_per_head}; change model.head_dim")
-    if m.head != "lm" and m.arch != "encoder":
+    if m.head == "reward" and m.arch != "decoder":
+        raise ConfigError(f"model.head=reward is a decoder's scalar head, but model.arch={m.arch}; set model.arch=decoder")
+    if m.head not in ("lm", "reward") and m.arch != "encoder":
         raise ConfigError(f"model.head={m.head} belongs to encoders; set model.arch=encoder or model.head=lm")
     if m.arch == "encoder" and m.head == "lm":
         raise ConfigError("an encoder needs model.head=mlm (masked LM), discriminator (ELECTRA) or none")

@@ -71,7 +71,8 @@ class MoEConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters (docs/lora.md) on the dense projections whose path matches `targets`: y = x W +
-    scale * dropout(x) A B, with A [in, rank], B [rank, out], B starting at zero. Only adapters train."""
+    scale * dropout(x) A B, with A [in, rank], B [rank, out], B starting at zero. Only adapters train (and a
+    reward model's fresh `score` head)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -132,7 +133,10 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (sentence A/B) embeddings (BERT)
     share_layers: bool = False  # one layer's weights applied num_layers times (ALBERT)
     # Encoder heads: BERT's masked LM, ELECTRA's discriminator, or none (hidden states, e.g. embeddings).
-    head: Literal["lm", "mlm", "discriminator", "none"] = "lm"
+    # Decoders: lm (next-token logits) or reward: a scalar per position from a bias-free D -> 1 `score`
+    # (Hugging Face's *ForSequenceClassification, num_labels=1); a sequence's reward is read at its last
+    # token (docs/post-training.md, Reward models). With train.init_from of an LM, the head starts fresh.
+    head: Literal["lm", "mlm", "discriminator", "none", "reward"] = "lm"
     electra_generator: Optional[ElectraGenerator] = None  # with head=discriminator: ELECTRA pre-training
     tie_embeddings: bool = False
     logits_bias: bool = False  # a bias on the output logits (BERT's MLM decoder, BART's final_logits_bias)
@@ -299,6 +303,10 @@ class ObjectiveConfig:
     # dpo: the records carry the reference model's log-probs (TRL's ref_chosen_logps / ref_rejected_logps;
     # `jaxllm data ref-logps` writes them): no reference model is loaded.
     precomputed_reference: bool = False
+    # reward (docs/post-training.md, Reward models): Bradley-Terry -logsigmoid(r_chosen - r_rejected - margin), the
+    # margin a record's `margin` field (0 without); plus this coefficient * mean((r_chosen + r_rejected)^2) to keep
+    # rewards centred on 0 (TRL's RewardConfig.center_rewards_coefficient; null = none).
+    center_rewards_coefficient: Optional[float] = None
 
 
 @dataclass

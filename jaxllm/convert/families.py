@@ -225,10 +225,53 @@ def _bloom_rules(cfg: ModelConfig) -> list[Rule]:
     ]
 
 
+# --------------------------------------------------------------------------- reward heads (any decoder)
+
+REWARD_SUFFIX = "ForSequenceClassification"
+
+
+def _is_reward(hf: dict) -> bool:
+    return any(str(a).endswith(REWARD_SUFFIX) for a in hf.get("architectures") or [])
+
+
+def _with_reward_head(family: Family) -> Family:
+    """`family` that also converts Hugging Face `*ForSequenceClassification` with num_labels=1 <-> a decoder
+    with model.head=reward: the backbone's tensors as the LM's, `score.weight` [1, D] as our `score/kernel`."""
+
+    def config_from_hf(hf: dict) -> ModelConfig:
+        cfg = family.config_from_hf(hf)
+        if not _is_reward(hf):
+            return cfg
+        labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+        if labels != 1 or cfg.arch != "decoder":
+            raise ConversionError(
+                f"{hf['architectures'][0]} with num_labels={labels}: jaxllm converts reward models, decoders with "
+                "num_labels=1 (a scalar score)")
+        return dataclasses.replace(cfg, head="reward")
+
+    def config_to_hf(cfg: ModelConfig) -> dict:
+        out = family.config_to_hf(cfg)
+        if cfg.head == "reward":
+            causal = out["architectures"][0]
+            stem = causal.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+            out.update(architectures=[stem + REWARD_SUFFIX], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        return out
+
+    def rules(cfg: ModelConfig) -> list[Rule]:
+        if cfg.head != "reward":
+            return family.rules(cfg)
+        backbone = [r for r in family.rules(cfg) if not any(o.startswith("lm_head/") for o in r.ours)]
+        return backbone + [linear("score.weight", "score/kernel")]
+
+    return dataclasses.replace(family, config_from_hf=config_from_hf, config_to_hf=config_to_hf, rules=rules)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Registers `family` under its model types (a decoder family converts reward models too)."""
+    family = _with_reward_head(family)
     for model_type in family.model_types:
         FAMILIES[model_type] = family
     return family

@@ -212,8 +212,9 @@ def from_hf(path: str | Path, devices: Sequence[jax.Device] | None = None, param
 
 
 def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files: dict[str, bytes] | None = None,
-            dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Writes config.json, safetensors (sharded above `max_shard_bytes`) and tokenizer files."""
+            dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> Path:
+    """Writes config.json, safetensors (sharded above `max_shard_bytes`) and tokenizer files. A reward model's
+    `pad_token_id` goes into config.json: *ForSequenceClassification reads the last token that is not it."""
     _check_config(cfg)
     family = family_for(cfg)
     out_dir = Path(out_dir)
@@ -230,6 +231,8 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files:
         writer.finish()
         hf_cfg = family.config_to_hf(cfg)
         hf_cfg["dtype"] = dtype or cfg.param_dtype
+        if pad_token_id is not None:
+            hf_cfg["pad_token_id"] = pad_token_id
         atomic_write_text(out_dir / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))
         for name, data in (tokenizer_files or {}).items():
             atomic_write_bytes(out_dir / name, data)
@@ -287,4 +290,8 @@ def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None 
     if model_cfg.lora is not None or model_cfg.quant is not None:
         params, model_cfg = lora.merge(params, model_cfg), lora.base_config(model_cfg)
     tokenizer_files = hf_tokenizer_files(loaded.tokenizer, loaded.config.data) if loaded.tokenizer else {}
-    return save_hf(params, model_cfg, out_dir, tokenizer_files, dtype, max_shard_bytes)
+    pad = loaded.tokenizer.pad_id if loaded.tokenizer is not None and model_cfg.head == "reward" else None
+    if pad is not None and pad == loaded.tokenizer.eos_id:
+        log.warning("the tokenizer pads with its EOS id %d: transformers' %s reads a reward at the last token that is "
+                    "not padding, one before the EOS that jaxllm reads it at", pad, family_for(model_cfg).name)
+    return save_hf(params, model_cfg, out_dir, tokenizer_files, dtype, max_shard_bytes, pad)

@@ -4,7 +4,8 @@ PEFT names an adapter after the Hugging Face module it wraps: `base_model.model.
 [R, in] and `lora_B.weight` [out, R]. Our adapters live beside our kernels (`layers/attn/q/lora_a`
 [layers, in..., R], `lora_b` [layers, R, out...]); the family's conversion rules say which HF module a
 kernel is, so both directions reuse them. Only projections stored as a plain `nn.Linear` weight
-(LLaMA, Mistral, Qwen2, Mixtral and Qwen2-MoE attention and MLPs) can carry PEFT adapters.
+(LLaMA, Mistral, Qwen2, Mixtral and Qwen2-MoE attention and MLPs) can carry PEFT adapters. A reward model's
+`score` head, which LoRA trains in full, is PEFT's `modules_to_save` (task_type SEQ_CLS): `score.weight`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jaxllm.utils import atomic_write_text
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+SCORE = "score.weight"  # a reward model's head, trained in full beside the adapters (modules_to_save)
 
 
 def _projections(cfg: ModelConfig) -> dict[str, Rule]:
@@ -64,6 +66,8 @@ def save_peft_adapters(params: Any, cfg: ModelConfig, out_dir: str | Path,
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a1.reshape(-1, a1.shape[-1]).T)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b1.reshape(b1.shape[0], -1).T)
         leaf_names.setdefault(rule.hf.split(".")[-2], []).append(path)
+    if cfg.head == "reward":  # the fresh head trained in full: PEFT's modules_to_save, stored under its own name
+        tensors[PREFIX + SCORE] = np.ascontiguousarray(np.asarray(jax.device_get(flat["score/kernel"]), np.float32).T)
     # Leaf names ("q_proj") when they pick exactly our adapted projections, else exact module names.
     every = {leaf: [p for p, r in projections.items() if r.hf.split(".")[-2] == leaf] for leaf in leaf_names}
     if all(sorted(every[leaf]) == sorted(paths) for leaf, paths in leaf_names.items()):
@@ -76,10 +80,12 @@ def save_peft_adapters(params: Any, cfg: ModelConfig, out_dir: str | Path,
     if jax.process_index() == 0:
         save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
             "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
             "use_rslora": cfg.lora.rslora, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+            "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": ["score"] if cfg.head == "reward" else None, "rank_pattern": {},
             "alpha_pattern": {}, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         }
         atomic_write_text(out / CONFIG, json.dumps(config, indent=2))
@@ -96,7 +102,8 @@ def read_peft_config(directory: str | Path) -> LoraConfig:
     unsupported = {
         "peft_type": c.get("peft_type") != "LORA", "use_dora": bool(c.get("use_dora")),
         "bias": c.get("bias", "none") != "none", "rank_pattern": bool(c.get("rank_pattern")),
-        "alpha_pattern": bool(c.get("alpha_pattern")), "modules_to_save": bool(c.get("modules_to_save")),
+        "alpha_pattern": bool(c.get("alpha_pattern")),
+        "modules_to_save": bool(set(c.get("modules_to_save") or ()) - {"score", "classifier"}),  # a reward head only
         "fan_in_fan_out": bool(c.get("fan_in_fan_out")), "layer_replication": bool(c.get("layer_replication")),
         "lora_bias": bool(c.get("lora_bias")), "trainable_token_indices": bool(c.get("trainable_token_indices")),
     }
@@ -141,6 +148,14 @@ def load_peft_adapters(directory: str | Path, params: Any, cfg: ModelConfig, sha
         adapters[f"{path}/lora_a"] = np.stack(a).reshape(*kernel.shape[:rule.lead], *a[0].shape).astype(np.float32)
         adapters[f"{path}/lora_b"] = np.stack(b).reshape(*kernel.shape[:rule.lead], *b[0].shape).astype(np.float32)
         used.update(f"{n}.lora_{x}.weight" for n in names for x in "AB")
+    if PREFIX + SCORE in stored:
+        if cfg.head != "reward":
+            raise ConversionError(f"the PEFT adapter in {directory} trains a reward head (score.weight) but the base "
+                                  "model has none; load it onto a *ForSequenceClassification base")
+        score = flat["score/kernel"]
+        params = lora.combine({k: v for k, v in params.items() if k != "score"},
+                              {"score": {"kernel": jax.numpy.asarray(stored[PREFIX + SCORE].T.astype(score.dtype))}})
+        used.add(PREFIX + SCORE)
     unused = sorted(set(stored) - used)
     if unused:
         raise ConversionError(f"PEFT adapter tensors jaxllm cannot place ({', '.join(unused[:3])}"

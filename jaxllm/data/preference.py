@@ -24,6 +24,7 @@ the KL one). Row fields, each [seq_len]:
   segment's last position, on prompts and on padding);
 - `segment_ids` (0 = padding), `positions` (0, 1, ... within each sequence);
 - kto: `kto_label`, 1 on the positions of a desirable example's two segments, 0 on an undesirable one's;
+- reward: `margin`, a record's optional `margin` (TRL's column; 0 without) on every position of both segments;
 - dpo with precomputed reference log-probs (data.objective.precomputed_reference: records carrying TRL's
   `ref_chosen_logps` / `ref_rejected_logps`, which `jaxllm data ref-logps` writes): `ref_logps`, the
   reference's summed response log-prob of each segment on every position of it.
@@ -124,6 +125,12 @@ class EncodePair:
         seqs = [self.sequences.encode(prompt, chosen, o.chosen_field),
                 self.sequences.encode(prompt, rejected, o.rejected_field)]
         unit = {"sequences": seqs}
+        if o.name == "reward":
+            margin = record.get("margin", 0.0)
+            if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
+                raise RecordError(f"field 'margin' must be a finite number (how much chosen should beat rejected by), "
+                                  f"got {margin!r:.40}")
+            unit["margin"] = float(margin)
         ref = _ref_logps(record)
         if ref is not None:
             unit["ref"] = list(ref)
@@ -202,6 +209,8 @@ class UnitToExample:
                 return None
             part = {"inputs": ids_a, "targets": targets, "loss_mask": loss_mask,
                     "part": np.full(n, k + 1, np.int32), "pos": np.arange(n, dtype=np.int32)}
+            if "margin" in unit:
+                part["margin"] = np.full(n, unit["margin"], np.float32)
             if "labels" in unit:
                 part["kto_label"] = np.full(n, float(unit["labels"][k // 2]), np.float32)
             if self.with_ref:
@@ -227,7 +236,7 @@ def finish_unit_row(units_per_example: int):
             "positions": np.where(real, packed["pos"], 0).astype(np.int32),
             "loss_mask": (packed["loss_mask"] * real).astype(np.float32),
         }
-        for key in ("kto_label", "ref_logps"):
+        for key in ("kto_label", "ref_logps", "margin"):
             if key in packed:
                 row[key] = (packed[key] * real).astype(np.float32)
         return row
@@ -257,7 +266,7 @@ def _rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, batch_
 
 
 def _extra(spec: dict) -> list[str]:
-    return [k for k in ("kto_label", "ref_logps") if k in spec]
+    return [k for k in ("kto_label", "ref_logps", "margin") if k in spec]
 
 
 def _pad(example: dict[str, np.ndarray], L: int) -> dict[str, np.ndarray]:
@@ -277,6 +286,8 @@ def _spec(cfg: DataConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], 
     spec["loss_mask"] = (row, f32)
     if cfg.objective.name == "kto":
         spec["kto_label"] = (row, f32)
+    if cfg.objective.name == "reward":
+        spec["margin"] = (row, f32)
     if _with_ref(cfg):
         spec["ref_logps"] = (row, f32)
     return spec

@@ -54,10 +54,21 @@ def combine(a: dict, b: dict) -> dict:
     return out
 
 
+# Heads trained in full beside the adapters (PEFT's `modules_to_save`): a reward model's `score` starts
+# untrained on a pretrained backbone, so a LoRA reward model must learn it (as TRL's SEQ_CLS LoRA does).
+FULLY_TRAINED_HEADS = ("score",)
+
+
+def _trained_with_adapters(path) -> bool:
+    return is_adapter(path) or getattr(path[0], "key", path[0]) in FULLY_TRAINED_HEADS
+
+
 def split_trainable(params: Any) -> tuple[dict, dict]:
-    """(trainable, frozen): the adapters and the rest when the model has adapters; else (params, {})."""
-    trainable, frozen = partition(params, is_adapter)
-    return (trainable, frozen) if trainable else (params, {})
+    """(trainable, frozen): the adapters (and a fresh head, `FULLY_TRAINED_HEADS`) and the rest when the model
+    has adapters; else (params, {})."""
+    if not partition(params, is_adapter)[0]:
+        return params, {}
+    return partition(params, _trained_with_adapters)
 
 
 def trainable(params: Any) -> dict:

@@ -1,6 +1,7 @@
 """The three model shapes built from one `ModelConfig`:
 
-- `Decoder`: causal LM (LLaMA, Mistral, Qwen2, GPT-2, BLOOM).
+- `Decoder`: causal LM (LLaMA, Mistral, Qwen2, GPT-2, BLOOM), or with `head=reward` a reward model: a scalar
+  per position (Hugging Face's `*ForSequenceClassification` with num_labels=1).
 - `Encoder`: bidirectional, with a masked-LM or replaced-token-detection head (BERT, RoBERTa, ALBERT, ELECTRA).
 - `EncoderDecoder`: encoder + causal decoder with cross-attention (T5, BART).
 
@@ -67,12 +68,19 @@ class Decoder(Stack):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs, cfg.num_layers, causal=True)
         self.embed = Embed(cfg, rngs)
-        self.lm_head = LMHead(cfg, cfg.d_model, rngs)
+        self.lm_head = LMHead(cfg, cfg.d_model, rngs) if cfg.head != "reward" else None
+        # A reward model's head: D -> 1 without bias (Hugging Face's `score`), in place of the LM head.
+        self.score = Dense((cfg.d_model,), (1,), ("embed", None), cfg, rngs) if cfg.head == "reward" else None
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
-        """Logits [B, L, V] and the updated cache when one is given."""
+        """Logits [B, L, V] (a reward model: rewards [B, L]) and the updated cache when one is given."""
         x_BLD, cache, _ = self.hidden(tokens_BL, positions_BL, segment_ids_BL, cache)
-        return self.logits(x_BLD), cache
+        return (self.logits(x_BLD) if self.score is None else self.rewards(x_BLD)), cache
+
+    def rewards(self, x_BLD: jax.Array) -> jax.Array:
+        """A reward model's scalar at every position, float32 [B, L]; a sequence's reward is the value at its
+        last token (losses.segment_last)."""
+        return constrain(self.score(x_BLD)[..., 0].astype(jnp.float32), ("batch", "length"))
 
     def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
         """Final hidden states [B, L, D] (before the output projection), the updated cache, and the

@@ -32,6 +32,7 @@ from jaxllm.data.objectives import batch_spec, check_vocab_size, special_ids, to
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
+from jaxllm.models.heads import change_head
 from jaxllm.models.vocab import grown_vocab_size, resize_vocab
 from jaxllm.train.checkpoint import Checkpointer, Meta
 from jaxllm.train.frozen import FrozenModel, Pretrained, frozen_shardings, load_frozen, open_pretrained
@@ -96,9 +97,11 @@ class Trainer:
         # Config and tokenizer only: the data position belongs to that run (and its process count).
         self._init_from = open_pretrained(cfg.train.init_from)
         saved = self._init_from.config
+        # model.head=reward on an LM: the backbone is loaded and a fresh reward head added (models/heads.py).
+        head = "reward" if cfg.model.head == "reward" else saved.head
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
-            lora=cfg.model.lora, quant=cfg.model.quant))
+            lora=cfg.model.lora, quant=cfg.model.quant, head=head))
         validate(cfg)
         return cfg
 
@@ -173,6 +176,7 @@ class Trainer:
             if self._init_from is not None:
                 base = self._init_from.params(self.mesh, self.rules, self._init_from.config.param_dtype)
                 base = self._resize_vocab(base, self._init_from.config)
+                base = change_head(base, self._init_from.config, cfg.model, self.state_shardings.params, cfg.train.seed)
                 # This run's policies (model.lora, model.quant) apply to that base.
                 params = lora.adapt(base, cfg.model, self.state_shardings.params, cfg.train.seed)
                 log.info("parameters from %s", self._init_from.where)

@@ -82,6 +82,13 @@ def segment_totals(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array
     return jnp.where(ends, total - base, 0.0)
 
 
+def segment_last(segment_ids_BL: jax.Array, values_BL: jax.Array) -> jax.Array:
+    """float32 [B, L]: `values` at the last position of each segment (ids > 0), 0 elsewhere: a reward model's
+    reward of each packed sequence, which ends with its EOS."""
+    ends = (segment_ids_BL != jnp.pad(segment_ids_BL, ((0, 0), (0, 1)))[:, 1:]) & (segment_ids_BL > 0)
+    return jnp.where(ends, values_BL.astype(jnp.float32), 0.0)
+
+
 def chosen_targets(segment_ids_BL: jax.Array) -> jax.Array:
     """float32 [B, L]: 1 at every next-token target of a preference row's first sequences (odd segments: chosen),
     prompt and response alike (each position of the segment but its last): ORPO's nll_loss, as TRL's."""

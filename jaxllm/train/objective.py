@@ -88,6 +88,11 @@ def check_trainable(cfg: Config) -> Objective:
             f"model is arch={arch}; use data.objective.name={' or '.join(fits)}, or a config of the other kind "
             "under configs/"
         )
+    if arch == "decoder" and (cfg.model.head == "reward") != (objective.name == "reward"):
+        raise JaxllmError(
+            f"data.objective.name={objective.name} with model.head={cfg.model.head}: a reward model (model.head=reward) "
+            "trains with data.objective.name=reward, and that objective needs it; set both or neither"
+        )
     if cfg.model.quant is not None and cfg.model.lora is None:
         raise JaxllmError("model.quant stores the base quantised and frozen; to train, add adapters with "
                           "model.lora (QLoRA), or drop model.quant")
