@@ -339,8 +339,9 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
                         segments: int = 4) -> dict[str, Any]:
     """Rows of `jaxllm bench --peer trl`: TRL's SFT step (and GKD's, when the config's objective has a
     teacher; DPOTrainer's, when it is dpo) next to jaxllm's pretraining (clm) step, SFT step and the config's
-    own objective's step on the same model, global batch and sequence length. A TRL row's `compare_to` names its jaxllm row; its MFU
-    uses that row's FLOPs per token and peak. TRL runs first: JAX keeps a GPU's memory once it has it."""
+    own objective's step on the same model, global batch and sequence length. A TRL row's `compare_to` names
+    its jaxllm row; its MFU uses that row's FLOPs per token and peak. TRL runs first: JAX keeps a GPU's memory
+    once it has it."""
     from jaxllm import bench
     from jaxllm.train.objective import check_trainable
 
