@@ -99,6 +99,33 @@ class Setup:
         return metrics
 
 
+_NOTED: set[str] = set()  # missing init_from paths already noted
+
+
+def start_from(cfg: Config) -> Config:
+    """`cfg` with the model the Trainer would train: with train.init_from (when it exists), that model's
+    shapes with this config's dtype, remat, attention kernel and adapters (`Trainer._start_from`); the
+    weights are not read (the bench initialises at random). A missing init_from leaves the config's model
+    section, said once on stderr."""
+    import sys
+
+    path = cfg.train.init_from
+    if not path:
+        return cfg
+    if not Path(path).exists():
+        if path not in _NOTED:
+            _NOTED.add(path)
+            print(f"note: train.init_from={path} does not exist: measuring the config's model section instead",
+                  file=sys.stderr)
+        return cfg
+    from jaxllm.train.frozen import open_pretrained
+
+    m = cfg.model
+    saved = open_pretrained(path).config
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        saved, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl, lora=m.lora, quant=m.quant))
+
+
 def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
     """Initialises `cfg`'s parameters in their shardings, loads the frozen models its objective declares
     (as the Trainer does), and compiles its train step (timed) on a synthetic batch of its objective
@@ -108,7 +135,7 @@ def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
     from jaxllm.train.step import init_train_state, jit_train_step, train_state_spec
 
     objective = check_trainable(cfg)
-    cfg = _prepared(objective, cfg)
+    cfg = _prepared(objective, start_from(cfg))
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.make_rules(cfg.mesh.rules)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
@@ -119,6 +146,9 @@ def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
              for k, v in objective_batch(cfg, cfg.train.batch_size, packed=packed, segments=segments).items()}
     frozen = {}
     for name, source in objective.frozen_models(cfg).items():
+        if name == REFERENCE:
+            frozen[name] = _reference_from_policy(cfg.model, params, source.param_dtype)
+            continue
         if not Path(source.path).exists():
             raise JaxllmError(f"the {cfg.data.objective.name} objective's frozen model {name!r} is read from "
                               f"{source.path}, which does not exist: train or convert it first, or point the "
@@ -131,6 +161,26 @@ def setup(cfg: Config, packed: bool | None = None, segments: int = 4) -> Setup:
         step = step.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t
     return Setup(cfg, mesh, rules, spec, state, batch, batch_sh, step, compile_s, frozen)
+
+
+REFERENCE = "reference"  # a preference objective's frozen reference (jaxllm/train/preference.py)
+
+
+def _reference_from_policy(m, params, param_dtype: str | None):
+    """The bench's reference policy: a copy of the policy's (random) initial parameters, in the reference's
+    dtype (`preference.reference_dtype`, else the policy's). In training the reference is the starting
+    model (train.init_from) as well, so a first step sees the reference equal to the policy (DPO's loss: ln 2)."""
+    from jaxllm.train.frozen import FrozenModel
+
+    cfg = dataclasses.replace(m, param_dtype=param_dtype) if param_dtype else m
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def copied(a):  # a copy in its own buffers, where the policy's are: the train step donates the policy's
+        a = a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return jax.device_put(a, a.sharding, may_alias=False)
+
+    copy = jax.tree.map(copied, params)
+    return FrozenModel(copy, models.model_spec(cfg)[0], cfg)
 
 
 def _prepared(objective, cfg: Config) -> Config:
@@ -157,7 +207,14 @@ def step_flops_per_token(s: Setup, causal: bool = False) -> float:
 def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     """Train-step throughput of the setup's config (random init, synthetic batches) on all devices."""
     cfg, m = s.cfg, s.cfg.model
-    times = timed(s.run_step, warmup, steps)
+    losses = []  # each step's loss, left on the device until the end
+
+    def run():
+        metrics = s.run_step()
+        losses.append(metrics["loss"])
+        return metrics
+
+    times = timed(run, warmup, steps)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     out = summary(times, tokens)
     devices = s.mesh.devices.flatten()
@@ -174,7 +231,8 @@ def bench_train(s: Setup, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
         mfu=fpt * achieved, mfu_causal=fpt_causal * achieved,
         params={**models.param_counts(m), "matmul": matmul_params(m)},
         frozen_params={name: models.param_counts(f.cfg)["total"] for name, f in s.frozen.items()},
-        peak_memory_bytes=_peak_memory(devices[0], s.step), final_loss=float(s.run_step()["loss"]),
+        peak_memory_bytes=_peak_memory(devices[0], s.step), first_loss=float(losses[0]) if losses else None,
+        final_loss=float(s.run_step()["loss"]),
     )
     return out
 

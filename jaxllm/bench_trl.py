@@ -9,6 +9,10 @@ torch) on the same model shapes, global batch, sequence length, examples and pre
   teacher scores the dataset's tokens, as a logit-distillation step of jaxllm does; TRL's
   `DistillationTrainer` always generates on-policy first), its generalised JSD with beta and temperature;
   examples padded per example (GKD does not pack).
+- DPO: `trl.DPOTrainer` on the pairs of jaxllm's DPO batch (`bench_batches.synthetic_pairs`), fed as the
+  pre-tokenized columns its collator reads (`prompt_ids`, `chosen_ids`, `rejected_ids`; its text
+  `_prepare_dataset` is skipped), the config's `preference.beta`/`loss_type`/`label_smoothing`, a reference
+  model that is a copy of the (random-init) policy, as jaxllm's bench reference is of its policy.
 
 Each trainer runs `train()` for warm-up + measured optimizer steps; a callback times each step from the
 end of the previous one, so a step includes what a user's run pays per step: the data loader and
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.bench import summary
-from jaxllm.bench_batches import check_segments, synthetic_examples
+from jaxllm.bench_batches import PAIR_OBJECTIVES, check_segments, synthetic_examples, synthetic_pairs
 from jaxllm.bench_peer import _cuda_available, hf_causal_lm
 from jaxllm.config import Config, JaxllmError, ModelConfig
 
@@ -231,9 +235,70 @@ def bench_trl_distill(cfg: Config, teacher: ModelConfig, warmup: int = 3, steps:
     return out
 
 
+def _pair_records(cfg: Config, steps: int, segments: int) -> list[dict[str, list[int]]]:
+    """The pairs of jaxllm's DPO batch for `steps` batches, in order, as TRL's pre-tokenized columns: the
+    collator makes prompt + chosen and prompt + rejected of them, the same tokens jaxllm's rows hold."""
+    rows = synthetic_pairs(cfg.model.vocab_size, cfg.train.batch_size * steps, cfg.data.seq_len, segments)
+    return [{"prompt_ids": p.tolist(), "chosen_ids": c.tolist(), "rejected_ids": r.tolist()}
+            for row in rows for p, c, r in row]
+
+
+def _dpo_trainer_class():
+    """`trl.DPOTrainer` taking its dataset pre-tokenized (no text `_prepare_dataset`: the collator reads the
+    ids), recording each step's loss (a device tensor, read after training: no extra synchronisation)."""
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        step_losses: list
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.model.training:
+                self.step_losses.append((out[0] if return_outputs else out).detach())
+            return out
+
+    return PreTokenizedDPOTrainer
+
+
+def bench_trl_dpo(cfg: Config, warmup: int = 3, steps: int = 10, segments: int = 4) -> dict[str, Any]:
+    """Tokens/s of TRL's DPOTrainer step on the pairs of jaxllm's DPO batch (module docstring): as many pairs
+    per step as jaxllm's global batch holds, each sequence padded to the batch's longest (TRL's collator)."""
+    import copy
+
+    import datasets
+    import torch
+    from trl import DPOConfig
+
+    p = cfg.preference
+    warmup, device = max(warmup, 1), "cuda" if _cuda_available() else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = hf_causal_lm(cfg.model, device)
+    reference = copy.deepcopy(model).eval()  # equal to the policy at the start, as jaxllm's bench reference
+    if p.reference_dtype == "bfloat16":
+        reference = reference.to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = _training_args(DPOConfig, cfg, cfg.train.batch_size * segments, warmup + steps, out_dir,
+                              beta=p.beta, loss_type=[p.loss_type], label_smoothing=p.label_smoothing,
+                              max_length=cfg.data.seq_len, train_sampling_strategy="sequential", logging_steps=10)
+        cls = _dpo_trainer_class()
+        trainer = cls(model=model, ref_model=reference, args=args,
+                      train_dataset=datasets.Dataset.from_list(_pair_records(cfg, warmup + steps, segments)),
+                      processing_class=_tokenizer(cfg.model.vocab_size))
+        trainer.step_losses = []
+        out = _run(trainer, warmup, steps)
+    out.update(first_loss=float(trainer.step_losses[0]), beta=p.beta, loss_type=p.loss_type,
+               pairs_per_step=cfg.train.batch_size * segments, attention=model.config._attn_implementation,
+               **_versions())
+    return out
+
+
 # ------------------------------------------------------------------------------- jaxllm next to TRL
 
 TEACHER = "teacher"  # an objective whose frozen models include this one is benchmarked against TRL's GKD
+DPO = "dpo"  # this objective is benchmarked against TRL's DPOTrainer
 
 
 def with_objective(cfg: Config, name: str) -> Config:
@@ -273,21 +338,24 @@ def check_installed() -> None:
 def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings: tuple[str, ...] = ("bfd",),
                         segments: int = 4) -> dict[str, Any]:
     """Rows of `jaxllm bench --peer trl`: TRL's SFT step (and GKD's, when the config's objective has a
-    teacher) next to jaxllm's pretraining (clm) step, SFT step and the config's own objective's step on
-    the same model, global batch and sequence length. A TRL row's `compare_to` names its jaxllm row; its MFU
-    uses that row's FLOPs per token and peak. TRL runs first: JAX keeps a GPU's memory once it has it."""
+    teacher; DPOTrainer's, when it is dpo) next to jaxllm's pretraining (clm) step, SFT step and the config's
+    own objective's step on the same model, global batch and sequence length. A TRL row's `compare_to` names
+    its jaxllm row; its MFU uses that row's FLOPs per token and peak. TRL runs first: JAX keeps a GPU's memory
+    once it has it."""
     from jaxllm import bench
     from jaxllm.train.objective import check_trainable
 
     objective = check_trainable(cfg)
-    check_segments(segments, cfg.data.seq_len)
+    name = cfg.data.objective.name
+    check_segments(segments, cfg.data.seq_len, pairs=name in PAIR_OBJECTIVES)
     check_installed()
     sources = objective.frozen_models(cfg)
     teacher = frozen_model_config(sources[TEACHER]) if TEACHER in sources else None  # before any peer runs
+    cfg = bench.start_from(cfg)  # the trained model's shapes, as the Trainer takes them from train.init_from
     methods = {"jaxllm pretraining (clm)": (with_objective(cfg, "clm"), False),
                "jaxllm sft": (with_objective(cfg, "sft"), True)}
-    own = f"jaxllm {cfg.data.objective.name}"
-    if cfg.data.objective.name not in ("clm", "sft"):  # a distillation step learns from the SFT batch's examples
+    own = f"jaxllm {name}"
+    if name not in ("clm", "sft"):  # distillation learns from the SFT batch's examples, dpo from the DPO batch's pairs
         methods[own] = (cfg, True if teacher is not None else None)
     results: dict[str, Any] = {}
     for packing in packings:
@@ -297,6 +365,8 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
         beta, temperature = distill_loss(cfg)
         results["TRL GKDTrainer (lmbda=0)"] = dict(
             bench_trl_distill(cfg, teacher, warmup, steps, beta, temperature, segments), compare_to=own)
+    if name == DPO:
+        results["TRL DPOTrainer"] = dict(bench_trl_dpo(cfg, warmup, steps, segments), compare_to=own)
     if results and _cuda_available():  # the trainers hold reference cycles: free their GPU memory for JAX
         import gc
 

@@ -195,6 +195,8 @@ def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_ru
     monkeypatch.setattr(bench_trl, "bench_trl_sft", lambda *a, **k: pytest.fail("a peer ran"))
     assert main(["bench", TINY, "--peer", "trl", "--breakdown"]) == 2
     assert main(["bench", TINY, "--peer", "trl", "--segments", "65", "data.seq_len=128"]) == 2
+    # a DPO row holds pairs: two sequences, each a prompt and a response token
+    assert main(["bench", "configs/tiny-dpo.yaml", "--peer", "trl", "--segments", "9", "data.seq_len=32"]) == 2
     monkeypatch.setitem(ObjectiveConfig.__annotations__, "name",
                         ObjectiveConfig.__annotations__["name"].replace("'ul2'", "'ul2', 'test_distill'"))
     monkeypatch.setitem(objective._OBJECTIVES, "test_distill", objective.Objective(
@@ -213,8 +215,91 @@ def test_bad_post_training_bench_requests_are_one_line_errors_before_any_peer_ru
          "--peer trl"),
         ("error: --segments 65: rows of data.seq_len=128 tokens hold 1 to 64 examples (at least 2 tokens each); "
          "choose a count in that range"),
+        ("error: --segments 9: rows of data.seq_len=32 tokens hold 1 to 8 pairs (at least 4 tokens each); "
+         "choose a count in that range"),
         (f"error: the frozen model {tmp_path / 'no-teacher'} does not exist: train or convert it first, or point "
          "the config at one"),
         ("error: --peer trl runs TRL's trainers, which need trl: pip install -e '.[test]' (trl==1.16.0, torch, "
          "transformers, datasets)"),
     ]
+
+
+def test_the_dpo_batch_is_the_preference_pipelines_rows_and_trls_pairs():
+    """The synthetic DPO batch equals the rows jaxllm/data/preference.py packs from the same pairs, and TRL's
+    collator gets the same sequences with its completion mask on the same targets."""
+    import grain
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from jaxllm.bench_trl import _pair_records
+    from jaxllm.data import preference
+
+    cfg = load_config("configs/tiny-dpo.yaml", [*STUDENT, "train.batch_size=3", "data.seq_len=64"])
+    pairs = bench_batches.synthetic_pairs(cfg.model.vocab_size, 3, 64, segments=4)
+    batch = bench_batches.objective_batch(cfg, 3, segments=4)
+    assert {k: v.shape for k, v in batch.items()} == {k: (3, 64) for k in
+                                                      ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    for row in pairs:  # 4 pairs fill each row exactly, every sequence with a prompt and a response token
+        assert len(row) == 4 and sum(2 * len(p) + len(c) + len(r) for p, c, r in row) == 64
+        assert all(len(p) >= 1 and len(c) >= 1 and len(r) >= 1 for p, c, r in row)
+    assert list(np.unique(batch["segment_ids"])) == list(range(1, 9))  # no padding: 8 sequences per row
+    units = [{"sequences": [(np.concatenate([p, x]).tolist(), [0] * len(p) + [1] * len(x)) for x in (c, r)]}
+             for row in pairs for p, c, r in row]
+    docs = grain.MapDataset.source(units).to_iter_dataset()
+    rows = list(preference._rows(docs, cfg.data, None, 3, 0))
+    assert len(rows) == 3
+    for r, row in enumerate(rows):
+        for key, value in row.items():
+            np.testing.assert_array_equal(batch[key][r], value, err_msg=f"row {r}, {key}")
+    # TRL: prompt + chosen then prompt + rejected of every pair, the loss on the response's targets
+    records = _pair_records(cfg, 1, 4)
+    collated = DataCollatorForPreference(pad_token_id=0, max_length=64)(records)
+    mask, n = collated["attention_mask"], len(records)
+    assert int(mask.sum()) == 3 * 64 and n == 12  # all real tokens of both sequences of every pair
+    for k in range(n):
+        for side, i in ((0, k), (1, n + k)):
+            r, segment = divmod(k, 4)
+            in_row = batch["segment_ids"][r] == 2 * segment + 1 + side
+            length = int(mask[i].sum())
+            np.testing.assert_array_equal(collated["input_ids"][i, :length].numpy(), batch["inputs"][r][in_row])
+            # TRL's loss on token t + 1 where completion_mask[t + 1]; jaxllm's on target t where loss_mask[t]
+            np.testing.assert_array_equal(collated["completion_mask"][i, 1:length].numpy(),
+                                          batch["loss_mask"][r][in_row][:-1])
+
+
+@pytest.fixture
+def sft_start(tmp_path):
+    """A starting model (a Hugging Face directory of the student's shapes) for a DPO config's train.init_from."""
+    from jaxllm.convert.hf import save_hf
+    from tests.conftest import random_params
+
+    model = load_config(TINY, STUDENT).model
+    save_hf(random_params(model), model, tmp_path / "sft")
+    return tmp_path / "sft", model
+
+
+def test_bench_dpo_against_trl_dpo_trainer_computes_the_same_first_loss(sft_start, tmp_path, capsys):
+    """`jaxllm bench configs/tiny-dpo.yaml --peer trl`: the dpo row and TRL's DPOTrainer on the same pairs, each
+    reference a copy of its policy, so both first losses are ln 2 (the same computation), on the same tokens."""
+    start, model = sft_start
+    out = tmp_path / "dpo.json"
+    code = main(["bench", "configs/tiny-dpo.yaml", f"train.init_from={start}", "train.batch_size=8",
+                 "data.seq_len=16", "--peer", "trl", "--steps", "1", "--warmup", "1", "--segments", "2",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    rows = ["jaxllm pretraining (clm)", "jaxllm sft", "jaxllm dpo", "TRL SFTTrainer (bfd)", "TRL DPOTrainer"]
+    assert [k for k in results if isinstance(results[k], dict)] == rows
+    ours, theirs = results["jaxllm dpo"], results["TRL DPOTrainer"]
+    assert ours["params"]["total"] == models.param_counts(model)["total"]  # the shapes of train.init_from's model
+    assert ours["objective"] == "dpo" and theirs["compare_to"] == "jaxllm dpo" and theirs["pairs_per_step"] == 16
+    assert ours["tokens_per_step"] == theirs["tokens_per_step"] == 8 * 16  # every token of both sequences
+    assert ours["first_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert theirs["first_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert theirs["beta"] == 0.1 and theirs["loss_type"] == "sigmoid"
+    # the policy's forward and backward, and the reference's forward (a third of it): 4/3 of an SFT step's
+    assert ours["frozen_params"] == {"reference": ours["params"]["total"]}
+    assert ours["flops_per_token"] == pytest.approx(4 / 3 * bench.flops_per_token(model, 16))
+    assert theirs["flops_per_token"] == ours["flops_per_token"] and theirs["mfu"] > 0
+    assert 0 < ours["loss_tokens_per_step"] < 8 * 16
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in rows) and "x (jaxllm dpo)" in printed
