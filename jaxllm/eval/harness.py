@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -361,17 +360,50 @@ def _local_rows(array: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
 
 
+def _to_json(obj: Any) -> Any:
+    """`obj` as JSON values, with tuples, dicts with non-string keys (lm-eval's raw metrics are keyed by
+    (metric, filter)) and numpy values tagged so `_from_json` rebuilds them; no code is named or run."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(x) for x in obj]}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _to_json(v) for k, v in obj.items()}}
+        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in obj.items()]}
+    if isinstance(obj, list):
+        return [_to_json(x) for x in obj]
+    if isinstance(obj, np.ndarray):
+        return {"__array__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_from_json(x) for x in obj]
+    if isinstance(obj, dict):
+        if "__tuple__" in obj:
+            return tuple(_from_json(x) for x in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: _from_json(v) for k, v in obj["__dict__"].items()}
+        if "__items__" in obj:
+            return {_from_json(k): _from_json(v) for k, v in obj["__items__"]}
+        if "__array__" in obj:
+            return np.asarray(obj["__array__"], np.dtype(obj["dtype"]))
+    return obj
+
+
 def _allgather_objects(obj: Any) -> list[Any]:
-    """`obj` of every process, in process order. The objects are pickled bytes exchanged between this run's
-    own processes (as torch.distributed.gather_object does), never read from files."""
+    """`obj` of every process, in process order (as torch.distributed.gather_object gives them), exchanged
+    between this run's own processes as tagged JSON (`_to_json`): plain data only, nothing unpickled."""
     if jax.process_count() == 1:
         return [obj]
-    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    data = np.frombuffer(json.dumps(_to_json(obj)).encode("utf-8"), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [pickle.loads(gathered[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
+    return [_from_json(json.loads(gathered[i, : sizes[i]].tobytes().decode("utf-8"))) for i in range(len(sizes))]
 
 
 def _max_over_processes(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -177,3 +177,22 @@ def test_two_processes_score_their_shares_and_process_0_writes_what_one_process_
                     assert abs(float(_logp(x)) - float(_logp(y))) <= 1e-5 and x[1:] == y[1:]
             assert s["metrics"] == theirs["metrics"] and all(s[m] == theirs[m] for m in s["metrics"]
                                                              if task != "tiny_ppl")
+
+
+def test_objects_cross_processes_as_plain_data():
+    """What the processes exchange (requests, lm-eval's raw metrics keyed by (metric, filter), logged samples)
+    survives the tagged-JSON round trip exactly; nothing is pickled."""
+    import json
+
+    import numpy as np
+
+    from jaxllm.eval.harness import _from_json, _to_json
+
+    value = {("acc", "none"): [1.0, 0.0], ("word_perplexity", "none"): [(-12.5, 7), (-3.0, 2)],
+             "samples": [{"doc": {"q": "a"}, "resps": [["x"]], "arr": np.arange(3, dtype=np.int64)}],
+             "args": [("context", {"until": ["\n"], "max_gen_toks": 8})], "count": np.int64(4)}
+    back = _from_json(json.loads(json.dumps(_to_json(value))))
+    arr = back["samples"][0].pop("arr")
+    np.testing.assert_array_equal(arr, np.arange(3)) and arr.dtype == np.int64
+    value["samples"][0].pop("arr")
+    assert back == {**value, "count": 4} and isinstance(back["args"][0], tuple)
