@@ -32,8 +32,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from make_instructions import HELD_OUT_AT, HELD_OUT_EVERY, _write  # the same split, the same gzip
 
-HELD_OUT_EVERY, HELD_OUT_AT = 10, 5
 PER_CHAPTER, PER_HELD_OUT = 3, 2
 CORRUPTIONS = ("shuffled", "truncated", "other_book")
 
@@ -102,11 +102,6 @@ def unpaired(pairs: list[dict], rng: np.random.Generator) -> list[dict]:
     rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
             for p in pairs for side in ("chosen", "rejected")]
     return [rows[i] for i in rng.permutation(len(rows))]
-
-
-def _write(path: Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
 
 
 def main() -> None:
