@@ -32,7 +32,7 @@ from jaxllm.models import bind
 from jaxllm.models.lora import ADAPTER_KEYS
 from jaxllm.models.moe import moe_objective
 from jaxllm.train.frozen import FrozenSource
-from jaxllm.train.losses import chosen_targets, pair_sums, segment_sums, token_logps
+from jaxllm.train.losses import chosen_targets, pair_sums, token_logps
 from jaxllm.train import preference_losses as pl
 from jaxllm.train.objective import Objective, register
 

@@ -49,11 +49,8 @@ def precompute(cfg: Config, out: str | Path, batch_size: int = 8, progress: Any 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, objective=dataclasses.replace(cfg.data.objective, precomputed_reference=False)))
     tokenizer = run_tokenizer(cfg)
-    source = _reference_source(cfg).get("reference")
-    if source is None:  # model.lora without preference.reference: the base is train.init_from's model
-        from jaxllm.train.frozen import FrozenSource
-
-        source = FrozenSource(cfg.train.init_from, cfg.preference.reference_dtype, match_vocab=True)
+    # The reference training would use; with model.lora (adapters off) that is the base, train.init_from's model.
+    source = _reference_source(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None)))["reference"]
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     rules = sharding.make_rules(cfg.mesh.rules)
     needed = grown_vocab_size(special_ids(cfg.data, tokenizer).vocab_size)
