@@ -198,14 +198,42 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
-    tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
+    tt = dsub.add_parser("train-tokenizer", help="train a tokenizer (SentencePiece BPE/unigram, byte-level BPE, "
+                                                 "WordPiece) on (a sample of) text sources")
     tt.add_argument("--input", action="append", required=True,
                     help="a source: file, glob, builtin:kjv, hf:NAME ...; repeat for several")
     tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    tt.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe", "wordpiece"], default="bpe",
+                    help="bpe/unigram: SentencePiece (PREFIX.model); byte-bpe (GPT-2 / LLaMA-3 style) and wordpiece "
+                         "(BERT style): a Hugging Face tokenizer directory")
+    tt.add_argument("--output", required=True, help="SentencePiece: output prefix, writes PREFIX.model; byte-bpe and "
+                                                    "wordpiece: a directory for tokenizer.json and its configs")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tt.add_argument("--sample-docs", type=int, help="train on a uniform random sample of this many documents")
+    tt.add_argument("--sample-bytes", type=int, help="train on a uniform random sample of at most this many bytes")
+    tt.add_argument("--min-frequency", type=int, default=2, help="byte-bpe, wordpiece: least count of a merge")
+    tt.add_argument("--lowercase", action="store_true", help="wordpiece: lowercase the text (BERT uncased)")
+    tt.add_argument("--seed", type=int, default=0, help="the sample's and SentencePiece's seed")
     tt.set_defaults(func=cmd_train_tokenizer)
+    tk = dsub.add_parser("tokenize", help="tokenise and pack documents into ArrayRecord shards of training rows "
+                                          "(data.sources: [{path: DIR}] trains from them)")
+    tk.add_argument("--input", required=True, help="documents: a file, glob or comma-separated list (jsonl[.gz], "
+                                                   "parquet, text), builtin:NAME or hf:NAME")
+    tk.add_argument("--output", required=True, help="directory for the shards, metadata.json and the tokenizer")
+    tk.add_argument("--tokenizer", required=True, help="a SentencePiece .model, a Hugging Face tokenizer directory or "
+                                                       "builtin:kjv-sp4k")
+    tk.add_argument("--seq-len", type=int, required=True, help="tokens per row (= data.seq_len of the training run)")
+    tk.add_argument("--objective", choices=["clm"], default="clm", help="the packing (clm: the trainer's)")
+    tk.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True, help="BOS before each document")
+    tk.add_argument("--add-eos", action=argparse.BooleanOptionalAction, default=True, help="EOS after each document")
+    tk.add_argument("--rows-per-shard", type=int, default=8192)
+    tk.add_argument("--workers", type=int, default=0, help="tokenising processes (default 0: one per core)")
+    tk.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tk.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"],
+                    help="input format (auto: from the extension)")
+    tk.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    tk.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    tk.set_defaults(func=cmd_data_tokenize)
     pv = dsub.add_parser("preview", help="show the first training rows of a config as the train step sees them: "
                                          "each packed example's text with the trained tokens marked")
     pv.add_argument("config", help="YAML config, e.g. configs/tiny-sft.yaml")
@@ -544,13 +572,34 @@ def cmd_data_ref_logps(args) -> int:
     return 0
 
 
+def cmd_data_tokenize(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.dataprep.shards import tokenize_to_shards
+
+    with tqdm(desc="tokenize", unit="doc", disable=None) as bar:
+        meta = tokenize_to_shards(
+            args.input, args.output, args.tokenizer, args.seq_len, add_bos=args.add_bos, add_eos=args.add_eos,
+            objective=args.objective, rows_per_shard=args.rows_per_shard, workers=args.workers,
+            text_field=args.text_field, input_format=args.format, on_bad_record=args.on_bad_record,
+            overwrite=args.overwrite, progress=bar.update,
+        )  # fmt: skip
+    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from "
+          f"{meta['sources']['documents']} documents in {len(meta['shards'])} shards to {args.output} "
+          f"({meta['documents_per_second']:.0f} documents/s); train on them with "
+          f"data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
+    return 0
+
+
 def cmd_train_tokenizer(args) -> int:
     from jaxllm.config import SourceConfig
-    from jaxllm.data.tokenizer import train_sentencepiece
+    from jaxllm.dataprep.tokenizer_train import train_tokenizer
 
     sources = [SourceConfig(path=p, text_field=args.text_field) for p in args.input]
-    path = train_sentencepiece(sources, args.output, vocab_size=args.vocab_size, model_type=args.model_type)
-    print(f"wrote {path}")
+    tokenizer, path = train_tokenizer(sources, args.output, args.model_type, args.vocab_size,
+                                      sample_docs=args.sample_docs, sample_bytes=args.sample_bytes,
+                                      min_frequency=args.min_frequency, lowercase=args.lowercase, seed=args.seed)
+    print(f"wrote {path} ({tokenizer.vocab_size} ids); use it with tokenizer.path={path}")
     return 0
 
 
