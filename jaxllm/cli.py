@@ -221,6 +221,39 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
     rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     rl.set_defaults(func=cmd_data_ref_logps)
+    dd = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH), keeping one "
+                                       "survivor per cluster: the longest, ties by input order (docs/data.md)")
+    dd.add_argument("--input", required=True, help="jsonl(.gz)/parquet/text files: a file, glob or comma-separated "
+                                                   "list, builtin:NAME or hf:NAME")
+    dd.add_argument("--output", required=True, help="directory: part-NNNNN shards, stats.json, rejected/")
+    dd.add_argument("--mode", choices=["minhash", "exact"], default="minhash",
+                    help="exact: same normalised text only; minhash: also near-duplicates (default)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
+    dd.add_argument("--num-perm", type=int, default=112, help="MinHash permutations (default 112)")
+    dd.add_argument("--bands", type=int, default=0, help="LSH bands (with --rows; default: derived from --threshold)")
+    dd.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
+    dd.add_argument("--no-verify", action="store_true", help="keep candidate pairs whose estimated Jaccard is below "
+                                                             "the threshold")
+    dd.add_argument("--seed", type=int, default=1, help="MinHash seed")
+    dd.add_argument("--unicode", choices=["NFC", "NFKC", "NFD", "NFKD", "none"], default="NFC")
+    dd.add_argument("--case-sensitive", action="store_true", help="do not lowercase before comparing")
+    dd.add_argument("--keep-whitespace", action="store_true", help="do not collapse runs of whitespace")
+    dd.add_argument("--strip-punctuation", action="store_true", help="compare without punctuation")
+    dd.add_argument("--clusters", action="store_true", help="also write clusters.jsonl.gz (id, cluster, kept)")
+    dd.add_argument("--partitions", type=int, default=16, help="band-key partitions grouped one at a time "
+                                                                "(memory); default 16")
+    dd.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                      "DataflowRunner, FlinkRunner, SparkRunner")
+    dd.add_argument("--workers", type=int, default=0, help="processes of the local runner (0 = all cores)")
+    dd.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz")
+    dd.add_argument("--text-field", default="text")
+    dd.add_argument("--id-field", default="id")
+    dd.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    dd.add_argument("--samples-per-reason", type=int, default=20, help="removed documents kept in rejected/")
+    dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                       "--pipeline-arg=--project=P; repeatable")
+    dd.set_defaults(func=cmd_data_dedup)
     return p
 
 
@@ -542,6 +575,12 @@ def cmd_data_ref_logps(args) -> int:
     print(f"wrote {counts['written']} records to {args.out} ({counts['skipped']} skipped); train on it with "
           f"data.sources=[{{path: {args.out}}}] data.objective.precomputed_reference=true")
     return 0
+
+
+def cmd_data_dedup(args) -> int:
+    from jaxllm.dataprep.dedup import dedup_command
+
+    return dedup_command(args)
 
 
 def cmd_train_tokenizer(args) -> int:
