@@ -206,6 +206,25 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
     tt.set_defaults(func=cmd_train_tokenizer)
+    tk = dsub.add_parser("tokenize", help="tokenise and pack documents into ArrayRecord shards of training rows "
+                                          "(data.sources: [{path: DIR}] trains from them)")
+    tk.add_argument("--input", required=True, help="documents: a file, glob or comma-separated list (jsonl[.gz], "
+                                                   "parquet, text), builtin:NAME or hf:NAME")
+    tk.add_argument("--output", required=True, help="directory for the shards, metadata.json and the tokenizer")
+    tk.add_argument("--tokenizer", required=True, help="a SentencePiece .model, a Hugging Face tokenizer directory or "
+                                                       "builtin:kjv-sp4k")
+    tk.add_argument("--seq-len", type=int, required=True, help="tokens per row (= data.seq_len of the training run)")
+    tk.add_argument("--objective", choices=["clm"], default="clm", help="the packing (clm: the trainer's)")
+    tk.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True, help="BOS before each document")
+    tk.add_argument("--add-eos", action=argparse.BooleanOptionalAction, default=True, help="EOS after each document")
+    tk.add_argument("--rows-per-shard", type=int, default=8192)
+    tk.add_argument("--workers", type=int, default=0, help="tokenising processes (default 0: one per core)")
+    tk.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tk.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"],
+                    help="input format (auto: from the extension)")
+    tk.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    tk.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    tk.set_defaults(func=cmd_data_tokenize)
     pv = dsub.add_parser("preview", help="show the first training rows of a config as the train step sees them: "
                                          "each packed example's text with the trained tokens marked")
     pv.add_argument("config", help="YAML config, e.g. configs/tiny-sft.yaml")
@@ -581,6 +600,24 @@ def cmd_data_dedup(args) -> int:
     from jaxllm.dataprep.dedup import dedup_command
 
     return dedup_command(args)
+
+
+def cmd_data_tokenize(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.dataprep.shards import tokenize_to_shards
+
+    with tqdm(desc="tokenize", unit="doc", disable=None) as bar:
+        meta = tokenize_to_shards(
+            args.input, args.output, args.tokenizer, args.seq_len, add_bos=args.add_bos, add_eos=args.add_eos,
+            objective=args.objective, rows_per_shard=args.rows_per_shard, workers=args.workers,
+            text_field=args.text_field, input_format=args.format, on_bad_record=args.on_bad_record,
+            overwrite=args.overwrite, progress=bar.update,
+        )  # fmt: skip
+    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from {meta['sources']['documents']} "
+          f"documents in {len(meta['shards'])} shards to {args.output} ({meta['documents_per_second']:.0f} documents/s); "
+          f"train on them with data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
+    return 0
 
 
 def cmd_train_tokenizer(args) -> int:
