@@ -206,6 +206,25 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
     tt.set_defaults(func=cmd_train_tokenizer)
+    tk = dsub.add_parser("tokenize", help="tokenise and pack documents into ArrayRecord shards of training rows "
+                                          "(data.sources: [{path: DIR}] trains from them)")
+    tk.add_argument("--input", required=True, help="documents: a file, glob or comma-separated list (jsonl[.gz], "
+                                                   "parquet, text), builtin:NAME or hf:NAME")
+    tk.add_argument("--output", required=True, help="directory for the shards, metadata.json and the tokenizer")
+    tk.add_argument("--tokenizer", required=True, help="a SentencePiece .model, a Hugging Face tokenizer directory or "
+                                                       "builtin:kjv-sp4k")
+    tk.add_argument("--seq-len", type=int, required=True, help="tokens per row (= data.seq_len of the training run)")
+    tk.add_argument("--objective", choices=["clm"], default="clm", help="the packing (clm: the trainer's)")
+    tk.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True, help="BOS before each document")
+    tk.add_argument("--add-eos", action=argparse.BooleanOptionalAction, default=True, help="EOS after each document")
+    tk.add_argument("--rows-per-shard", type=int, default=8192)
+    tk.add_argument("--workers", type=int, default=0, help="tokenising processes (default 0: one per core)")
+    tk.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tk.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"],
+                    help="input format (auto: from the extension)")
+    tk.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    tk.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    tk.set_defaults(func=cmd_data_tokenize)
     pv = dsub.add_parser("preview", help="show the first training rows of a config as the train step sees them: "
                                          "each packed example's text with the trained tokens marked")
     pv.add_argument("config", help="YAML config, e.g. configs/tiny-sft.yaml")
@@ -239,6 +258,39 @@ def _parser() -> argparse.ArgumentParser:
                     help="drop contaminated documents, or keep them with contaminated/contamination_* fields")
     _doc_stage_args(dc)
     dc.set_defaults(func=cmd_data_decontaminate)
+    dd = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH), keeping one "
+                                       "survivor per cluster: the longest, ties by input order (docs/data.md)")
+    dd.add_argument("--input", required=True, help="jsonl(.gz)/parquet/text files: a file, glob or comma-separated "
+                                                   "list, builtin:NAME or hf:NAME")
+    dd.add_argument("--output", required=True, help="directory: part-NNNNN shards, stats.json, rejected/")
+    dd.add_argument("--mode", choices=["minhash", "exact"], default="minhash",
+                    help="exact: same normalised text only; minhash: also near-duplicates (default)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
+    dd.add_argument("--num-perm", type=int, default=112, help="MinHash permutations (default 112)")
+    dd.add_argument("--bands", type=int, default=0, help="LSH bands (with --rows; default: derived from --threshold)")
+    dd.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
+    dd.add_argument("--no-verify", action="store_true", help="keep candidate pairs whose estimated Jaccard is below "
+                                                             "the threshold")
+    dd.add_argument("--seed", type=int, default=1, help="MinHash seed")
+    dd.add_argument("--unicode", choices=["NFC", "NFKC", "NFD", "NFKD", "none"], default="NFC")
+    dd.add_argument("--case-sensitive", action="store_true", help="do not lowercase before comparing")
+    dd.add_argument("--keep-whitespace", action="store_true", help="do not collapse runs of whitespace")
+    dd.add_argument("--strip-punctuation", action="store_true", help="compare without punctuation")
+    dd.add_argument("--clusters", action="store_true", help="also write clusters.jsonl.gz (id, cluster, kept)")
+    dd.add_argument("--partitions", type=int, default=16, help="band-key partitions grouped one at a time "
+                                                                "(memory); default 16")
+    dd.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                      "DataflowRunner, FlinkRunner, SparkRunner")
+    dd.add_argument("--workers", type=int, default=0, help="processes of the local runner (0 = all cores)")
+    dd.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz")
+    dd.add_argument("--text-field", default="text")
+    dd.add_argument("--id-field", default="id")
+    dd.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    dd.add_argument("--samples-per-reason", type=int, default=20, help="removed documents kept in rejected/")
+    dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                       "--pipeline-arg=--project=P; repeatable")
+    dd.set_defaults(func=cmd_data_dedup)
     return p
 
 
@@ -603,6 +655,30 @@ def cmd_data_decontaminate(args) -> int:
     config = DecontaminateConfig(files=args.eval_file, text_field=args.eval_text_field, n=args.n, mode=args.mode,
                                  tasks=[t for t in args.tasks.split(",") if t], include_path=args.include_path)
     return _run_doc_stage(Decontaminator(config, text_field=args.text_field), args)
+
+
+def cmd_data_dedup(args) -> int:
+    from jaxllm.dataprep.dedup import dedup_command
+
+    return dedup_command(args)
+
+
+def cmd_data_tokenize(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.dataprep.shards import tokenize_to_shards
+
+    with tqdm(desc="tokenize", unit="doc", disable=None) as bar:
+        meta = tokenize_to_shards(
+            args.input, args.output, args.tokenizer, args.seq_len, add_bos=args.add_bos, add_eos=args.add_eos,
+            objective=args.objective, rows_per_shard=args.rows_per_shard, workers=args.workers,
+            text_field=args.text_field, input_format=args.format, on_bad_record=args.on_bad_record,
+            overwrite=args.overwrite, progress=bar.update,
+        )  # fmt: skip
+    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from {meta['sources']['documents']} "
+          f"documents in {len(meta['shards'])} shards to {args.output} ({meta['documents_per_second']:.0f} documents/s); "
+          f"train on them with data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
+    return 0
 
 
 def cmd_train_tokenizer(args) -> int:
