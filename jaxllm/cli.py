@@ -273,6 +273,11 @@ def _parser() -> argparse.ArgumentParser:
     dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
                                                                        "--pipeline-arg=--project=P; repeatable")
     dd.set_defaults(func=cmd_data_dedup)
+    pr = dsub.add_parser("prepare", help="clean -> dedup -> decontaminate -> tokenize from a config's prepare: block, "
+                                         "each stage skipped when already complete (docs/data.md)")
+    pr.add_argument("config", help="YAML file with a prepare: block, e.g. configs/data-kjv.yaml")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.engine=beam prepare.workers=2")
+    pr.set_defaults(func=cmd_data_prepare)
     return p
 
 
@@ -594,6 +599,12 @@ def cmd_data_ref_logps(args) -> int:
     print(f"wrote {counts['written']} records to {args.out} ({counts['skipped']} skipped); train on it with "
           f"data.sources=[{{path: {args.out}}}] data.objective.precomputed_reference=true")
     return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from jaxllm.dataprep.prepare import prepare_command
+
+    return prepare_command(args)
 
 
 def cmd_data_dedup(args) -> int:
