@@ -240,6 +240,24 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
     rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     rl.set_defaults(func=cmd_data_ref_logps)
+    cl = dsub.add_parser("clean", help="normalise, filter (Gopher, C4, FineWeb rules), identify the language and "
+                                       "scrub PII of a corpus; stats.json and rejected/ samples per drop reason")
+    cl.add_argument("--config", help="YAML mapping of the clean settings (docs/data.md \"Cleaning\")")
+    cl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. gopher_quality.min_doc_words=20 "
+                                                 "language.languages=[en,fr] pii.enabled=false")
+    _doc_stage_args(cl)
+    cl.set_defaults(func=cmd_data_clean)
+    dc = dsub.add_parser("decontaminate", help="drop or flag documents sharing a 13-gram with evaluation sets "
+                                               "(files or lm-evaluation-harness tasks)")
+    dc.add_argument("--eval-file", action="append", default=[], help="evaluation set: jsonl(.gz) or text; repeatable")
+    dc.add_argument("--eval-text-field", default="text", help="field of the evaluation jsonl holding the text")
+    dc.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks, e.g. arc_easy,hellaswag")
+    dc.add_argument("--include-path", help="a directory of your own task YAML files")
+    dc.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, GPT-3's)")
+    dc.add_argument("--mode", choices=["drop", "flag"], default="drop",
+                    help="drop contaminated documents, or keep them with contaminated/contamination_* fields")
+    _doc_stage_args(dc)
+    dc.set_defaults(func=cmd_data_decontaminate)
     dd = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH), keeping one "
                                        "survivor per cluster: the longest, ties by input order (docs/data.md)")
     dd.add_argument("--input", required=True, help="jsonl(.gz)/parquet/text files: a file, glob or comma-separated "
@@ -279,6 +297,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.engine=beam prepare.workers=2")
     pr.set_defaults(func=cmd_data_prepare)
     return p
+
+
+def _doc_stage_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every per-document `jaxllm data` stage (jaxllm.dataprep.engine.run_local's)."""
+    parser.add_argument("--input", required=True, help="input files: a glob, comma list or hf:NAME (jsonl(.gz), "
+                                                       "parquet, text)")
+    parser.add_argument("--output", required=True, help="output directory: part-NNNNN shards, stats.json, rejected/")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default 0: all cores)")
+    parser.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz", help="output shards")
+    parser.add_argument("--text-field", default="text", help="field holding the text")
+    parser.add_argument("--id-field", default="id", help="field holding the document id (else file:line)")
+    parser.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    parser.add_argument("--samples-per-reason", type=int, default=20, help="dropped documents kept per reason")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -605,6 +636,36 @@ def cmd_data_prepare(args) -> int:
     from jaxllm.dataprep.prepare import prepare_command
 
     return prepare_command(args)
+
+
+def _run_doc_stage(stage, args) -> int:
+    from jaxllm.dataprep.engine import run_local
+
+    stats = run_local(stage, args.input, args.output, workers=args.workers, fmt_out=args.format,
+                      text_field=args.text_field, id_field=args.id_field, on_bad_record=args.on_bad_record,
+                      samples_per_reason=args.samples_per_reason)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])[:8])
+    print(f"{stage.name}: {stats['documents_in']} documents in, {stats['documents_out']} out"
+          f"{' (dropped: ' + dropped + ')' if dropped else ''}; stats in {args.output}/stats.json")
+    return 0
+
+
+def cmd_data_clean(args) -> int:
+    from jaxllm.config.loading import apply_override, read_yaml
+    from jaxllm.dataprep.clean import Cleaner
+
+    raw = read_yaml(args.config) if args.config else {}
+    for item in args.overrides:
+        apply_override(raw, item)
+    return _run_doc_stage(Cleaner(raw, text_field=args.text_field), args)
+
+
+def cmd_data_decontaminate(args) -> int:
+    from jaxllm.dataprep.decontaminate import DecontaminateConfig, Decontaminator
+
+    config = DecontaminateConfig(files=args.eval_file, text_field=args.eval_text_field, n=args.n, mode=args.mode,
+                                 tasks=[t for t in args.tasks.split(",") if t], include_path=args.include_path)
+    return _run_doc_stage(Decontaminator(config, text_field=args.text_field), args)
 
 
 def cmd_data_dedup(args) -> int:

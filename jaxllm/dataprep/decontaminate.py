@@ -86,17 +86,8 @@ def task_texts(tasks: list[str], include_path: Optional[str]) -> Iterator[tuple[
     task's `doc_to_text` and its target's text (for multiple choice, the correct choice)."""
     from jaxllm.eval.tasks import task_manager
 
-    manager = task_manager(tasks, include_path)
-    from lm_eval.tasks import get_task_dict
-
-    def leaves(tree: dict) -> Iterator[tuple[str, object]]:
-        for key, value in tree.items():
-            if isinstance(value, dict):  # a group (its key a ConfigurableGroup) of tasks
-                yield from leaves(value)
-            else:
-                yield str(key), value
-
-    for name, task in leaves(get_task_dict(tasks, manager)):
+    leaves = task_manager(tasks, include_path).load(list(tasks))["tasks"]  # {name: Task}, groups expanded
+    for name, task in leaves.items():
         docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
         for doc in docs if docs is not None else ():
             text, target = task.doc_to_text(doc), task.doc_to_target(doc)

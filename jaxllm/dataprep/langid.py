@@ -8,6 +8,7 @@ equivalent: see docs/data.md "Cleaning" for the scores measured on the bundled c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,6 +21,16 @@ class LanguageConfig:
     languages: Optional[list[str]] = field(default_factory=lambda: ["en"])  # null: keep every language
     min_language_score: Any = 0.65  # a probability, or {lang: probability} per language (others: 0.65)
     keep_fields: bool = True  # write `language` and `language_score` into kept documents
+
+
+@functools.lru_cache(maxsize=1)
+def _identifier():
+    """py3langid's model, loaded once per process (seconds; read-only afterwards)."""
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise JaxllmError("language identification needs py3langid: pip install -e '.[data]'") from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 class LanguageId:
@@ -44,11 +55,7 @@ class LanguageId:
         return {**self.__dict__, "_identifier": None}
 
     def _load(self):
-        try:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        except ImportError:
-            raise JaxllmError("language identification needs py3langid: pip install -e '.[data]'") from None
-        identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        identifier = _identifier()
         unknown = sorted((self.languages or set()) - set(identifier.labels))
         if unknown:
             raise ConfigError(f"clean.language.languages: py3langid does not know {', '.join(unknown)}; use ISO "

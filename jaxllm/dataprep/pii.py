@@ -9,6 +9,7 @@ every replacement is counted per kind ("pii:email", "pii:phone", "pii:ipv4", "pi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter
@@ -42,14 +43,12 @@ class PiiConfig:
     patterns: Any = field(default_factory=dict)  # {name: regex} -> "<NAME>", or {name: {regex, replacement}}
 
 
-def _ip_validator(public_only: bool) -> Callable[[str], bool]:
-    def valid(text: str) -> bool:
-        try:
-            address = ipaddress.ip_address(text.split("%")[0])
-        except ValueError:
-            return False
-        return not public_only or address.is_global
-    return valid
+def _ip_validator(text: str, public_only: bool) -> bool:
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return False
+    return not public_only or address.is_global
 
 
 def _phone_validator(text: str) -> bool:
@@ -65,7 +64,7 @@ class PiiScrubber:
 
     def __init__(self, config: PiiConfig):
         rules: list[tuple[str, re.Pattern, str, Optional[Callable[[str], bool]]]] = []
-        ip_valid = _ip_validator(config.only_public_ips)
+        ip_valid = functools.partial(_ip_validator, public_only=config.only_public_ips)
         if config.email:
             rules.append(("email", re.compile(EMAIL), config.email_replacement, None))
         if config.ipv6:  # before IPv4: an IPv4-mapped IPv6 address is one address
