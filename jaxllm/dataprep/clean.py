@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from jaxllm.config import ConfigError
+from jaxllm.dataprep.engine import COUNTS_FIELD
 from jaxllm.dataprep.filters import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, QualityFilters
 from jaxllm.dataprep.langid import LanguageConfig, LanguageId
 from jaxllm.dataprep.pii import PiiConfig, PiiScrubber
 
-COUNTS_FIELD = "_counts"
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b\ufeff]")  # C0/C1 controls (not \t \n \v \f \r), ZWSP, BOM
 _SPACES = re.compile(r"[^\S\n]+")  # every whitespace run other than newlines
 _LINE_EDGES = re.compile(r" ?\n ?")

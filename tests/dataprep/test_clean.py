@@ -185,3 +185,34 @@ def test_the_cleaner_pickles_and_gives_the_same_verdicts():
     before = [cleaner(d) for d in docs]
     assert [cleaner(d) for d in docs] == before
     assert [pickle.loads(pickle.dumps(cleaner))(d) for d in docs] == before
+
+
+def test_jaxllm_data_clean_writes_outputs_stats_and_rejected_samples(tmp_path, capsys):
+    from jaxllm.cli import main
+    from jaxllm.dataprep.engine import reason_file
+
+    docs = [{"id": "kept-1", "text": CLEAN, "year": 1},
+            {"id": "french", "text": FRENCH + "\n" + FRENCH.upper()},
+            {"id": "repeats", "text": "\n".join(LINES + LINES[:4])},
+            {"id": "kept-2", "text": CLEAN + "\nWrite to jane@example.org or 8.8.4.4 for help."}]
+    corpus = tmp_path / "in" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:2]) + "{not json\n"
+                      + "".join(json.dumps(d) + "\n" for d in docs[2:]))
+    out = tmp_path / "out"
+    assert main(["data", "clean", "--input", str(corpus), "--output", str(out), "--workers", "1",
+                 "--samples-per-reason", "1", "c4.enabled=false"]) == 0
+    assert "4 documents in, 2 out" in capsys.readouterr().out
+    with gzip.open(out / "part-00000.jsonl.gz", "rt") as f:
+        kept = [json.loads(line) for line in f]
+    assert [d["id"] for d in kept] == ["kept-1", "kept-2"]
+    assert kept[0] == {**docs[0], "language": "en", "language_score": kept[0]["language_score"]}
+    assert kept[1]["text"].endswith("Write to email@example.com or 22.214.171.124 for help.")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents_in"] == 4 and stats["documents_out"] == 2 and stats["bad_records"] == 1
+    assert stats["dropped"] == {"language:fr": 1, "gopher_repetition:dup_line_frac": 1}
+    assert stats["counts"] == {"pii:email": 1, "pii:ipv4": 1}
+    with gzip.open(out / "rejected" / reason_file("language:fr"), "rt") as f:
+        assert [json.loads(line)["id"] for line in f] == ["french"]
+    assert main(["data", "clean", "--input", str(corpus), "--output", str(out / "x"), "gopher_quality.min_words=1"]) == 2
+    assert "unknown config key 'clean.gopher_quality.min_words'" in capsys.readouterr().err
