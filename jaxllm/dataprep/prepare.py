@@ -79,7 +79,8 @@ def load_prepare_config(path: str | Path, overrides: list[str] = ()) -> PrepareC
     if "prepare" not in raw:
         raise ConfigError(f"{path} has no `prepare:` block; see configs/data-kjv.yaml")
     cfg = from_dict(PrepareConfig, raw["prepare"], "prepare")
-    steps(cfg)  # checks the stages
+    for step in steps(cfg):
+        check_settings(step)
     return cfg
 
 
@@ -110,6 +111,23 @@ def steps(cfg: PrepareConfig) -> list[Step]:
             raise ConfigError(f"{where}: tokenize writes ArrayRecord rows, which no stage reads: put it last")
         out.append(Step(i + 1, name, settings, Path(cfg.output) / f"{i + 1:02d}-{name}"))
     return out
+
+
+def check_settings(step: Step) -> None:
+    """Reads a stage's settings as its module does (unknown keys, wrong types: ConfigError), before any work."""
+    where = f"prepare.stages.{step.number - 1}.{step.name}"
+    if step.name == "clean":
+        from jaxllm.dataprep.clean import CleanConfig
+
+        from_dict(CleanConfig, step.settings, where)
+    elif step.name == "decontaminate":
+        from jaxllm.dataprep.decontaminate import DecontaminateConfig
+
+        from_dict(DecontaminateConfig, step.settings, where)
+    elif step.name == "dedup":
+        _dedup_params(step)
+    else:
+        _tokenize_settings(step)
 
 
 def _key(previous: str, step: Step, cfg: PrepareConfig) -> str:
@@ -194,12 +212,22 @@ def _doc_stage(step: Step, text_field: str) -> engine.DocStage:
     return Decontaminator(step.settings, text_field=text_field)
 
 
-def _dedup(step: Step, inputs: str, cfg: PrepareConfig, common: dict) -> dict:
+def _dedup_params(step: Step) -> tuple[Any, dict]:
     from jaxllm.dataprep.minhash import DedupParams
 
     settings = dict(step.settings)
     extra = {k: settings.pop(k) for k in _DEDUP_EXTRA if k in settings}
-    params = from_dict(DedupParams, settings, f"prepare.stages.{step.number - 1}.dedup")
+    where = f"prepare.stages.{step.number - 1}.dedup"
+    try:
+        return from_dict(DedupParams, settings, where), extra
+    except ConfigError:
+        raise
+    except JaxllmError as e:  # DedupParams' own checks
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _dedup(step: Step, inputs: str, cfg: PrepareConfig, common: dict) -> dict:
+    params, extra = _dedup_params(step)
     if cfg.engine == "beam":
         from jaxllm.dataprep.dedup_beam import dedup_beam
 
@@ -212,9 +240,7 @@ def _dedup(step: Step, inputs: str, cfg: PrepareConfig, common: dict) -> dict:
                  write_clusters=bool(extra.get("clusters", False)), chunk_bytes=cfg.chunk_bytes, **common)
 
 
-def _tokenize(step: Step, inputs: str, cfg: PrepareConfig, progress: bool) -> dict:
-    from tqdm import tqdm
-
+def _tokenize_settings(step: Step) -> None:
     from jaxllm.dataprep.shards import tokenize_to_shards
 
     where = f"prepare.stages.{step.number - 1}.tokenize"
@@ -226,6 +252,14 @@ def _tokenize(step: Step, inputs: str, cfg: PrepareConfig, progress: bool) -> di
     for needed in ("tokenizer", "seq_len"):
         if needed not in step.settings:
             raise ConfigError(f"{where}.{needed} is not set (e.g. tokenizer: builtin:kjv-sp4k, seq_len: 128)")
+
+
+def _tokenize(step: Step, inputs: str, cfg: PrepareConfig, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from jaxllm.dataprep.shards import tokenize_to_shards
+
+    _tokenize_settings(step)
     with tqdm(desc="tokenize", unit="doc", disable=not progress) as bar:
         return tokenize_to_shards(inputs, str(step.dir), workers=cfg.workers, text_field=cfg.text_field,
                                   on_bad_record=cfg.on_bad_record, overwrite=True, progress=bar.update,
