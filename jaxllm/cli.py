@@ -198,13 +198,22 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
-    tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
+    tt = dsub.add_parser("train-tokenizer", help="train a tokenizer (SentencePiece BPE/unigram, byte-level BPE, "
+                                                 "WordPiece) on (a sample of) text sources")
     tt.add_argument("--input", action="append", required=True,
                     help="a source: file, glob, builtin:kjv, hf:NAME ...; repeat for several")
     tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    tt.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe", "wordpiece"], default="bpe",
+                    help="bpe/unigram: SentencePiece (PREFIX.model); byte-bpe (GPT-2 / LLaMA-3 style) and wordpiece "
+                         "(BERT style): a Hugging Face tokenizer directory")
+    tt.add_argument("--output", required=True, help="SentencePiece: output prefix, writes PREFIX.model; byte-bpe and "
+                                                    "wordpiece: a directory for tokenizer.json and its configs")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tt.add_argument("--sample-docs", type=int, help="train on a uniform random sample of this many documents")
+    tt.add_argument("--sample-bytes", type=int, help="train on a uniform random sample of at most this many bytes")
+    tt.add_argument("--min-frequency", type=int, default=2, help="byte-bpe, wordpiece: least count of a merge")
+    tt.add_argument("--lowercase", action="store_true", help="wordpiece: lowercase the text (BERT uncased)")
+    tt.add_argument("--seed", type=int, default=0, help="the sample's and SentencePiece's seed")
     tt.set_defaults(func=cmd_train_tokenizer)
     tk = dsub.add_parser("tokenize", help="tokenise and pack documents into ArrayRecord shards of training rows "
                                           "(data.sources: [{path: DIR}] trains from them)")
@@ -291,6 +300,11 @@ def _parser() -> argparse.ArgumentParser:
     dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
                                                                        "--pipeline-arg=--project=P; repeatable")
     dd.set_defaults(func=cmd_data_dedup)
+    pr = dsub.add_parser("prepare", help="clean -> dedup -> decontaminate -> tokenize from a config's prepare: block, "
+                                         "each stage skipped when already complete (docs/data.md)")
+    pr.add_argument("config", help="YAML file with a prepare: block, e.g. configs/data-kjv.yaml")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.engine=beam prepare.workers=2")
+    pr.set_defaults(func=cmd_data_prepare)
     return p
 
 
@@ -627,6 +641,12 @@ def cmd_data_ref_logps(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from jaxllm.dataprep.prepare import prepare_command
+
+    return prepare_command(args)
+
+
 def _run_doc_stage(stage, args) -> int:
     from jaxllm.dataprep.engine import run_local
 
@@ -683,11 +703,13 @@ def cmd_data_tokenize(args) -> int:
 
 def cmd_train_tokenizer(args) -> int:
     from jaxllm.config import SourceConfig
-    from jaxllm.data.tokenizer import train_sentencepiece
+    from jaxllm.dataprep.tokenizer_train import train_tokenizer
 
     sources = [SourceConfig(path=p, text_field=args.text_field) for p in args.input]
-    path = train_sentencepiece(sources, args.output, vocab_size=args.vocab_size, model_type=args.model_type)
-    print(f"wrote {path}")
+    tokenizer, path = train_tokenizer(sources, args.output, args.model_type, args.vocab_size,
+                                      sample_docs=args.sample_docs, sample_bytes=args.sample_bytes,
+                                      min_frequency=args.min_frequency, lowercase=args.lowercase, seed=args.seed)
+    print(f"wrote {path} ({tokenizer.vocab_size} ids); use it with tokenizer.path={path}")
     return 0
 
 

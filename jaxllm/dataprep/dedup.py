@@ -149,27 +149,28 @@ def choose_survivors(roots: np.ndarray, lengths: np.ndarray, exact: np.ndarray) 
 
 class Verdicts:
     """The filter pass as a per-document stage of the engine: the documents of one shard arrive in order
-    (engine.process_shard), and the n-th is kept or dropped by the n-th verdict of pass 3."""
+    (engine.process_shard); the n-th is dropped when n is among `removed` (sorted indices in the shard, with
+    their `reasons`: EXACT or NEAR)."""
 
     name = "dedup"
 
-    def __init__(self, path: str):
-        self.path = path
-        self._verdict: Optional[np.ndarray] = None
-        self._next = 0
+    def __init__(self, removed: np.ndarray, reasons: np.ndarray):
+        self.removed, self.reasons = removed, reasons
+        self._next = self._cursor = 0
 
     def __call__(self, doc: dict) -> tuple[Optional[dict], Optional[str]]:
-        if self._verdict is None:
-            self._verdict = np.fromfile(self.path, dtype=np.uint8)
-        v = self._verdict[self._next]
-        self._next += 1
-        return (doc, None) if v == KEEP else (None, REASONS[v])
+        index, self._next = self._next, self._next + 1
+        if self._cursor < len(self.removed) and self.removed[self._cursor] == index:
+            self._cursor += 1
+            return None, REASONS[int(self.reasons[self._cursor - 1])]
+        return doc, None
 
 
 def _filter_shard(job: Job, shard: int, output: str, options: dict) -> dict:
     cpu = time.process_time()
-    stats = engine.process_shard(Verdicts(f"{job.work}/verdict-{shard}.bin"), job.shards[shard], shard,
-                                 output, options)
+    verdict = np.fromfile(f"{job.work}/verdict-{shard}.bin", dtype=np.uint8)
+    removed = np.flatnonzero(verdict)
+    stats = engine.process_shard(Verdicts(removed, verdict[removed]), job.shards[shard], shard, output, options)
     return {**stats, "cpu_seconds": time.process_time() - cpu}
 
 

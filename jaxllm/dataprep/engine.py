@@ -40,7 +40,7 @@ logger = logging.getLogger("jaxllm.dataprep")
 COUNTS_FIELD = "_counts"
 STATS = "stats.json"
 PARTS = "_parts"
-_PROGRESS_EVERY = 256  # documents between updates of the shared progress counter
+_PROGRESS_SECONDS = 0.2  # between updates of the shared progress counter
 
 
 class DocStage(Protocol):
@@ -124,6 +124,7 @@ def process_shard(stage: DocStage, shard: io.Shard, index: int, output: str | Pa
     samples: list[dict] = []
     per_reason: Counter = Counter()
     docs_in = pending = 0
+    last = start
     with io.ShardWriter(out / io.output_name(index, options["format"]), options["format"]) as writer:
         for doc in io.read_shard(shard, text_field=options["text_field"], id_field=options["id_field"], bad=bad):
             docs_in += 1
@@ -140,9 +141,9 @@ def process_shard(stage: DocStage, shard: io.Shard, index: int, output: str | Pa
                     counts.update(extra)
                 writer.write(kept)
             pending += 1
-            if progress is not None and pending >= _PROGRESS_EVERY:
+            if progress is not None and time.perf_counter() - last > _PROGRESS_SECONDS:
                 progress(pending)
-                pending = 0
+                pending, last = 0, time.perf_counter()
         docs_out = writer.count
     if progress is not None and pending:
         progress(pending)
