@@ -249,7 +249,80 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
     rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     rl.set_defaults(func=cmd_data_ref_logps)
+    cl = dsub.add_parser("clean", help="normalise, filter (Gopher, C4, FineWeb rules), identify the language and "
+                                       "scrub PII of a corpus; stats.json and rejected/ samples per drop reason")
+    cl.add_argument("--config", help="YAML mapping of the clean settings (docs/data.md \"Cleaning\")")
+    cl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. gopher_quality.min_doc_words=20 "
+                                                 "language.languages=[en,fr] pii.enabled=false")
+    _doc_stage_args(cl)
+    cl.set_defaults(func=cmd_data_clean)
+    dc = dsub.add_parser("decontaminate", help="drop or flag documents sharing a 13-gram with evaluation sets "
+                                               "(files or lm-evaluation-harness tasks)")
+    dc.add_argument("--eval-file", action="append", default=[], help="evaluation set: jsonl(.gz) or text; repeatable")
+    dc.add_argument("--eval-text-field", default="text", help="field of the evaluation jsonl holding the text")
+    dc.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks, e.g. arc_easy,hellaswag")
+    dc.add_argument("--include-path", help="a directory of your own task YAML files")
+    dc.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, GPT-3's)")
+    dc.add_argument("--mode", choices=["drop", "flag"], default="drop",
+                    help="drop contaminated documents, or keep them with contaminated/contamination_* fields")
+    _doc_stage_args(dc)
+    dc.set_defaults(func=cmd_data_decontaminate)
+    dd = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH), keeping one "
+                                       "survivor per cluster: the longest, ties by input order (docs/data.md)")
+    dd.add_argument("--input", required=True, help="jsonl(.gz)/parquet/text files: a file, glob or comma-separated "
+                                                   "list, builtin:NAME or hf:NAME")
+    dd.add_argument("--output", required=True, help="directory: part-NNNNN shards, stats.json, rejected/")
+    dd.add_argument("--mode", choices=["minhash", "exact"], default="minhash",
+                    help="exact: same normalised text only; minhash: also near-duplicates (default)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
+    dd.add_argument("--num-perm", type=int, default=112, help="MinHash permutations (default 112)")
+    dd.add_argument("--bands", type=int, default=0, help="LSH bands (with --rows; default: derived from --threshold)")
+    dd.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
+    dd.add_argument("--no-verify", action="store_true", help="keep candidate pairs whose estimated Jaccard is below "
+                                                             "the threshold")
+    dd.add_argument("--seed", type=int, default=1, help="MinHash seed")
+    dd.add_argument("--unicode", choices=["NFC", "NFKC", "NFD", "NFKD", "none"], default="NFC")
+    dd.add_argument("--case-sensitive", action="store_true", help="do not lowercase before comparing")
+    dd.add_argument("--keep-whitespace", action="store_true", help="do not collapse runs of whitespace")
+    dd.add_argument("--strip-punctuation", action="store_true", help="compare without punctuation")
+    dd.add_argument("--clusters", action="store_true", help="also write clusters.jsonl.gz (id, cluster, kept)")
+    dd.add_argument("--partitions", type=int, default=16, help="band-key partitions grouped one at a time "
+                                                                "(memory); default 16")
+    dd.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                      "DataflowRunner, FlinkRunner, SparkRunner")
+    dd.add_argument("--workers", type=int, default=0, help="processes of the local runner (0 = all cores)")
+    dd.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz")
+    dd.add_argument("--text-field", default="text")
+    dd.add_argument("--id-field", default="id")
+    dd.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    dd.add_argument("--samples-per-reason", type=int, default=20, help="removed documents kept in rejected/")
+    dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                       "--pipeline-arg=--project=P; repeatable")
+    dd.set_defaults(func=cmd_data_dedup)
+    pr = dsub.add_parser("prepare", help="clean -> dedup -> decontaminate -> tokenize from a config's prepare: block, "
+                                         "each stage skipped when already complete (docs/data.md)")
+    pr.add_argument("config", help="YAML file with a prepare: block, e.g. configs/data-kjv.yaml")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.engine=beam prepare.workers=2")
+    pr.set_defaults(func=cmd_data_prepare)
     return p
+
+
+def _doc_stage_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every per-document `jaxllm data` stage (jaxllm.dataprep.engine.run_local's)."""
+    parser.add_argument("--input", required=True, help="input files: a glob, comma list or hf:NAME (jsonl(.gz), "
+                                                       "parquet, text)")
+    parser.add_argument("--output", required=True, help="output directory: part-NNNNN shards, stats.json, rejected/")
+    parser.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                          "DataflowRunner, FlinkRunner, SparkRunner")
+    parser.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                           "--pipeline-arg=--project=P; repeatable")
+    parser.add_argument("--workers", type=int, default=0, help="processes of the local runner (default 0: all cores)")
+    parser.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz", help="output shards")
+    parser.add_argument("--text-field", default="text", help="field holding the text")
+    parser.add_argument("--id-field", default="id", help="field holding the document id (else file:line)")
+    parser.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    parser.add_argument("--samples-per-reason", type=int, default=20, help="dropped documents kept per reason")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -570,6 +643,56 @@ def cmd_data_ref_logps(args) -> int:
     print(f"wrote {counts['written']} records to {args.out} ({counts['skipped']} skipped); train on it with "
           f"data.sources=[{{path: {args.out}}}] data.objective.precomputed_reference=true")
     return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from jaxllm.dataprep.prepare import prepare_command
+
+    return prepare_command(args)
+
+
+def _run_doc_stage(stage, args) -> int:
+    options = dict(fmt_out=args.format, text_field=args.text_field, id_field=args.id_field,
+                   on_bad_record=args.on_bad_record, samples_per_reason=args.samples_per_reason)
+    if args.runner == "local":
+        if args.pipeline_arg:
+            raise JaxllmError("--pipeline-arg is for Beam runners; add --runner DirectRunner (or DataflowRunner, ...)")
+        from jaxllm.dataprep.engine import run_local
+
+        stats = run_local(stage, args.input, args.output, workers=args.workers, **options)
+    else:
+        from jaxllm.dataprep.beam import run_beam
+
+        stats = run_beam(stage, args.input, args.output, runner=args.runner, pipeline_args=args.pipeline_arg,
+                         **options)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])[:8])
+    print(f"{stage.name}: {stats['documents_in']} documents in, {stats['documents_out']} out"
+          f"{' (dropped: ' + dropped + ')' if dropped else ''}; stats in {args.output}/stats.json")
+    return 0
+
+
+def cmd_data_clean(args) -> int:
+    from jaxllm.config.loading import apply_override, read_yaml
+    from jaxllm.dataprep.clean import Cleaner
+
+    raw = read_yaml(args.config) if args.config else {}
+    for item in args.overrides:
+        apply_override(raw, item)
+    return _run_doc_stage(Cleaner(raw, text_field=args.text_field), args)
+
+
+def cmd_data_decontaminate(args) -> int:
+    from jaxllm.dataprep.decontaminate import DecontaminateConfig, Decontaminator
+
+    config = DecontaminateConfig(files=args.eval_file, text_field=args.eval_text_field, n=args.n, mode=args.mode,
+                                 tasks=[t for t in args.tasks.split(",") if t], include_path=args.include_path)
+    return _run_doc_stage(Decontaminator(config, text_field=args.text_field), args)
+
+
+def cmd_data_dedup(args) -> int:
+    from jaxllm.dataprep.dedup import dedup_command
+
+    return dedup_command(args)
 
 
 def cmd_data_tokenize(args) -> int:
