@@ -2,8 +2,8 @@
 
 Passes (each input shard in a worker process where the pass is per shard):
   1. sign:   each document -> its length, exact key, MinHash signature and band keys (dataprep/minhash.py);
-             written per shard as (bucket key, document index) pairs, split into `partitions` files by
-             key % partitions, plus the signatures (for verification), lengths and exact keys.
+             written per shard as (bucket key, document index) pairs ordered by partition (key %
+             partitions), plus the signatures (for verification), lengths and exact keys.
   2. group:  one partition at a time (memory = that partition: 16 bytes x keys x documents / partitions):
              sort by key; every document of a bucket is a candidate of the bucket's first document (input
              order); a candidate pair whose estimated Jaccard is below the threshold is dropped (`verify`);
@@ -54,8 +54,9 @@ class Job:
 
 
 def _sign_shard(job: Job, shard: int) -> dict:
-    """Pass 1 for one shard: writes part-P/S.bin ((key, index in shard) int64 pairs), len-S.bin, exact-S.bin,
-    sig-S.bin (uint32 [documents, num_perm], with `verify`) and ids-S.json (with `keep_ids`)."""
+    """Pass 1 for one shard: writes keys-S.bin (the pair count of each partition, then the (key, index in shard)
+    int64 pairs ordered by partition), meta-S.bin ((length, exact key) int64 per document), sig-S.bin (uint32
+    [documents, num_perm], with `verify`) and ids-S.json (with `keep_ids`)."""
     cpu = time.process_time()
     signer = Signer(job.params)
     verify = job.params.mode == "minhash" and job.params.verify
@@ -75,11 +76,12 @@ def _sign_shard(job: Job, shard: int) -> dict:
             ids.append(doc[job.id_field])
     keys_a, owners_a = np.array(keys, dtype=np.int64), np.array(owners, dtype=np.int64)
     part = keys_a % job.partitions
-    for p in range(job.partitions):
-        pairs = np.stack([keys_a[part == p], owners_a[part == p]], axis=1)
-        atomic_write_bytes(f"{job.work}/part-{p}/{shard}.bin", pairs.tobytes())
-    atomic_write_bytes(f"{job.work}/len-{shard}.bin", np.array(lengths, dtype=np.int64).tobytes())
-    atomic_write_bytes(f"{job.work}/exact-{shard}.bin", np.array(exact, dtype=np.int64).tobytes())
+    order = np.argsort(part, kind="stable")
+    counts = np.bincount(part, minlength=job.partitions).astype(np.int64)
+    pairs = np.stack([keys_a[order], owners_a[order]], axis=1)
+    atomic_write_bytes(f"{job.work}/keys-{shard}.bin", counts.tobytes() + pairs.tobytes())
+    meta = np.stack([np.array(lengths, dtype=np.int64), np.array(exact, dtype=np.int64)], axis=1)
+    atomic_write_bytes(f"{job.work}/meta-{shard}.bin", meta.tobytes())
     if verify:
         sig_a = np.stack(sigs) if sigs else np.zeros((0, job.params.num_perm), np.uint32)
         atomic_write_bytes(f"{job.work}/sig-{shard}.bin", sig_a.tobytes())
@@ -92,7 +94,10 @@ def _group_partition(job: Job, p: int, offsets: np.ndarray, uf: UnionFind, sigs:
     """Pass 2 for one partition: candidate pairs from shared keys, verified, joined in `uf`."""
     parts = []
     for shard in range(len(job.shards)):
-        pairs = np.fromfile(f"{job.work}/part-{p}/{shard}.bin", dtype=np.int64).reshape(-1, 2)
+        path = f"{job.work}/keys-{shard}.bin"
+        counts = np.fromfile(path, dtype=np.int64, count=job.partitions)
+        skip = 8 * (job.partitions + 2 * int(counts[:p].sum()))
+        pairs = np.fromfile(path, dtype=np.int64, count=2 * int(counts[p]), offset=skip).reshape(-1, 2)
         parts.append(pairs + np.array([0, offsets[shard]]))
     pairs = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
@@ -256,8 +261,9 @@ def _cluster(job: Job, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     del sigs
     roots = uf.roots()
     del uf
-    lengths = np.concatenate([np.fromfile(f"{job.work}/len-{s}.bin", dtype=np.int64) for s in range(count)])
-    exact = np.concatenate([np.fromfile(f"{job.work}/exact-{s}.bin", dtype=np.int64) for s in range(count)])
+    meta = np.concatenate([np.fromfile(f"{job.work}/meta-{s}.bin", dtype=np.int64).reshape(-1, 2)
+                           for s in range(count)])
+    lengths, exact = meta[:, 0], meta[:, 1]
     verdict, survivor = choose_survivors(roots, lengths, exact)
     sizes = np.bincount(roots, minlength=n)
     survivor = np.where(sizes[roots] > 1, survivor, -1)  # -1: alone in its cluster

@@ -69,13 +69,18 @@ def _spread(joined):
             yield other, label
 
 
-def _changed(joined):
+def _by_cluster(joined):
+    """(cluster label, (-length, node, exact key)) of a document in an edge; counts the documents whose label
+    the last round changed (the convergence check)."""
     _, grouped = joined
-    if set(grouped["before"]) != set(grouped["after"]):
+    label = list(grouped["label"])
+    if not label:
+        return
+    if list(grouped["before"]) != label:
         from apache_beam.metrics import Metrics
 
         Metrics.counter("jaxllm.dedup", "unconverged").inc()
-    return []
+    yield label[0], list(grouped["info"])[0]
 
 
 def _removed(cluster):
@@ -139,8 +144,7 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     edges = (signed
              | "buckets" >> beam.FlatMap(lambda r: [(key, (r[0], r[3])) for key in r[2]])
              | "group buckets" >> beam.GroupByKey()
-             | "edges" >> beam.FlatMap(_bucket_edges, params.threshold, verify)
-             | "distinct edges" >> beam.Distinct())
+             | "edges" >> beam.FlatMap(_bucket_edges, params.threshold, verify))
     adjacency = (edges
                  | "both ways" >> beam.FlatMap(lambda e: [e, (e[1], e[0])])
                  | "neighbours" >> beam.GroupByKey()
@@ -152,10 +156,9 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
                   | f"join {r}" >> beam.CoGroupByKey()
                   | f"spread {r}" >> beam.FlatMap(_spread)
                   | f"min {r}" >> beam.CombinePerKey(min))
-    _ = {"before": before, "after": labels} | "compare" >> beam.CoGroupByKey() | "converged" >> beam.FlatMap(_changed)
-    clusters = ({"label": before, "info": info}
+    clusters = ({"before": before, "label": labels, "info": info}
                 | "join info" >> beam.CoGroupByKey()
-                | "by cluster" >> beam.FlatMap(lambda j: [(j[1]["label"][0], j[1]["info"][0])] if j[1]["label"] else [])
+                | "by cluster" >> beam.FlatMap(_by_cluster)
                 | "clusters" >> beam.GroupByKey()
                 | "survivors" >> beam.FlatMap(_removed))
     removed = clusters | "removed only" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "removed" else [])

@@ -10,6 +10,7 @@ key are candidates; candidates joined (transitively) form a cluster; each cluste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 import unicodedata
@@ -71,6 +72,7 @@ class DedupParams:
         return lsh_params(self.threshold, self.num_perm, self.verify)
 
 
+@functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, verify: bool) -> tuple[int, int]:
     """The (bands, rows), bands x rows <= num_perm, minimising w_fp x (false positive area below `threshold`)
     + w_fn x (false negative area above it), where a pair of Jaccard s becomes a candidate with probability
@@ -79,16 +81,17 @@ def lsh_params(threshold: float, num_perm: int, verify: bool) -> tuple[int, int]
     0.5; with `verify` false candidates are dropped afterwards and only cost time, so false negatives weigh
     0.9 (threshold 0.8, 112 permutations: 12 x 9 finds a pair at 0.85 with probability 0.96, 9 x 12 0.75)."""
     w_fp, w_fn = (0.1, 0.9) if verify else (0.5, 0.5)
-    below = np.linspace(0.0, threshold, 1001)
-    above = np.linspace(threshold, 1.0, 1001)
+    below = np.linspace(0.0, threshold, 1001)[:, None]
+    above = np.linspace(threshold, 1.0, 1001)[:, None]
     best, choice = np.inf, (1, 1)
     for bands in range(1, num_perm + 1):
-        for rows in range(1, num_perm // bands + 1):
-            fp = np.trapezoid(1 - (1 - below**rows) ** bands, below)
-            fn = np.trapezoid((1 - above**rows) ** bands, above)
-            error = w_fp * fp + w_fn * fn
-            if error < best:
-                best, choice = error, (bands, rows)
+        rows = np.arange(1, num_perm // bands + 1)
+        fp = np.trapezoid(1 - (1 - below**rows) ** bands, below[:, 0], axis=0)
+        fn = np.trapezoid((1 - above**rows) ** bands, above[:, 0], axis=0)
+        error = w_fp * fp + w_fn * fn
+        i = int(np.argmin(error))  # the first of equal errors, as datasketch's loop
+        if error[i] < best:
+            best, choice = error[i], (bands, int(rows[i]))
     return choice
 
 
