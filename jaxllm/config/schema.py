@@ -213,10 +213,11 @@ class DistributedConfig:
 class SourceConfig:
     """One data source. `path`: a file, a glob, a comma-separated list of them, `builtin:NAME`
     (a corpus shipped with jaxllm), `hf:NAME_OR_DIR` (Hugging Face datasets, streamed) or
-    `tfds:NAME` (TensorFlow Datasets data source)."""
+    `tfds:NAME` (TensorFlow Datasets data source), or a directory of pre-tokenised ArrayRecord shards written by
+    `jaxllm data tokenize` (format arrayrecord; auto when the directory holds a metadata.json)."""
 
     path: str = "builtin:kjv"
-    format: Literal["auto", "text", "jsonl", "parquet", "hf", "tfds"] = "auto"
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "tfds", "arrayrecord"] = "auto"
     text_field: str = "text"
     split: str = "train"
     weight: float = 1.0
