@@ -28,8 +28,15 @@ import numpy as np
 
 from jaxllm.config import JaxllmError
 from jaxllm.dataprep import engine, io
-from jaxllm.dataprep.dedup import EXACT, NEAR, Verdicts
-from jaxllm.dataprep.minhash import MISSING_EXTRA, DedupParams, Signer, estimated_jaccard
+from jaxllm.dataprep.minhash import (
+    EXACT,
+    MISSING_EXTRA,
+    NEAR,
+    DedupParams,
+    Signer,
+    Verdicts,
+    estimated_jaccard,
+)
 from jaxllm.utils import atomic_write_text
 
 _SHARD_BITS = 40  # documents per shard < 2**40
@@ -80,7 +87,7 @@ def _by_cluster(joined):
         from apache_beam.metrics import Metrics
 
         Metrics.counter("jaxllm.dedup", "unconverged").inc()
-    yield label[0], list(grouped["info"])[0]
+    yield label[0], next(iter(grouped["info"]))
 
 
 def _removed(cluster):
@@ -106,7 +113,7 @@ def _write_sizes(sizes: list, path: str) -> None:
     atomic_write_text(path, json.dumps(sorted(sizes)))
 
 
-def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *, runner: str = "DirectRunner",
+def dedup_beam(inputs: str, output: str, params: DedupParams | None = None, *, runner: str = "DirectRunner",
                pipeline_args=(), rounds: int = 8, fmt_out: str = "jsonl.gz", text_field: str = "text",
                id_field: str = "id", on_bad_record: str = "skip", samples_per_reason: int = 20,
                chunk_bytes: int = io.DEFAULT_CHUNK_BYTES) -> dict:
@@ -124,10 +131,11 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     if rounds < 1:
         raise JaxllmError(f"dedup: rounds must be >= 1, got {rounds}")
     start = time.perf_counter()
+    params = params or DedupParams()
     shards = tuple(io.plan_shards(inputs, chunk_bytes=chunk_bytes))
     signer = Signer(params)
-    options = dict(format=fmt_out, text_field=text_field, id_field=id_field, on_bad_record=on_bad_record,
-                   samples_per_reason=samples_per_reason)
+    options = {"format": fmt_out, "text_field": text_field, "id_field": id_field,
+               "on_bad_record": on_bad_record, "samples_per_reason": samples_per_reason}
     config = {**dataclasses.asdict(params), "engine": "beam"}
     plan = engine.make_plan("dedup", config, inputs, shards, options)
     if engine.complete(output, plan):
@@ -184,7 +192,7 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     shutil.rmtree(work, ignore_errors=True)
     stats.update({
         "runner": runner, "rounds": rounds,
-        "clusters": {"count": int(len(sizes)), "documents": int(sizes.sum()), "largest": int(sizes.max(initial=0)),
+        "clusters": {"count": len(sizes), "documents": int(sizes.sum()), "largest": int(sizes.max(initial=0)),
                      "sizes": {str(k): int(c) for k, c in enumerate(np.bincount(sizes)) if c}},
         "bands": signer.bands, "rows": signer.rows,
     })  # fmt: skip

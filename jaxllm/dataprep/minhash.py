@@ -15,7 +15,6 @@ import hashlib
 import re
 import unicodedata
 from array import array
-from typing import Optional
 
 import numpy as np
 
@@ -24,6 +23,8 @@ from jaxllm.config import JaxllmError
 _SPACE = re.compile(r"\s+")
 _PUNCTUATION = re.compile(r"[^\w\s]")
 MISSING_EXTRA = "pip install -e '.[data]'"
+KEEP, EXACT, NEAR = 0, 1, 2  # a document's verdict
+REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Signer:
                 raise JaxllmError(f"near-duplicate removal needs datasketch; {MISSING_EXTRA}") from None
             self._template = MinHash(num_perm=params.num_perm, seed=params.seed)
 
-    def signature(self, normalized: str) -> Optional[np.ndarray]:
+    def signature(self, normalized: str) -> np.ndarray | None:
         """The MinHash signature (uint32 [num_perm]) of a normalised text; None for an empty text (which only
         ever matches other empty texts, by its exact key) or in exact mode."""
         if self._template is None:
@@ -151,7 +152,7 @@ class Signer:
         m.update_batch(grams)
         return m.hashvalues
 
-    def keys(self, text: str) -> tuple[list[int], Optional[np.ndarray]]:
+    def keys(self, text: str) -> tuple[list[int], np.ndarray | None]:
         """(bucket keys: the exact key first, then one per band; the signature or None)."""
         normalized = normalize(text, self.params)
         keys = [_key(b"exact", normalized.encode())]
@@ -206,3 +207,22 @@ class UnionFind:
             if np.array_equal(jumped, roots):
                 return roots
             roots = jumped
+
+
+class Verdicts:
+    """The filter pass as a per-document stage of the engine: the documents of one shard arrive in order
+    (engine.process_shard); the n-th is dropped when n is among `removed` (sorted indices in the shard, with
+    their `reasons`: EXACT or NEAR)."""
+
+    name = "dedup"
+
+    def __init__(self, removed: np.ndarray, reasons: np.ndarray):
+        self.removed, self.reasons = removed, reasons
+        self._next = self._cursor = 0
+
+    def __call__(self, doc: dict) -> tuple[dict | None, str | None]:
+        index, self._next = self._next, self._next + 1
+        if self._cursor < len(self.removed) and self.removed[self._cursor] == index:
+            self._cursor += 1
+            return None, REASONS[int(self.reasons[self._cursor - 1])]
+        return doc, None
