@@ -388,7 +388,7 @@ class AdversarialConfig:
 class TrainConfig:
     # A run directory or checkpoint (ours, or converted from Hugging Face), or a Hugging Face model directory
     # (config.json + safetensors), whose parameters start this run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
-    # model.dtype, model.remat and model.attention_impl of this config apply.
+    # model.dtype, model.remat, model.attention_impl and model.value_head of this config apply.
     init_from: Optional[str] = None
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
