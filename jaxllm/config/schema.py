@@ -152,6 +152,10 @@ class ModelConfig:
     # frozen base stored quantised. With train.init_from they apply to the checkpoint's model.
     lora: Optional[LoraConfig] = None
     quant: Optional[QuantConfig] = None
+    # PPO's value model on the policy's backbone (TRL's AutoModelForCausalLMWithValueHead): a D -> 1 linear
+    # `value_head` (kernel and bias) on the final hidden state, Decoder.values; trained in full under LoRA,
+    # fresh when train.init_from holds an LM; exported apart (docs/post-training.md, Online RL: losses).
+    value_head: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -385,7 +389,7 @@ class AdversarialConfig:
 class TrainConfig:
     # A run directory or checkpoint (ours, or converted from Hugging Face), or a Hugging Face model directory
     # (config.json + safetensors), whose parameters start this run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
-    # model.dtype, model.remat and model.attention_impl of this config apply.
+    # model.dtype, model.remat, model.attention_impl and model.value_head of this config apply.
     init_from: Optional[str] = None
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
