@@ -187,8 +187,6 @@ def model_dirs(tmp_path_factory):
     """A tiny random reward model (Hugging Face directory whose tokenizer carries the zephyr chat template) and a
     tiny random judge (a jaxllm run converted from a random Llama), both with the bundled tokenizer."""
     from jaxllm.convert.hf import hf_to_jaxllm, save_hf
-    from jaxllm.convert.hf_tokenizer import hf_tokenizer_files
-    from jaxllm.config import DataConfig
     from jaxllm.data.chat_template import load_chat_template
     from jaxllm.data.tokenizer import load_tokenizer
     from tests.conftest import random_params, tiny_model_config
@@ -196,10 +194,8 @@ def model_dirs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("model_rewards")
     tok = load_tokenizer("builtin:kjv-sp4k")
     rm = tiny_model_config(vocab_size=tok.vocab_size, head="reward", family="llama", max_seq_len=128)
-    save_hf(random_params(rm, seed=1), rm, tmp / "rm", hf_tokenizer_files(tok, DataConfig()), pad_token_id=tok.pad_id)
-    config = json.loads((tmp / "rm" / "tokenizer_config.json").read_text())
-    config["chat_template"] = load_chat_template("builtin:zephyr").source
-    (tmp / "rm" / "tokenizer_config.json").write_text(json.dumps(config))
+    files = {**tok.files(), "chat_template.jinja": load_chat_template("builtin:zephyr").source.encode()}
+    save_hf(random_params(rm, seed=1), rm, tmp / "rm", files, pad_token_id=tok.pad_id)
     judge = tiny_model_config(family="llama", vocab_size=4096, max_seq_len=256)
     save_hf(random_params(judge, seed=0, std=0.3), judge, tmp / "judge_hf", tok.files())
     hf_to_jaxllm(tmp / "judge_hf", tmp / "judge")
@@ -259,3 +255,64 @@ def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_re
 def test_bad_model_reward_specs(args, message):
     with pytest.raises(ConfigError, match=message):
         reward_functions([{"function": "reward_model", "args": args}])
+
+
+# ------------------------------------------------------------------------------------------ held-out reward
+
+
+def test_held_out_reward_batches_in_buckets_and_scores_each_prompts_own_completions(model_dirs):
+    from jaxllm.config import GenerateConfig
+    from jaxllm.infer.generate import generate
+    from jaxllm.infer.judge import open_model
+    from jaxllm.rl.evaluate import PromptEncoder, held_out_reward
+
+    model = open_model(model_dirs / "judge")
+    records = [{"prompt": p, "answer": "x", "task": t} for p, t in (
+        ("In the beginning God", "a"), ("And", "b"), ("And the earth was without form, and void", "a"),
+        ("Jesus wept", "b"))]
+    seen = []
+
+    def spy(prompts, completions, completion_ids, task, **fields):
+        seen.append((prompts, completions, completion_ids))
+        return [float(len(ids) % 2) for ids in completion_ids]  # some 0, some 1
+
+    funcs = [("odd", 1.0, spy), ("em", 1.0, lambda p, c, **f: [None] * len(c))]
+    metrics = held_out_reward(model, records, funcs, samples=3, max_new_tokens=5, batch_size=4)
+    encode = PromptEncoder(model)
+    (g_prompts, _, g_ids), (s_prompts, s_completions, s_ids) = seen
+    assert g_prompts == [r["prompt"] for r in records] and s_prompts == [r["prompt"] for r in records for _ in "abc"]
+    for record, ids in zip(records, g_ids):  # greedy, batched and sorted = each prompt alone
+        alone = generate(model.graphdef, model.params, model.config.model, [encode(record)],
+                         GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
+                         width=16)
+        assert ids == alone[0]
+    assert s_completions == [model.tokenizer.decode(ids) for ids in s_ids]
+    odd = np.asarray([len(ids) % 2 for ids in g_ids], float)
+    assert metrics["greedy/reward"] == pytest.approx(odd.mean()) and metrics["greedy/rewards/odd/mean"] == \
+        pytest.approx(odd.mean())
+    assert metrics["greedy/reward/a"] == pytest.approx(odd[[0, 2]].mean())
+    sampled = np.asarray([len(ids) % 2 for ids in s_ids], float).reshape(4, 3)
+    assert metrics["sampled/reward"] == pytest.approx(sampled.mean())
+    assert metrics["sampled/pass@3"] == pytest.approx((sampled.max(axis=1) > 0).mean())
+    assert math.isnan(metrics["greedy/rewards/em/mean"])
+
+
+def test_conversational_prompts_are_rendered_as_training_renders_them(model_dirs):
+    import dataclasses
+
+    from jaxllm.data.chat import ChatEncoder
+    from jaxllm.data.chat_template import load_chat_template
+    from jaxllm.infer.judge import open_model
+    from jaxllm.rl.evaluate import PromptEncoder
+
+    model = open_model(model_dirs / "judge")
+    with pytest.raises(JaxllmError, match="conversational prompts need a chat template"):
+        PromptEncoder(model)({"prompt": [{"role": "user", "content": "Hi"}]})
+    data = model.config.data
+    data = dataclasses.replace(data, objective=dataclasses.replace(data.objective, chat_template="builtin:zephyr"))
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, data=data))
+    prompt = [{"role": "user", "content": "Which book of the Bible is this verse from?\nJesus wept."}]
+    ids = PromptEncoder(model)({"prompt": prompt})
+    full, mask = ChatEncoder(model.tokenizer, load_chat_template("builtin:zephyr")).encode(
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "John"}]})
+    assert full[:len(ids)] == ids and mask[:len(ids)] == [0] * len(ids) and mask[len(ids)] == 1
