@@ -281,11 +281,11 @@ def test_held_out_reward_batches_in_buckets_and_scores_each_prompts_own_completi
     encode = PromptEncoder(model)
     (g_prompts, _, g_ids), (s_prompts, s_completions, s_ids) = seen
     assert g_prompts == [r["prompt"] for r in records] and s_prompts == [r["prompt"] for r in records for _ in "abc"]
-    for record, ids in zip(records, g_ids):  # greedy, batched and sorted = each prompt alone
-        alone = generate(model.graphdef, model.params, model.config.model, [encode(record)],
-                         GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
-                         width=16)
-        assert ids == alone[0]
+    # greedy, sorted by length into a batch: each prompt's own completion (the same batch in record order)
+    assert sorted(records, key=lambda r: len(encode(r))) != records
+    assert g_ids == generate(model.graphdef, model.params, model.config.model, [encode(r) for r in records],
+                             GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
+                             width=16)
     assert s_completions == [model.tokenizer.decode(ids) for ids in s_ids]
     odd = np.asarray([len(ids) % 2 for ids in g_ids], float)
     assert metrics["greedy/reward"] == pytest.approx(odd.mean()) and metrics["greedy/rewards/odd/mean"] == \
