@@ -224,6 +224,21 @@ def test_reward_model_reward_is_jaxllm_scores_score_of_the_same_row(model_dirs, 
     reward = funcs[0][2]
     assert reward.sequences(prompts[2:3], completions[2:3])[0] != reward.sequences(prompts[4:5], completions[4:5])[0]
 
+    # every rollout calls the reward again: the scoring program is traced and compiled once, not once per call
+    import jax.monitoring
+
+    events = []
+
+    def listen(name, *args, **kwargs):
+        events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        np.testing.assert_allclose(reward(prompts, completions), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not [e for e in events if "trace" in e or "compile" in e]
+
 
 def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_reference(model_dirs):
     from jaxllm.infer.judge import Judge, open_model
