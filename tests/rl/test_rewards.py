@@ -12,7 +12,7 @@ from jaxllm.config import ConfigError, JaxllmError, RewardSpec, from_dict
 from jaxllm.data import ASSETS
 from jaxllm.data.sources import BUILTIN_CORPORA
 from jaxllm.rl import verifiable
-from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
+from jaxllm.rl.rewards import check_reward_specs, compute_rewards, reward_functions, reward_metrics
 
 
 def _one(name, completions, answers=None, **args):
@@ -143,6 +143,8 @@ def test_bad_reward_specs_are_one_line_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message) as e:
         reward_functions([spec])
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=message):
+        check_reward_specs([spec])
 
 
 def test_bad_return_values_are_one_line_errors():
@@ -157,6 +159,8 @@ def test_reward_specs_load_from_config_dicts():
     assert spec == RewardSpec("format", 2.0, {"pattern": "x"})
     with pytest.raises(ConfigError, match="unknown config key 'rewards.funtion'"):
         from_dict(RewardSpec, {"funtion": "x"}, "rewards")
+    with pytest.raises(ConfigError, match="rl.rewards is empty; name at least one reward"):
+        reward_functions([])
 
 
 def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
@@ -266,10 +270,19 @@ def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_re
     ({}, "args.path is missing: the reward_model reward needs"),
     ({"path": "/no/such/run"}, "args.path /no/such/run does not exist"),
     ({"path": ".", "batch": 2}, "reward_model takes no argument 'batch'; its arguments: path, batch_size"),
+    ({"path": ".", "batch_size": 0}, "args.batch_size must be a positive integer, got 0"),
 ])
 def test_bad_model_reward_specs(args, message):
     with pytest.raises(ConfigError, match=message):
         reward_functions([{"function": "reward_model", "args": args}])
+    with pytest.raises(ConfigError, match=message):  # the same checks when a config loads, nothing loaded
+        check_reward_specs([{"function": "reward_model", "args": args}])
+
+
+def test_specs_check_without_loading_models(model_dirs):
+    specs = [{"function": "judge", "args": {"path": str(model_dirs / "judge")}}, {"function": "exact_match",
+                                                                                  "args": None}]
+    assert check_reward_specs(specs) == ["judge", "exact_match"]  # `args:` left empty in YAML is no args
 
 
 # ------------------------------------------------------------------------------------------ held-out reward
