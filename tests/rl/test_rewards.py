@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from jaxllm.config import ConfigError, JaxllmError, RewardSpec, from_dict
+from jaxllm.config import ConfigError, JaxllmError, RewardSpec, SourceConfig, from_dict
 from jaxllm.data import ASSETS
-from jaxllm.data.sources import BUILTIN_CORPORA
+from jaxllm.data.sources import BUILTIN_CORPORA, make_source
 from jaxllm.rl import verifiable
 from jaxllm.rl.rewards import check_reward_specs, compute_rewards, reward_functions, reward_metrics
 
@@ -181,6 +181,9 @@ def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
                          ("last_word", "kjv-rl-valid-last-word")):
         c = BUILTIN_CORPORA[corpus]
         assert {r["task"] for r in valid[c.start:c.stop]} == {task}
+    # the data pipeline's sources read them whole (as online RL reads its prompts)
+    source = make_source(SourceConfig(path="builtin:kjv-rl-valid-last-word"), num_epochs=1, convert=lambda r: r)
+    assert list(source) == valid[464:696]
 
 
 # ------------------------------------------------------------------------------------------ model rewards
