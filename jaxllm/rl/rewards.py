@@ -63,10 +63,16 @@ def load_function(target: str, where: str = "rl.rewards") -> Callable:
             raise ConfigError(f"{where}: reward file {module_name} does not exist; give an existing .py file as "
                               "'path/to/file.py:function'")
         name = f"jaxllm_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # an error in the user's file shows with its traceback
+        module = sys.modules.get(name)  # a file named twice (or checked, then built) runs once
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: dataclasses in the file look themselves up there
+            try:
+                spec.loader.exec_module(module)  # an error in the user's file shows with its traceback
+            except BaseException:
+                sys.modules.pop(name, None)  # no half-run module left behind
+                raise
     else:
         try:
             module = importlib.import_module(module_name)

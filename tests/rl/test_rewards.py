@@ -111,8 +111,9 @@ def test_functions_get_the_records_fields_and_completion_ids_as_columns():
 
 def test_module_and_file_functions_with_their_args_and_unique_names(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
-        "def shout(prompts, completions, bonus=0.0, **kw):\n    return [float(c.isupper()) + bonus for c in completions]\n"
-        "NOT_CALLABLE = 3\n")
+        "import dataclasses\nwith open(__file__ + '.runs', 'a') as f:\n    f.write('x')\n"
+        "@dataclasses.dataclass\nclass Settings:\n    bonus: float = 0.0\n"  # needs its module in sys.modules
+        "def shout(prompts, completions, bonus=0.0, **kw):\n    return [float(c.isupper()) + bonus for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     specs = [{"function": "my_rewards:shout"}, {"function": f"{tmp_path}/my_rewards.py:shout", "args": {"bonus": 1}},
              {"function": "exact_match", "name": "em", "weight": 0.5}]
@@ -120,6 +121,9 @@ def test_module_and_file_functions_with_their_args_and_unique_names(tmp_path, mo
     assert [(n, w) for n, w, _ in funcs] == [("shout", 1.0), ("shout_2", 1.0), ("em", 0.5)]
     total, per = compute_rewards(funcs, ["p", "p"], ["HI", "hi"], [{"answer": "HI"}, {"answer": "x"}])
     assert per["shout_2"].tolist() == [2.0, 1.0] and total.tolist() == [3.5, 1.0]
+    file_spec = [{"function": f"{tmp_path}/my_rewards.py:shout"}]
+    check_reward_specs(file_spec), reward_functions(file_spec)
+    assert (tmp_path / "my_rewards.py.runs").read_text() == "xx"  # imported once as my_rewards, once as a file
 
 
 @pytest.mark.parametrize("spec,message", [
