@@ -501,3 +501,15 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward of online RL (an entry of the list rl.rewards; docs/post-training.md "Online RL: rewards")."""
+
+    # exact_match | numeric | format | length | reward_model | judge, or "module:function" /
+    # "path/to/file.py:function": f(prompts, completions, **fields) -> list[float | None] (TRL's signature)
+    function: str = "exact_match"
+    weight: float = 1.0  # the total reward is the sum of weight * reward over the functions that scored a sample
+    args: Any = field(default_factory=dict)  # keyword arguments of the function (e.g. format's pattern)
+    name: Optional[str] = None  # the name in the metrics rewards/NAME/mean; null = the function's name
