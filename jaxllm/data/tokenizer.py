@@ -117,6 +117,12 @@ class Tokenizer(abc.ABC):
         raise JaxllmError(f"{type(self).__name__} gives no token offsets; chat templates need a SentencePiece "
                           "or Hugging Face tokenizer")
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a chat template's output: the special tokens the template writes (`</s>`, `<|im_end|>`)
+        become their ids, as transformers' `apply_chat_template(tokenize=True)` and training (jaxllm.data.chat)
+        give them; `encode` would read them as plain characters, as it must for a document's text."""
+        return self.encode_with_offsets(text)[0]
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact, plus

@@ -263,7 +263,7 @@ def generate_text(
     elif chat:
         template = chat_template_of(tokenizer)
         variables = tokenizer.special_tokens()
-        encoded = [tokenizer.encode(template.render([{"role": "user", "content": p}], True, variables))
+        encoded = [tokenizer.encode_rendered(template.render([{"role": "user", "content": p}], True, variables))
                    for p in prompts]
     else:
         encoded = [(bos if cfg.data.add_bos else []) + tokenizer.encode(p) for p in prompts]
