@@ -104,12 +104,10 @@ def rollout(
     width = bucket_width(max(len(p) for p in repeated), model_cfg, settings.max_new_tokens)
     tokens, mask = left_pad(repeated + [repeated[0]] * (R - N), pad_id, width)
     live = np.arange(R) < N
-    # Row i's key, as raw key data (host values that travel like the tokens); the decode loop folds in the step.
-    keys = np.asarray(jax.random.key_data(jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(R))))
     stops = np.asarray(settings.stop_ids or (-1,), np.int32)
-    inputs = (tokens, mask, keys, stops, np.int32(pad_id), live)
+    inputs = (tokens, mask, np.asarray(jax.random.key_data(key)), stops, np.int32(pad_id), live)
     if mesh is not None:
-        inputs = tuple(_place(a, mesh, rules, batched=i in (0, 1, 2, 5)) for i, a in enumerate(inputs))
+        inputs = tuple(_place(a, mesh, rules, batched=i in (0, 1, 5)) for i, a in enumerate(inputs))
     out, logps = _sample(params, *inputs, graphdef=graphdef, model_cfg=model_cfg, settings=settings,
                          key_impl=str(jax.random.key_impl(key)), mesh=mesh, rules=rules if mesh is not None else None)
     out, logps = np.asarray(out)[:N], np.asarray(logps)[:N]
@@ -135,11 +133,13 @@ def _place(array: np.ndarray, mesh: Mesh, rules: sharding.Rules, batched: bool) 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "settings", "key_impl", "mesh", "rules"))
-def _sample(params, tokens_BP, mask_BP, key_data_B2, stops, pad_id, live_B, *, graphdef, model_cfg, settings, key_impl,
+def _sample(params, tokens_BP, mask_BP, key_data, stops, pad_id, live_B, *, graphdef, model_cfg, settings, key_impl,
             mesh, rules):
     """The decode loop on the batch's shapes: (new tokens [B, T], their log-probs [B, T]); under a mesh the
-    activations (cache included) are placed by the rules and the results replicated."""
-    keys_B = jax.random.wrap_key_data(key_data_B2, impl=key_impl)
+    activations (cache included) are placed by the rules and the results replicated. Row i samples from
+    fold_in(key, i); the decode loop folds in the step."""
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens_BP.shape[0]))
     placed = sharding.activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with placed:
         out_BT, logps_BT = decode(
