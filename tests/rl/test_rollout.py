@@ -132,6 +132,8 @@ def test_bucket_widths_and_bad_requests(model):
         rollout(graphdef, params, cfg, PROMPTS, SAMPLED, jax.random.key(0), PAD, rows=4)
     with pytest.raises(JaxllmError, match="at least one token"):
         rollout(graphdef, params, cfg, [[1], []], SAMPLED, jax.random.key(0), PAD)
+    with pytest.raises(JaxllmError, match="sample from a decoder language model .* this model is arch=decoder, head=reward"):
+        rollout(graphdef, params, dataclasses.replace(cfg, head="reward"), PROMPTS, SAMPLED, jax.random.key(0), PAD)
 
 
 def test_on_an_8_device_mesh_samples_equal_one_devices(model, sampled):
