@@ -43,6 +43,12 @@ class SamplingSettings:
     top_p: float = 1.0  # 1: off
     stop_ids: tuple[int, ...] = ()  # ids that end a completion (EOS, a chat template's end-of-turn), kept in it
 
+    def __post_init__(self):  # a list of stop ids (from YAML) or numpy scalars would not hash
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        for name, kind in (("num_generations", int), ("max_new_tokens", int), ("top_k", int), ("temperature", float),
+                           ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
 
 @dataclasses.dataclass
 class Rollout:
@@ -123,6 +129,9 @@ def _check(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], settings: S
     if settings.num_generations < 1 or settings.max_new_tokens < 1:
         raise JaxllmError(f"rollout needs num_generations >= 1 and max_new_tokens >= 1, got "
                           f"{settings.num_generations} and {settings.max_new_tokens}")
+    if settings.temperature < 0 or settings.top_k < 0 or not 0 < settings.top_p <= 1:
+        raise JaxllmError(f"rollout sampling needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and top_p in "
+                          f"(0, 1] (1: off), got {settings.temperature}, {settings.top_k} and {settings.top_p}")
 
 
 def _place(array: np.ndarray, mesh: Mesh, rules: sharding.Rules, batched: bool) -> jax.Array:

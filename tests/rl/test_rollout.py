@@ -132,6 +132,9 @@ def test_bucket_widths_and_bad_requests(model):
         rollout(graphdef, params, cfg, PROMPTS, SAMPLED, jax.random.key(0), PAD, rows=4)
     with pytest.raises(JaxllmError, match="at least one token"):
         rollout(graphdef, params, cfg, [[1], []], SAMPLED, jax.random.key(0), PAD)
+    with pytest.raises(JaxllmError, match="top_p in \\(0, 1\\] \\(1: off\\), got 0.7, 0 and 0.0"):
+        rollout(graphdef, params, cfg, PROMPTS, SamplingSettings(temperature=0.7, top_p=0), jax.random.key(0), PAD)
+    assert hash(SamplingSettings(stop_ids=[2, np.int64(3)])) == hash(SamplingSettings(stop_ids=(2, 3)))  # static
     with pytest.raises(JaxllmError, match="sample from a decoder language model .* this model is arch=decoder, head=reward"):
         rollout(graphdef, params, dataclasses.replace(cfg, head="reward"), PROMPTS, SAMPLED, jax.random.key(0), PAD)
 
