@@ -7,7 +7,7 @@ sharded on the training mesh (no host copy, no second copy on the devices); LoRA
 from the adapted model, as the forward pass computes it.
 
 Shapes are bucketed so the loop compiles once per bucket, not once per batch: prompts are left-padded to
-a width from `BUCKETS`-style powers of two (at least `MIN_WIDTH`, at most the context minus max_new_tokens),
+a power-of-two width (at least `MIN_WIDTH`, at most the context minus max_new_tokens: `bucket_width`),
 and the rows to a caller's fixed count (`rows=`), rounded up to a multiple of the data-parallel size under
 a mesh. Filler rows start finished and are dropped from the result.
 """
