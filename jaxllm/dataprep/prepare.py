@@ -232,7 +232,7 @@ def _dedup(step: Step, inputs: str, cfg: PrepareConfig, common: dict) -> dict:
         from jaxllm.dataprep.dedup_beam import dedup_beam
 
         if extra.get("clusters"):
-            raise ConfigError("dedup.clusters is written by the local engine only; drop it or use engine: local")
+            logger.warning("dedup.clusters: clusters.jsonl.gz is written by the local engine only; not written")
         return dedup_beam(inputs, str(step.dir), params, runner=cfg.runner, pipeline_args=cfg.pipeline_args, **common)
     from jaxllm.dataprep.dedup import dedup
 
