@@ -313,7 +313,11 @@ def _doc_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="input files: a glob, comma list or hf:NAME (jsonl(.gz), "
                                                        "parquet, text)")
     parser.add_argument("--output", required=True, help="output directory: part-NNNNN shards, stats.json, rejected/")
-    parser.add_argument("--workers", type=int, default=0, help="processes (default 0: all cores)")
+    parser.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                          "DataflowRunner, FlinkRunner, SparkRunner")
+    parser.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                           "--pipeline-arg=--project=P; repeatable")
+    parser.add_argument("--workers", type=int, default=0, help="processes of the local runner (default 0: all cores)")
     parser.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz", help="output shards")
     parser.add_argument("--text-field", default="text", help="field holding the text")
     parser.add_argument("--id-field", default="id", help="field holding the document id (else file:line)")
@@ -648,11 +652,19 @@ def cmd_data_prepare(args) -> int:
 
 
 def _run_doc_stage(stage, args) -> int:
-    from jaxllm.dataprep.engine import run_local
+    options = dict(fmt_out=args.format, text_field=args.text_field, id_field=args.id_field,
+                   on_bad_record=args.on_bad_record, samples_per_reason=args.samples_per_reason)
+    if args.runner == "local":
+        if args.pipeline_arg:
+            raise JaxllmError("--pipeline-arg is for Beam runners; add --runner DirectRunner (or DataflowRunner, ...)")
+        from jaxllm.dataprep.engine import run_local
 
-    stats = run_local(stage, args.input, args.output, workers=args.workers, fmt_out=args.format,
-                      text_field=args.text_field, id_field=args.id_field, on_bad_record=args.on_bad_record,
-                      samples_per_reason=args.samples_per_reason)
+        stats = run_local(stage, args.input, args.output, workers=args.workers, **options)
+    else:
+        from jaxllm.dataprep.beam import run_beam
+
+        stats = run_beam(stage, args.input, args.output, runner=args.runner, pipeline_args=args.pipeline_arg,
+                         **options)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])[:8])
     print(f"{stage.name}: {stats['documents_in']} documents in, {stats['documents_out']} out"
           f"{' (dropped: ' + dropped + ')' if dropped else ''}; stats in {args.output}/stats.json")

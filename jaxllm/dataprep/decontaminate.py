@@ -13,6 +13,7 @@ dict hash -> bitmask of the evaluation sets holding it: about 100 bytes per n-gr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -108,7 +109,7 @@ class Decontaminator:
     name = "decontaminate"
 
     def __init__(self, config: DecontaminateConfig | dict, text_field: str = "text"):
-        self.config = c = config if isinstance(config, DecontaminateConfig) else decontaminate_config(config)
+        self.settings = c = config if isinstance(config, DecontaminateConfig) else decontaminate_config(config)
         self.text_field = text_field
         if c.n < 1:
             raise ConfigError(f"decontaminate.n must be >= 1 words (GPT-3 used 13), got {c.n}")
@@ -124,24 +125,31 @@ class Decontaminator:
             for task, text in task_texts(list(c.tasks), c.include_path):
                 self._add(task, text)
 
+    @property
+    def config(self) -> dict:
+        """The settings and a digest of the evaluation n-grams: the engine's plan, so a changed evaluation set
+        redoes the stage instead of resuming it."""
+        digest = hashlib.sha256(repr(sorted(self.ngrams.items())).encode()).hexdigest()
+        return {**dataclasses.asdict(self.settings), "sets": self.sets, "ngrams_sha256": digest}
+
     def _add(self, name: str, text: str) -> None:
         if name not in self.sets:
             self.sets.append(name)
         bit = 1 << self.sets.index(name)
-        for h in ngram_hashes(text, self.config.n):
+        for h in ngram_hashes(text, self.settings.n):
             self.ngrams[h] = self.ngrams.get(h, 0) | bit
 
     def __call__(self, doc: dict) -> tuple[Optional[dict], Optional[str]]:
         matched, mask = 0, 0
-        for h in ngram_hashes(doc[self.text_field], self.config.n):
+        for h in ngram_hashes(doc[self.text_field], self.settings.n):
             bits = self.ngrams.get(h)
             if bits is not None:
                 matched += 1
                 mask |= bits
-                if self.config.mode == "drop":
+                if self.settings.mode == "drop":
                     break
         names = [s for i, s in enumerate(self.sets) if mask >> i & 1]
-        if self.config.mode == "drop":
+        if self.settings.mode == "drop":
             return (None, f"decontaminate:{names[0]}") if matched else (doc, None)
         return {**doc, "contaminated": bool(matched), "contamination_ngrams": matched,
                 "contamination_sets": names}, None

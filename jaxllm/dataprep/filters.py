@@ -153,12 +153,14 @@ class QualityFilters:
         self._top = _ngram_table(gopher_repetition.top_n_grams, "clean.gopher_repetition.top_n_grams")
         self._dup = _ngram_table(gopher_repetition.dup_n_grams, "clean.gopher_repetition.dup_n_grams")
         self._filters: Optional[list] = None
+        self._document: Any = None  # datatrove's Document class, once built
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_filters": None}
+        return {**self.__dict__, "_filters": None, "_document": None}
 
     def _build(self) -> list:
         _datatrove()
+        from datatrove.data import Document
         from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                                 GopherRepetitionFilter)
 
@@ -170,6 +172,7 @@ class QualityFilters:
                     if label in _C4_LINE_RULES:
                         self.lines["c4:" + _C4_LINE_RULES[label]] += value
 
+        self._document = Document
         rep, qual, c4, fw = self.configs
         tok = word_tokenizer()
         filters = []
@@ -207,9 +210,7 @@ class QualityFilters:
     def __call__(self, text: str) -> tuple[str, Optional[str], Counter]:
         if self._filters is None:
             self._filters = self._build()
-        from datatrove.data import Document
-
-        doc, lines = Document(text=text, id=""), Counter()
+        doc, lines = self._document(text=text, id=""), Counter()
         for name, rules, dt_filter in self._filters:
             if name == "c4":
                 dt_filter.lines = lines

@@ -216,3 +216,5 @@ def test_jaxllm_data_clean_writes_outputs_stats_and_rejected_samples(tmp_path, c
         assert [json.loads(line)["id"] for line in f] == ["french"]
     assert main(["data", "clean", "--input", str(corpus), "--output", str(out / "x"), "gopher_quality.min_words=1"]) == 2
     assert "unknown config key 'clean.gopher_quality.min_words'" in capsys.readouterr().err
+    assert main(["data", "clean", "--input", str(corpus), "--output", str(out / "y"), "--pipeline-arg=--project=p"]) == 2
+    assert "--pipeline-arg is for Beam runners" in capsys.readouterr().err

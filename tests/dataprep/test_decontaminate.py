@@ -95,3 +95,15 @@ def test_bad_evaluation_sets_are_one_line_errors(tmp_path):
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(JaxllmError, match=r"bad.jsonl:2: no 'text' field"):
         Decontaminator({"files": [str(bad)]})
+
+
+def test_the_plan_changes_with_the_evaluation_ngrams(tmp_path):
+    """The engine resumes a stage whose plan (the stage's `config`) is unchanged: editing an evaluation file
+    must change it."""
+    files = eval_files(tmp_path)
+    before = Decontaminator({"files": files}).config
+    assert before == Decontaminator({"files": files}).config
+    assert before["n"] == 13 and before["sets"] == ["bench.jsonl.gz", "other.txt"]
+    (tmp_path / "other.txt").write_text("A different evaluation text of more than thirteen words, so that its "
+                                        "n-grams differ from the old ones.\n")
+    assert Decontaminator({"files": files}).config["ngrams_sha256"] != before["ngrams_sha256"]
