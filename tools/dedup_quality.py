@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jaxllm.dataprep.dedup import dedup  # noqa: E402
-from jaxllm.dataprep.minhash import DedupParams, UnionFind, normalize, shingles  # noqa: E402
+from jaxllm.dataprep.dedup import dedup
+from jaxllm.dataprep.minhash import DedupParams, UnionFind, normalize, shingles
 
 LEVELS = (0.95, 0.85, 0.7, 0.5)  # target word 5-gram Jaccard of a near-copy to its source
 

@@ -2,8 +2,8 @@
 
 Passes (each input shard in a worker process where the pass is per shard):
   1. sign:   each document -> its length, exact key, MinHash signature and band keys (dataprep/minhash.py);
-             written per shard as (bucket key, document index) pairs, split into `partitions` files by
-             key % partitions, plus the signatures (for verification), lengths and exact keys.
+             written per shard as (bucket key, document index) pairs ordered by partition (key %
+             partitions), plus the signatures (for verification), lengths and exact keys.
   2. group:  one partition at a time (memory = that partition: 16 bytes x keys x documents / partitions):
              sort by key; every document of a bucket is a candidate of the bucket's first document (input
              order); a candidate pair whose estimated Jaccard is below the threshold is dropped (`verify`);
@@ -25,17 +25,23 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from jaxllm.config import JaxllmError
 from jaxllm.dataprep import engine, io
-from jaxllm.dataprep.minhash import DedupParams, Signer, UnionFind, estimated_jaccard
+from jaxllm.dataprep.minhash import (
+    EXACT,
+    KEEP,
+    NEAR,
+    DedupParams,
+    Signer,
+    UnionFind,
+    Verdicts,
+    estimated_jaccard,
+)
 from jaxllm.utils import atomic_write_bytes, atomic_write_text
 
-KEEP, EXACT, NEAR = 0, 1, 2
-REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
 _EDGE_CHUNK = 1 << 16  # candidate pairs verified at a time
 
 
@@ -54,8 +60,9 @@ class Job:
 
 
 def _sign_shard(job: Job, shard: int) -> dict:
-    """Pass 1 for one shard: writes part-P/S.bin ((key, index in shard) int64 pairs), len-S.bin, exact-S.bin,
-    sig-S.bin (uint32 [documents, num_perm], with `verify`) and ids-S.json (with `keep_ids`)."""
+    """Pass 1 for one shard: writes keys-S.bin (the pair count of each partition, then the (key, index in shard)
+    int64 pairs ordered by partition), meta-S.bin ((length, exact key) int64 per document), sig-S.bin (uint32
+    [documents, num_perm], with `verify`) and ids-S.json (with `keep_ids`)."""
     cpu = time.process_time()
     signer = Signer(job.params)
     verify = job.params.mode == "minhash" and job.params.verify
@@ -75,11 +82,12 @@ def _sign_shard(job: Job, shard: int) -> dict:
             ids.append(doc[job.id_field])
     keys_a, owners_a = np.array(keys, dtype=np.int64), np.array(owners, dtype=np.int64)
     part = keys_a % job.partitions
-    for p in range(job.partitions):
-        pairs = np.stack([keys_a[part == p], owners_a[part == p]], axis=1)
-        atomic_write_bytes(f"{job.work}/part-{p}/{shard}.bin", pairs.tobytes())
-    atomic_write_bytes(f"{job.work}/len-{shard}.bin", np.array(lengths, dtype=np.int64).tobytes())
-    atomic_write_bytes(f"{job.work}/exact-{shard}.bin", np.array(exact, dtype=np.int64).tobytes())
+    order = np.argsort(part, kind="stable")
+    counts = np.bincount(part, minlength=job.partitions).astype(np.int64)
+    pairs = np.stack([keys_a[order], owners_a[order]], axis=1)
+    atomic_write_bytes(f"{job.work}/keys-{shard}.bin", counts.tobytes() + pairs.tobytes())
+    meta = np.stack([np.array(lengths, dtype=np.int64), np.array(exact, dtype=np.int64)], axis=1)
+    atomic_write_bytes(f"{job.work}/meta-{shard}.bin", meta.tobytes())
     if verify:
         sig_a = np.stack(sigs) if sigs else np.zeros((0, job.params.num_perm), np.uint32)
         atomic_write_bytes(f"{job.work}/sig-{shard}.bin", sig_a.tobytes())
@@ -92,7 +100,10 @@ def _group_partition(job: Job, p: int, offsets: np.ndarray, uf: UnionFind, sigs:
     """Pass 2 for one partition: candidate pairs from shared keys, verified, joined in `uf`."""
     parts = []
     for shard in range(len(job.shards)):
-        pairs = np.fromfile(f"{job.work}/part-{p}/{shard}.bin", dtype=np.int64).reshape(-1, 2)
+        path = f"{job.work}/keys-{shard}.bin"
+        counts = np.fromfile(path, dtype=np.int64, count=job.partitions)
+        skip = 8 * (job.partitions + 2 * int(counts[:p].sum()))
+        pairs = np.fromfile(path, dtype=np.int64, count=2 * int(counts[p]), offset=skip).reshape(-1, 2)
         parts.append(pairs + np.array([0, offsets[shard]]))
     pairs = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
@@ -147,25 +158,6 @@ def choose_survivors(roots: np.ndarray, lengths: np.ndarray, exact: np.ndarray) 
     return verdict, survivor
 
 
-class Verdicts:
-    """The filter pass as a per-document stage of the engine: the documents of one shard arrive in order
-    (engine.process_shard); the n-th is dropped when n is among `removed` (sorted indices in the shard, with
-    their `reasons`: EXACT or NEAR)."""
-
-    name = "dedup"
-
-    def __init__(self, removed: np.ndarray, reasons: np.ndarray):
-        self.removed, self.reasons = removed, reasons
-        self._next = self._cursor = 0
-
-    def __call__(self, doc: dict) -> tuple[Optional[dict], Optional[str]]:
-        index, self._next = self._next, self._next + 1
-        if self._cursor < len(self.removed) and self.removed[self._cursor] == index:
-            self._cursor += 1
-            return None, REASONS[int(self.reasons[self._cursor - 1])]
-        return doc, None
-
-
 def _filter_shard(job: Job, shard: int, output: str, options: dict) -> dict:
     cpu = time.process_time()
     verdict = np.fromfile(f"{job.work}/verdict-{shard}.bin", dtype=np.uint8)
@@ -174,7 +166,7 @@ def _filter_shard(job: Job, shard: int, output: str, options: dict) -> dict:
     return {**stats, "cpu_seconds": time.process_time() - cpu}
 
 
-def dedup(inputs: str, output: str, params: DedupParams = DedupParams(), *, workers: int = 0,
+def dedup(inputs: str, output: str, params: DedupParams | None = None, *, workers: int = 0,
           fmt_out: str = "jsonl.gz", text_field: str = "text", id_field: str = "id", on_bad_record: str = "skip",
           partitions: int = 16, samples_per_reason: int = 20, write_clusters: bool = False,
           chunk_bytes: int = io.DEFAULT_CHUNK_BYTES) -> dict:
@@ -191,10 +183,11 @@ def dedup(inputs: str, output: str, params: DedupParams = DedupParams(), *, work
     if samples_per_reason < 0:
         raise JaxllmError(f"dedup: samples_per_reason must be 0 or more, got {samples_per_reason}")
     start, cpu = time.perf_counter(), time.process_time()
+    params = params or DedupParams()
     shards = io.plan_shards(inputs, chunk_bytes=chunk_bytes)
     signer = Signer(params)  # checks the extras before starting workers
-    options = dict(format=fmt_out, text_field=text_field, id_field=id_field, on_bad_record=on_bad_record,
-                   samples_per_reason=samples_per_reason)
+    options = {"format": fmt_out, "text_field": text_field, "id_field": id_field,
+               "on_bad_record": on_bad_record, "samples_per_reason": samples_per_reason}
     config = {**dataclasses.asdict(params), "partitions": partitions, "clusters": write_clusters}
     plan = engine.make_plan("dedup", config, inputs, shards, options)
     if engine.complete(output, plan):
@@ -212,7 +205,7 @@ def dedup(inputs: str, output: str, params: DedupParams = DedupParams(), *, work
         seconds["sign"] = time.perf_counter() - t
         t = time.perf_counter()
         offsets = np.concatenate([[0], np.cumsum([r["documents"] for r in signed])]).astype(np.int64)
-        verdict, survivor, sizes, pairs = _cluster(job, offsets)
+        survivor, sizes, pairs = _cluster(job, offsets)
         seconds["group"] = time.perf_counter() - t
         t = time.perf_counter()
         parts = _map(pool, _filter_shard, [(job, s, str(out), options) for s in range(len(shards))])
@@ -229,7 +222,7 @@ def dedup(inputs: str, output: str, params: DedupParams = DedupParams(), *, work
     stats.update({
         "documents_per_s_per_core": round(n / cpu_total, 1) if cpu_total > 0 else None,
         "cpu_s": round(cpu_total, 3),
-        "clusters": {"count": int(len(cluster_sizes)), "documents": int(cluster_sizes.sum()),
+        "clusters": {"count": len(cluster_sizes), "documents": int(cluster_sizes.sum()),
                      "largest": int(cluster_sizes.max(initial=0)),
                      "sizes": {str(k): int(c) for k, c in enumerate(np.bincount(cluster_sizes)) if c}},
         **pairs, "bands": signer.bands, "rows": signer.rows,
@@ -240,9 +233,9 @@ def dedup(inputs: str, output: str, params: DedupParams = DedupParams(), *, work
     return stats
 
 
-def _cluster(job: Job, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Passes 2 and 3: (verdict, survivor index, cluster size by root index, pair counts); writes each shard's
-    verdicts to verdict-S.bin."""
+def _cluster(job: Job, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Passes 2 and 3: (survivor index per document, -1 when alone; cluster size by root index; edge counts);
+    writes each shard's verdicts to verdict-S.bin."""
     n, count = int(offsets[-1]), len(job.shards)
     sigs = []
     if job.params.mode == "minhash" and job.params.verify:
@@ -256,14 +249,15 @@ def _cluster(job: Job, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     del sigs
     roots = uf.roots()
     del uf
-    lengths = np.concatenate([np.fromfile(f"{job.work}/len-{s}.bin", dtype=np.int64) for s in range(count)])
-    exact = np.concatenate([np.fromfile(f"{job.work}/exact-{s}.bin", dtype=np.int64) for s in range(count)])
+    meta = np.concatenate([np.fromfile(f"{job.work}/meta-{s}.bin", dtype=np.int64).reshape(-1, 2)
+                           for s in range(count)])
+    lengths, exact = meta[:, 0], meta[:, 1]
     verdict, survivor = choose_survivors(roots, lengths, exact)
     sizes = np.bincount(roots, minlength=n)
     survivor = np.where(sizes[roots] > 1, survivor, -1)  # -1: alone in its cluster
     for s in range(count):
         atomic_write_bytes(f"{job.work}/verdict-{s}.bin", verdict[offsets[s]:offsets[s + 1]].tobytes())
-    return verdict, survivor, sizes, pairs
+    return survivor, sizes, pairs
 
 
 def _write_clusters(job: Job, path: Path, offsets: np.ndarray, survivor: np.ndarray, sizes: np.ndarray) -> None:
@@ -304,7 +298,7 @@ def _call(args):
     return fn(*rest)
 
 
-def _map(pool: Optional[multiprocessing.pool.Pool], fn, arglist: list) -> list:
+def _map(pool: multiprocessing.pool.Pool | None, fn, arglist: list) -> list:
     if pool is None:
         return [fn(*a) for a in arglist]
     return pool.map(_call, [(fn, *a) for a in arglist], chunksize=1)
@@ -316,8 +310,8 @@ def dedup_command(args) -> int:
                          bands=args.bands, rows=args.rows, verify=not args.no_verify, seed=args.seed,
                          lowercase=not args.case_sensitive, unicode=args.unicode,
                          collapse_whitespace=not args.keep_whitespace, strip_punctuation=args.strip_punctuation)
-    common = dict(fmt_out=args.format, text_field=args.text_field, id_field=args.id_field,
-                  on_bad_record=args.on_bad_record, samples_per_reason=args.samples_per_reason)
+    common = {"fmt_out": args.format, "text_field": args.text_field, "id_field": args.id_field,
+              "on_bad_record": args.on_bad_record, "samples_per_reason": args.samples_per_reason}
     if args.runner == "local":
         if args.pipeline_arg:
             raise JaxllmError("--pipeline-arg is for Beam runners; add --runner DirectRunner (or DataflowRunner, ...)")

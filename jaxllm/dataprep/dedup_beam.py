@@ -28,8 +28,15 @@ import numpy as np
 
 from jaxllm.config import JaxllmError
 from jaxllm.dataprep import engine, io
-from jaxllm.dataprep.dedup import EXACT, NEAR, Verdicts
-from jaxllm.dataprep.minhash import MISSING_EXTRA, DedupParams, Signer, estimated_jaccard
+from jaxllm.dataprep.minhash import (
+    EXACT,
+    MISSING_EXTRA,
+    NEAR,
+    DedupParams,
+    Signer,
+    Verdicts,
+    estimated_jaccard,
+)
 from jaxllm.utils import atomic_write_text
 
 _SHARD_BITS = 40  # documents per shard < 2**40
@@ -69,13 +76,18 @@ def _spread(joined):
             yield other, label
 
 
-def _changed(joined):
+def _by_cluster(joined):
+    """(cluster label, (-length, node, exact key)) of a document in an edge; counts the documents whose label
+    the last round changed (the convergence check)."""
     _, grouped = joined
-    if set(grouped["before"]) != set(grouped["after"]):
+    label = list(grouped["label"])
+    if not label:
+        return
+    if list(grouped["before"]) != label:
         from apache_beam.metrics import Metrics
 
         Metrics.counter("jaxllm.dedup", "unconverged").inc()
-    return []
+    yield label[0], next(iter(grouped["info"]))
 
 
 def _removed(cluster):
@@ -101,7 +113,7 @@ def _write_sizes(sizes: list, path: str) -> None:
     atomic_write_text(path, json.dumps(sorted(sizes)))
 
 
-def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *, runner: str = "DirectRunner",
+def dedup_beam(inputs: str, output: str, params: DedupParams | None = None, *, runner: str = "DirectRunner",
                pipeline_args=(), rounds: int = 8, fmt_out: str = "jsonl.gz", text_field: str = "text",
                id_field: str = "id", on_bad_record: str = "skip", samples_per_reason: int = 20,
                chunk_bytes: int = io.DEFAULT_CHUNK_BYTES) -> dict:
@@ -119,10 +131,11 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     if rounds < 1:
         raise JaxllmError(f"dedup: rounds must be >= 1, got {rounds}")
     start = time.perf_counter()
+    params = params or DedupParams()
     shards = tuple(io.plan_shards(inputs, chunk_bytes=chunk_bytes))
     signer = Signer(params)
-    options = dict(format=fmt_out, text_field=text_field, id_field=id_field, on_bad_record=on_bad_record,
-                   samples_per_reason=samples_per_reason)
+    options = {"format": fmt_out, "text_field": text_field, "id_field": id_field,
+               "on_bad_record": on_bad_record, "samples_per_reason": samples_per_reason}
     config = {**dataclasses.asdict(params), "engine": "beam"}
     plan = engine.make_plan("dedup", config, inputs, shards, options)
     if engine.complete(output, plan):
@@ -139,8 +152,7 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     edges = (signed
              | "buckets" >> beam.FlatMap(lambda r: [(key, (r[0], r[3])) for key in r[2]])
              | "group buckets" >> beam.GroupByKey()
-             | "edges" >> beam.FlatMap(_bucket_edges, params.threshold, verify)
-             | "distinct edges" >> beam.Distinct())
+             | "edges" >> beam.FlatMap(_bucket_edges, params.threshold, verify))
     adjacency = (edges
                  | "both ways" >> beam.FlatMap(lambda e: [e, (e[1], e[0])])
                  | "neighbours" >> beam.GroupByKey()
@@ -152,10 +164,9 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
                   | f"join {r}" >> beam.CoGroupByKey()
                   | f"spread {r}" >> beam.FlatMap(_spread)
                   | f"min {r}" >> beam.CombinePerKey(min))
-    _ = {"before": before, "after": labels} | "compare" >> beam.CoGroupByKey() | "converged" >> beam.FlatMap(_changed)
-    clusters = ({"label": before, "info": info}
+    clusters = ({"before": before, "label": labels, "info": info}
                 | "join info" >> beam.CoGroupByKey()
-                | "by cluster" >> beam.FlatMap(lambda j: [(j[1]["label"][0], j[1]["info"][0])] if j[1]["label"] else [])
+                | "by cluster" >> beam.FlatMap(_by_cluster)
                 | "clusters" >> beam.GroupByKey()
                 | "survivors" >> beam.FlatMap(_removed))
     removed = clusters | "removed only" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "removed" else [])
@@ -181,7 +192,7 @@ def dedup_beam(inputs: str, output: str, params: DedupParams = DedupParams(), *,
     shutil.rmtree(work, ignore_errors=True)
     stats.update({
         "runner": runner, "rounds": rounds,
-        "clusters": {"count": int(len(sizes)), "documents": int(sizes.sum()), "largest": int(sizes.max(initial=0)),
+        "clusters": {"count": len(sizes), "documents": int(sizes.sum()), "largest": int(sizes.max(initial=0)),
                      "sizes": {str(k): int(c) for k, c in enumerate(np.bincount(sizes)) if c}},
         "bands": signer.bands, "rows": signer.rows,
     })  # fmt: skip

@@ -10,11 +10,11 @@ key are candidates; candidates joined (transitively) form a cluster; each cluste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 import unicodedata
 from array import array
-from typing import Optional
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from jaxllm.config import JaxllmError
 _SPACE = re.compile(r"\s+")
 _PUNCTUATION = re.compile(r"[^\w\s]")
 MISSING_EXTRA = "pip install -e '.[data]'"
+KEEP, EXACT, NEAR = 0, 1, 2  # a document's verdict
+REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,7 @@ class DedupParams:
         return lsh_params(self.threshold, self.num_perm, self.verify)
 
 
+@functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, verify: bool) -> tuple[int, int]:
     """The (bands, rows), bands x rows <= num_perm, minimising w_fp x (false positive area below `threshold`)
     + w_fn x (false negative area above it), where a pair of Jaccard s becomes a candidate with probability
@@ -79,16 +82,17 @@ def lsh_params(threshold: float, num_perm: int, verify: bool) -> tuple[int, int]
     0.5; with `verify` false candidates are dropped afterwards and only cost time, so false negatives weigh
     0.9 (threshold 0.8, 112 permutations: 12 x 9 finds a pair at 0.85 with probability 0.96, 9 x 12 0.75)."""
     w_fp, w_fn = (0.1, 0.9) if verify else (0.5, 0.5)
-    below = np.linspace(0.0, threshold, 1001)
-    above = np.linspace(threshold, 1.0, 1001)
+    below = np.linspace(0.0, threshold, 1001)[:, None]
+    above = np.linspace(threshold, 1.0, 1001)[:, None]
     best, choice = np.inf, (1, 1)
     for bands in range(1, num_perm + 1):
-        for rows in range(1, num_perm // bands + 1):
-            fp = np.trapezoid(1 - (1 - below**rows) ** bands, below)
-            fn = np.trapezoid((1 - above**rows) ** bands, above)
-            error = w_fp * fp + w_fn * fn
-            if error < best:
-                best, choice = error, (bands, rows)
+        rows = np.arange(1, num_perm // bands + 1)
+        fp = np.trapezoid(1 - (1 - below**rows) ** bands, below[:, 0], axis=0)
+        fn = np.trapezoid((1 - above**rows) ** bands, above[:, 0], axis=0)
+        error = w_fp * fp + w_fn * fn
+        i = int(np.argmin(error))  # the first of equal errors, as datasketch's loop
+        if error[i] < best:
+            best, choice = error[i], (bands, int(rows[i]))
     return choice
 
 
@@ -133,7 +137,7 @@ class Signer:
                 raise JaxllmError(f"near-duplicate removal needs datasketch; {MISSING_EXTRA}") from None
             self._template = MinHash(num_perm=params.num_perm, seed=params.seed)
 
-    def signature(self, normalized: str) -> Optional[np.ndarray]:
+    def signature(self, normalized: str) -> np.ndarray | None:
         """The MinHash signature (uint32 [num_perm]) of a normalised text; None for an empty text (which only
         ever matches other empty texts, by its exact key) or in exact mode."""
         if self._template is None:
@@ -148,7 +152,7 @@ class Signer:
         m.update_batch(grams)
         return m.hashvalues
 
-    def keys(self, text: str) -> tuple[list[int], Optional[np.ndarray]]:
+    def keys(self, text: str) -> tuple[list[int], np.ndarray | None]:
         """(bucket keys: the exact key first, then one per band; the signature or None)."""
         normalized = normalize(text, self.params)
         keys = [_key(b"exact", normalized.encode())]
@@ -203,3 +207,22 @@ class UnionFind:
             if np.array_equal(jumped, roots):
                 return roots
             roots = jumped
+
+
+class Verdicts:
+    """The filter pass as a per-document stage of the engine: the documents of one shard arrive in order
+    (engine.process_shard); the n-th is dropped when n is among `removed` (sorted indices in the shard, with
+    their `reasons`: EXACT or NEAR)."""
+
+    name = "dedup"
+
+    def __init__(self, removed: np.ndarray, reasons: np.ndarray):
+        self.removed, self.reasons = removed, reasons
+        self._next = self._cursor = 0
+
+    def __call__(self, doc: dict) -> tuple[dict | None, str | None]:
+        index, self._next = self._next, self._next + 1
+        if self._cursor < len(self.removed) and self.removed[self._cursor] == index:
+            self._cursor += 1
+            return None, REASONS[int(self.reasons[self._cursor - 1])]
+        return doc, None
