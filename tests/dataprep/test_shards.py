@@ -12,6 +12,7 @@ from jaxllm.config import DataConfig, JaxllmError, ObjectiveConfig, SourceConfig
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.dataprep.shards import tokenize_to_shards
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import Trainer
 from tests.data.data_testing import write_jsonl
 from tests.train.test_loop import MICRO
@@ -185,3 +186,19 @@ def test_training_from_shards_equals_training_from_raw_text(tmp_path):
         finally:
             trainer.close()
     assert losses["shards"] == losses["docs.jsonl"] and len(losses["shards"]) == 3
+    # A checkpoint's data state as two processes would have saved it: any process count restores a global one.
+    for name, restored in (("shards", True), ("docs.jsonl", False)):
+        data = tmp_path / f"run-{name}" / "checkpoints" / "3" / "data"
+        for path in data.glob("process_0-of-1.*"):
+            for p in range(2):
+                (data / path.name.replace("0-of-1", f"{p}-of-2")).write_bytes(path.read_bytes())
+            path.unlink()
+        checkpointer = Checkpointer(tmp_path / f"run-{name}" / "checkpoints", read_only=True)
+        try:
+            if restored:
+                assert checkpointer.restore_meta(3).data_state["iterator"] == {"global_row": 24, "row_in_batch": 0}
+            else:
+                with pytest.raises(JaxllmError, match="written by a run with a different number of processes"):
+                    checkpointer.restore_meta(3)
+        finally:
+            checkpointer.close()
