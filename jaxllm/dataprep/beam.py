@@ -130,8 +130,12 @@ class _ReadAndApply:
         dropped: Counter = Counter()
         with local_copy(shard.path) as path:
             local = shard if path == shard.path else io.Shard(path, shard.fmt, shard.name)
+
+            def report(where: str, problem: str) -> None:  # a staged copy's messages name the original
+                bad(where.replace(path, shard.path, 1), problem)
+
             for position, doc in enumerate(io.read_shard(local, text_field=self.options["text_field"],
-                                                         id_field=self.options["id_field"], bad=bad)):
+                                                         id_field=self.options["id_field"], bad=report)):
                 docs_in += 1
                 kept, reason = self.stage(doc)
                 if kept is None:
