@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import resource
 import shutil
 import time
 from collections import Counter
@@ -152,10 +153,24 @@ def process_shard(stage: DocStage, shard: io.Shard, index: int, output: str | Pa
         "dropped": dict(sorted(dropped.items())), "counts": dict(sorted(counts.items())),
         "bad_records": bad.count, "bad_record_examples": bad.examples,
         "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+        "peak_rss_mb": peak_rss_mb(),
     }  # fmt: skip
     io.write_jsonl_gz(out / PARTS / f"part-{index:05d}.rejected.jsonl.gz", samples)
     atomic_write_text(out / PARTS / f"part-{index:05d}.json", json.dumps(stats) + "\n")
     return stats
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: Linux's VmHWM (of this program image; ru_maxrss would count the
+    parent's memory at the fork of a spawned worker), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def finished_parts(output: str | Path, count: int) -> dict[int, dict]:
@@ -209,6 +224,8 @@ def merge_stats(output: str | Path, parts: list[dict], plan: dict, *, engine: st
         "elapsed_s": round(elapsed, 3), "documents_per_s": round(processed / elapsed, 1) if elapsed > 0 else None,
         "cpu_s": round(cpu, 3), "documents_per_s_per_core": round(docs_in / cpu, 1) if cpu > 0 else None,
         "resumed_shards": resumed, "plan_hash": plan_hash(plan),
+        "peak_rss_mb": {"main": peak_rss_mb(),
+                        "worker": max((p.get("peak_rss_mb") or 0 for p in parts), default=0)},
         "parts": [{"part": io.output_name(p["index"], plan["options"]["format"]), "input": p["input"],
                    "documents_in": p["documents_in"], "documents_out": p["documents_out"]} for p in parts],
     }  # fmt: skip

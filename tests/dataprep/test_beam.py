@@ -14,6 +14,7 @@ pytest.importorskip("apache_beam")
 from jaxllm.dataprep.beam import run_beam  # noqa: E402
 
 _TIMING = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output", "engine",
+           "peak_rss_mb",
            "beam_counters")
 
 

@@ -109,7 +109,8 @@ def test_one_worker_and_two_workers_write_identical_outputs(tmp_path):
     (s1, f1), (s2, f2) = runs[1], runs[2]
     assert f1 == f2 and s2["workers"] == 2
     assert len([n for n in f1 if n.startswith("part-")]) == s1["shards"] > 3
-    timing = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output")
+    timing = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output",
+              "peak_rss_mb")
     assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
     assert s1["documents_in"] == 28 + 40 + 26
     assert s1["dropped"] == {"short:forbidden/word": 1, "short:words": 25}
