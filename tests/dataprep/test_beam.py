@@ -83,3 +83,10 @@ def test_beam_reads_and_writes_a_remote_file_system(tmp_path):
     assert beam["bad_record_examples"][0].startswith("fake://in/a.jsonl:3: invalid JSON")
     differ = _TIMING + ("inputs", "plan_hash", "parts", "bad_record_examples")
     assert {k: v for k, v in beam.items() if k not in differ} == {k: v for k, v in local.items() if k not in differ}
+
+
+def test_beam_unknown_runner_is_a_one_line_error(tmp_path):
+    d = _corpus(tmp_path)
+    with pytest.raises(JaxllmError, match=r"Beam cannot start a pipeline with --runner=NoSuchRunner "
+                                          r"\(Unexpected pipeline runner: NoSuchRunner"):
+        run_beam(DropShort(), str(d / "c.txt"), str(tmp_path / "out"), runner="NoSuchRunner")

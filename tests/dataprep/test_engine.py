@@ -178,3 +178,18 @@ def test_shard_writer_refuses_a_field_parquet_cannot_hold_and_leaves_no_file(tmp
             w.write({"text": "t", "id": "new", "extra": 1})
             w.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fmt_out": "csv"}, r"output format 'csv' is not one of jsonl.gz, parquet"),
+    ({"on_bad_record": "ignore"}, r"on_bad_record must be skip or error, got 'ignore'"),
+    ({"workers": -1}, r"workers must be 0 \(all cores\) or more, got -1"),
+    ({"chunk_bytes": 0}, r"chunk_bytes must be at least 1, got 0"),
+    ({"samples_per_reason": -1}, r"samples_per_reason must be 0 or more, got -1"),
+])  # fmt: skip
+def test_bad_engine_options_are_one_line_errors(tmp_path, kwargs, message):
+    d = _corpus(tmp_path)
+    with pytest.raises(JaxllmError, match=message):
+        engine.run_local(DropShort(), str(d / "c.txt"), str(tmp_path / "out"), progress=False, **kwargs)
+    with pytest.raises(JaxllmError, match=r"matches no files"):
+        engine.run_local(DropShort(), str(d / "nothing*.jsonl"), str(tmp_path / "out"), progress=False)
