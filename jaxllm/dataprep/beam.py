@@ -40,10 +40,17 @@ MISSING = "apache-beam is not installed; pip install -e '.[data]' (or pip instal
 
 
 def import_beam() -> Any:
+    """apache_beam, imported without the warnings its Google Cloud modules log (on the root logger) when their
+    optional clients are missing."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         import apache_beam as beam
     except ImportError:
         raise JaxllmError(MISSING) from None
+    finally:
+        root.setLevel(level)
     return beam
 
 
