@@ -89,6 +89,10 @@ def steps(cfg: PrepareConfig) -> list[Step]:
     for name, value in (("input", cfg.input), ("output", cfg.output)):
         if not value:
             raise ConfigError(f"prepare.{name} is not set; give the {'corpus files' if name == 'input' else 'directory'}")
+    if "://" in cfg.output:
+        raise ConfigError(f"prepare.output {cfg.output} is not a local path: prepare keeps its stages in a directory of "
+                          "this machine (or one every Beam worker mounts); on gs:// run the stages one by one, e.g. "
+                          "jaxllm data clean --runner DataflowRunner --output gs://... (docs/data.md)")
     if not cfg.stages:
         raise ConfigError(f"prepare.stages is empty; list some of {', '.join(STAGES)}, e.g. [{{clean: {{}}}}]")
     if cfg.workers < 0:

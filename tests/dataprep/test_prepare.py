@@ -93,6 +93,8 @@ def test_prepare_chains_the_stages_and_skips_complete_ones(tmp_path, capsys):
     ({"prepare": {"output": "y", "stages": ["clean"]}}, [], r"prepare.input is not set"),
     ({"prepare": {"input": "x", "output": "y", "stages": ["clean"]}, "data": {}}, [],
      r"unknown top-level key\(s\) data; a data-preparation config holds one `prepare:` block"),
+    ({"prepare": {"input": "x", "output": "gs://b/out", "stages": ["clean"]}}, [],
+     r"prepare.output gs://b/out is not a local path: .* jaxllm data clean --runner DataflowRunner"),
     ({"prepare": {"input": "x", "output": "y", "stages": ["clean"]}}, ["prepare.engine=spark"],
      r"prepare.engine must be one of local, beam, got 'spark'"),
     ({"prepare": {"input": "x", "output": "y", "stages": [{"clean": {"gopher": {}}}]}}, [],
