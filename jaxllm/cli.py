@@ -707,9 +707,10 @@ def cmd_data_tokenize(args) -> int:
             text_field=args.text_field, input_format=args.format, on_bad_record=args.on_bad_record,
             overwrite=args.overwrite, progress=bar.update,
         )  # fmt: skip
-    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from {meta['sources']['documents']} "
-          f"documents in {len(meta['shards'])} shards to {args.output} ({meta['documents_per_second']:.0f} documents/s); "
-          f"train on them with data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
+    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from "
+          f"{meta['sources']['documents']} documents in {len(meta['shards'])} shards to {args.output} "
+          f"({meta['documents_per_second']:.0f} documents/s); train on them with "
+          f"data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
     return 0
 
 

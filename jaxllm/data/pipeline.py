@@ -4,11 +4,12 @@
     -> pack into rows of seq_len (ConcatThenSplit: long documents continue on the next row)
     -> batch -> background prefetch
 
-That is the clm objective's path, described below. A source of pre-tokenised shards (`jaxllm data tokenize`;
-jaxllm.data.shard_source) skips the stages up to the packed rows: rows -> batch -> prefetch, shuffled over the
-whole corpus, with a resume position that is a global row index (any process count may resume it). Each objective's batch format (objectives.py:
+That is the clm objective's path, described below. Each objective's batch format (objectives.py:
 `BatchFormat`, registered by data.objective.name) supplies the stages from documents to rows and the
-batch fields; mlm, span, bart and ul2 are described in docs/objectives.md.
+batch fields; mlm, span, bart and ul2 are described in docs/objectives.md. A source of pre-tokenised shards
+(`jaxllm data tokenize`; jaxllm.data.shard_source) skips the stages up to the packed rows: rows -> batch ->
+prefetch, shuffled over the whole corpus, with a resume position that is a global row index (any process
+count may resume it).
 
 Targets are shifted inside each document before packing, so no target ever crosses into another
 document; packing is then free to place documents side by side. Each batch is a dict of numpy arrays

@@ -29,9 +29,9 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from jaxllm.config import JaxllmError, SourceConfig
+from jaxllm.data import shard_source
 from jaxllm.data.objectives import ClmTokenize, pack_clm_rows
-from jaxllm.data.shard_source import (FORMAT, METADATA, ROW_FIELDS, TOKENIZER_DIR, VERSION, encode_row, row_dtype,
-                                      tokenizer_fingerprint)  # fmt: skip
+from jaxllm.data.shard_source import METADATA, ROW_FIELDS, TOKENIZER_DIR, encode_row, row_dtype, tokenizer_fingerprint
 from jaxllm.data.sources import expand_paths, make_source
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.utils import atomic_write_bytes, atomic_write_text
@@ -96,8 +96,8 @@ def tokenize_to_shards(
         atomic_write_bytes(out / TOKENIZER_DIR / name, data)
     seconds = time.perf_counter() - started
     meta = {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": shard_source.FORMAT,
+        "version": shard_source.VERSION,
         "objective": objective,
         "seq_len": seq_len,
         "dtype": dtype,
@@ -109,8 +109,10 @@ def tokenize_to_shards(
         "rows": sum(s["rows"] for s in writer.shards),
         "tokens": tokens,  # real targets (positions with segment_ids > 0)
         "shards": writer.shards,
-        "tokenizer": {"name": tokenizer, "sha256": tokenizer_fingerprint(tok), "vocab_size": tok.vocab_size,
-                      "dir": TOKENIZER_DIR, "files": sorted(tok.files())},  # fmt: skip
+        "tokenizer": {
+            "name": tokenizer, "sha256": tokenizer_fingerprint(tok), "vocab_size": tok.vocab_size,
+            "dir": TOKENIZER_DIR, "files": sorted(tok.files()),
+        },
         "sources": {"inputs": inputs, "files": [s.path for s in sources], "text_field": text_field, **counts},
     }
     atomic_write_text(out / METADATA, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -132,7 +134,7 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
 
 def _input_sources(inputs: str, fmt: str, text_field: str, text_unit: str) -> list[SourceConfig]:
     """One source per input file in sorted order (a builtin:, hf: or tfds: input is one source)."""
-    common = dict(format=fmt, text_field=text_field, text_unit=text_unit)
+    common = {"format": fmt, "text_field": text_field, "text_unit": text_unit}
     if inputs.partition(":")[0] in ("builtin", "hf", "tfds") or fmt in ("hf", "tfds"):
         return [SourceConfig(path=inputs, **common)]
     return [SourceConfig(path=path, **common) for path in expand_paths(inputs)]

@@ -59,7 +59,8 @@ def sample_texts(sources: Sequence[SourceConfig], sample_docs: Optional[int] = N
             continue  # could never fit
         heapq.heappush(kept, (-priority, index, text, nbytes))
         size += nbytes
-        while (sample_docs is not None and len(kept) > sample_docs) or (sample_bytes is not None and size > sample_bytes):
+        while (sample_docs is not None and len(kept) > sample_docs) or (
+                sample_bytes is not None and size > sample_bytes):
             size -= heapq.heappop(kept)[3]  # the highest priority leaves
     for _, _, text, _ in sorted(kept, key=lambda item: item[1]):
         yield text
@@ -79,8 +80,10 @@ def train_tokenizer(sources: Sequence[Union[SourceConfig, str]], output: str, ki
     if kind in ("bpe", "unigram"):
         tokenizer = train_sentencepiece(configs, output, vocab_size, model_type=kind, seed=seed, texts=texts)
         return tokenizer, f"{output}.model"
-    rust, specials = _byte_bpe(vocab_size, min_frequency) if kind == "byte-bpe" else _wordpiece(vocab_size,
-                                                                                                 min_frequency, lowercase)
+    if kind == "byte-bpe":
+        rust, specials = _byte_bpe(vocab_size, min_frequency)
+    else:
+        rust, specials = _wordpiece(vocab_size, min_frequency, lowercase)
     rust.train_from_iterator(texts, trainer=specials.pop("trainer"))
     if rust.get_vocab_size() <= len(specials):
         raise JaxllmError(f"{', '.join(s.path for s in configs)} gave no text to train on; check the paths and "

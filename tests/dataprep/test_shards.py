@@ -178,8 +178,10 @@ def test_training_from_shards_equals_training_from_raw_text(tmp_path):
                  "--tokenizer", "builtin:kjv-sp4k", "--seq-len", str(SEQ), "--workers", "1"]) == 0  # fmt: skip
     losses = {}
     for name in ("docs.jsonl", "shards"):
-        cfg = load_config(None, MICRO + [f"run_dir={tmp_path / ('run-' + name)}", "train.steps=3", "train.sample_prompt=null",
-                                         "data.shuffle_window=0", f"data.sources=[{{path: {tmp_path / name}}}]"])
+        cfg = load_config(None, MICRO + [
+            f"run_dir={tmp_path / ('run-' + name)}", "train.steps=3", "train.sample_prompt=null",
+            "data.shuffle_window=0", f"data.sources=[{{path: {tmp_path / name}}}]",
+        ])
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         try:
             losses[name] = trainer.run()["losses"]

@@ -15,8 +15,9 @@ from jaxllm.data.sources import builtin_path
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.dataprep.tokenizer_train import sample_texts, train_tokenizer
 
-ODD = ["naïve café résumé", "日本語のテキストです。", "emoji 🙂👍🏽 and ZWJ 👩‍👩‍👧", "  two  spaces\n\ttab\r\nend  ",
-       "Ünïcödé ÅÄÖ ß ǅ", "e\u0301 combining", "مرحبا بالعالم", "don't stop—it's 12,345.678!", "", " ", "\n\n",
+ODD = ["naïve café résumé", "日本語のテキストです。", "emoji 🙂👍🏽 and ZWJ 👩‍👩‍👧",
+       "  two  spaces\n\ttab\r\nend  ", "Ünïcödé ÅÄÖ ß ǅ", "e\u0301 combining", "مرحبا بالعالم",
+       "don't stop—it's 12,345.678!", "", " ", "\n\n",
        "<|end_of_text|> [SEP] written in text", "ﬁ ligature ＦＵＬＬＷＩＤＴＨ", "a" * 300]  # fmt: skip
 
 
