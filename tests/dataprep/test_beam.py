@@ -11,7 +11,7 @@ from tests.dataprep.test_engine import DropShort, _corpus, _files, _records
 
 pytest.importorskip("apache_beam")
 
-from jaxllm.dataprep.beam import run_beam  # noqa: E402
+from jaxllm.dataprep.beam import run_beam
 
 _TIMING = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output", "engine",
            "peak_rss_mb",
