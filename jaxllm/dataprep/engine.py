@@ -28,6 +28,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, is_dataclass
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -301,6 +302,11 @@ def _worker_task(task: tuple[int, io.Shard]) -> dict:
 
 def _pool_map(stage: DocStage, todo: list, output: Path, options: dict, workers: int, bar: Any):
     """Yields the stats of each task as workers finish them, keeping the progress bar current."""
+    try:
+        ForkingPickler.dumps(stage)  # what starting the workers does; a failure there is a long traceback
+    except Exception as e:  # noqa: BLE001 (pickling raises many types: PicklingError, AttributeError, TypeError)
+        raise JaxllmError(f"stage {stage.name!r} cannot be sent to worker processes ({type(e).__name__}: {e}); "
+                          "make it picklable or run with workers=1") from None
     ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (progress bar, JAX) and big state
     counter = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(stage, output, options, counter)) as pool:

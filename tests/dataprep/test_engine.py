@@ -193,3 +193,17 @@ def test_bad_engine_options_are_one_line_errors(tmp_path, kwargs, message):
         engine.run_local(DropShort(), str(d / "c.txt"), str(tmp_path / "out"), progress=False, **kwargs)
     with pytest.raises(JaxllmError, match=r"matches no files"):
         engine.run_local(DropShort(), str(d / "nothing*.jsonl"), str(tmp_path / "out"), progress=False)
+
+
+class _Unpicklable(DropShort):
+    def __init__(self):
+        super().__init__()
+        self.rule = lambda text: len(text) > 3  # a lambda cannot be pickled
+
+
+def test_a_stage_workers_cannot_receive_is_a_one_line_error(tmp_path):
+    d = _corpus(tmp_path)
+    with pytest.raises(JaxllmError, match=r"stage 'short' cannot be sent to worker processes \(.*\); make it "
+                                          r"picklable or run with workers=1"):
+        engine.run_local(_Unpicklable(), str(d / "**" / "*"), str(tmp_path / "out"), workers=2, chunk_bytes=300,
+                         progress=False)
