@@ -207,3 +207,13 @@ def test_a_stage_workers_cannot_receive_is_a_one_line_error(tmp_path):
                                           r"picklable or run with workers=1"):
         engine.run_local(_Unpicklable(), str(d / "**" / "*"), str(tmp_path / "out"), workers=2, chunk_bytes=300,
                          progress=False)
+
+
+def test_every_range_size_reads_each_line_once(tmp_path):
+    """Ranges of any size, ends falling on line starts, blank lines, CRLF and a last line without a newline."""
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"alpha one\r\n\nbeta\n\n\ngamma three words\nd\r\n\nepsilon at the end")
+    whole = [doc for _, doc in io.iter_documents(str(path))]
+    assert [d["id"] for d in whole] == ["t.txt:1", "t.txt:3", "t.txt:6", "t.txt:7", "t.txt:9"]
+    for chunk in range(1, 60):
+        assert [doc for _, doc in io.iter_documents(str(path), chunk_bytes=chunk)] == whole, chunk
