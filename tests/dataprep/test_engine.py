@@ -217,3 +217,18 @@ def test_every_range_size_reads_each_line_once(tmp_path):
     assert [d["id"] for d in whole] == ["t.txt:1", "t.txt:3", "t.txt:6", "t.txt:7", "t.txt:9"]
     for chunk in range(1, 60):
         assert [doc for _, doc in io.iter_documents(str(path), chunk_bytes=chunk)] == whole, chunk
+
+
+def test_a_large_parquet_file_is_split_by_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " * (i % 7 + 1) for i in range(100)], "n": list(range(100))}),
+                   path, row_group_size=10)
+    whole = [doc for _, doc in io.iter_documents(str(path))]
+    assert [d["id"] for d in whole] == [f"p.parquet:{i}" for i in range(1, 101)]
+    for chunk in (1, 150, 400, 1000):
+        shards = io.plan_shards(str(path), chunk_bytes=chunk)
+        assert len(shards) > 1 and shards[-1].stop is None
+        assert [doc for _, doc in io.iter_documents(str(path), chunk_bytes=chunk)] == whole, chunk
