@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,7 +138,14 @@ def check_settings(step: Step) -> None:
 def _key(previous: str, step: Step, cfg: PrepareConfig) -> str:
     common = {k: v for k, v in asdict(cfg).items() if k in ("format", "text_field", "id_field", "on_bad_record",
                                                             "samples_per_reason", "chunk_bytes")}
-    data = json.dumps([previous, step.name, step.settings, common], sort_keys=True, default=str)
+    files = []  # files the settings name (evaluation sets): an edited one redoes the stage
+    for path in step.settings.get("files", []) if step.name == "decontaminate" else []:
+        try:
+            st = os.stat(path)
+            files.append([path, st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([path, None, None])  # the stage itself reports a missing file
+    data = json.dumps([previous, step.name, step.settings, common, files], sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 

@@ -82,6 +82,11 @@ def test_prepare_chains_the_stages_and_skips_complete_ones(tmp_path, capsys):
     assert [r["status"] for r in changed] == ["skipped", "ran", "ran", "ran"]
     assert _mtimes(out)["01-clean/part-00000.jsonl.gz"] == before["01-clean/part-00000.jsonl.gz"]
 
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "another evaluation text"}) + "\n")  # edited
+    edited = run_prepare(load_prepare_config(path, ["prepare.stages.1.dedup.mode=exact"]), progress=False,
+                         log=lambda _: None)
+    assert [r["status"] for r in edited] == ["skipped", "skipped", "ran", "ran"] and edited[2]["out"] == 11
+
 
 @pytest.mark.parametrize("raw, overrides, message", [
     ({"prepare": {"input": "x", "output": "y", "stages": [{"clen": {}}]}}, [],
