@@ -44,14 +44,13 @@ BOILERPLATE = [
 ]
 JUNK = [
     "Home\nAbout us\nOur ministry\nContact\nLogin\nRegister\nCart (0)\nSearch\nFAQ\nSitemap",
-    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et "
-    "dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex "
-    "ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore.",
-    "Please enable JavaScript to view this page. This site uses cookies; by continuing you accept our privacy "
-    "policy and terms of use. Your browser is out of date.",
+    ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et "
+     "dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex "
+     "ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore."),
+    ("Please enable JavaScript to view this page. This site uses cookies; by continuing you accept our privacy "
+     "policy and terms of use. Your browser is out of date."),
     "BUY CHEAP BIBLES NOW!!! " * 40,
-    "best price best price best price best price best price best price best price best price best price "
-    "best price best price best price best price best price best price best price best price best price",
+    "best price " * 17 + "best price",
     "#### ### ## #### ### ## #### ### ## ... ... ... #### ### ## #### ### ## #### ### ## ... ... ...",
     "1 2 3 4 5 6 7 8 9 10\n11 12 13 14 15 16 17 18 19 20\n21 22 23 24 25 26 27 28 29 30\n31 32 33 34 35 36",
     "Error 404: page not found\nThe page you requested could not be found\nReturn to the home page",

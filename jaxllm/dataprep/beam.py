@@ -20,6 +20,7 @@ read, and the files written are made locally and copied up. Remote inputs are no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,11 +40,35 @@ MISSING = "apache-beam is not installed; pip install -e '.[data]' (or pip instal
 
 
 def import_beam() -> Any:
+    """apache_beam, imported without the warnings its Google Cloud modules log (on the root logger) when their
+    optional clients are missing."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         import apache_beam as beam
     except ImportError:
         raise JaxllmError(MISSING) from None
+    finally:
+        root.setLevel(level)
     return beam
+
+
+def make_pipeline(runner: str, pipeline_args: Sequence[str]) -> Any:
+    """A Beam pipeline on `runner` with `pipeline_args`. "DirectRunner" runs as Beam's FnApiRunner in this
+    process: the batch engine Beam's DirectRunner itself picks, without its first attempt to download and start
+    the Prism runner (a network fetch). Beam's INFO logs are kept out of the command's output."""
+    beam = import_beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    beam_logger = logging.getLogger("apache_beam")
+    if beam_logger.level == logging.NOTSET:
+        beam_logger.setLevel(logging.WARNING)
+    args = [f"--runner={'FnApiRunner' if runner == 'DirectRunner' else runner}", *pipeline_args]
+    try:
+        return beam.Pipeline(options=PipelineOptions(args))
+    except Exception as e:  # unknown runner names and bad flags
+        raise JaxllmError(f"Beam cannot start a pipeline with --runner={runner} ({e})") from None
 
 
 def is_remote(path: str) -> bool:
@@ -112,8 +137,12 @@ class _ReadAndApply:
         dropped: Counter = Counter()
         with local_copy(shard.path) as path:
             local = shard if path == shard.path else io.Shard(path, shard.fmt, shard.name)
+
+            def report(where: str, problem: str) -> None:  # a staged copy's messages name the original
+                bad(where.replace(path, shard.path, 1), problem)
+
             for position, doc in enumerate(io.read_shard(local, text_field=self.options["text_field"],
-                                                         id_field=self.options["id_field"], bad=bad)):
+                                                         id_field=self.options["id_field"], bad=report)):
                 docs_in += 1
                 kept, reason = self.stage(doc)
                 if kept is None:
@@ -192,8 +221,6 @@ def run_beam(stage: engine.DocStage, inputs: str, output: str, *, runner: str = 
     """Runs `stage` over `inputs` into `output` as a Beam pipeline on `runner` (module docstring); returns the
     stats (those of engine.run_local, with `engine` "beam:<runner>" and `beam_counters`)."""
     beam = import_beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     if fmt_out not in io.OUTPUT_FORMATS:
         raise JaxllmError(f"output format {fmt_out!r} is not one of {', '.join(io.OUTPUT_FORMATS)}")
     io.BadRecords(on_bad_record)
@@ -204,11 +231,7 @@ def run_beam(stage: engine.DocStage, inputs: str, output: str, *, runner: str = 
     plan = engine.make_plan(stage.name, engine.stage_config(stage), inputs, [] if remote_in else shards, options)
     with _staged_output(output, plan, fmt_out) as local_out:
         start = time.perf_counter()
-        args = [f"--runner={runner}", *pipeline_args]
-        try:
-            pipeline = beam.Pipeline(options=PipelineOptions(args))
-        except Exception as e:  # unknown runner names and bad flags
-            raise JaxllmError(f"Beam cannot start a pipeline with {' '.join(args)} ({e})") from None
+        pipeline = make_pipeline(runner, pipeline_args)
         read = (pipeline
                 | "Shards" >> beam.Create(list(enumerate(shards)))
                 | "Spread" >> beam.Reshuffle()

@@ -23,10 +23,12 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import resource
 import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, is_dataclass
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -152,10 +154,24 @@ def process_shard(stage: DocStage, shard: io.Shard, index: int, output: str | Pa
         "dropped": dict(sorted(dropped.items())), "counts": dict(sorted(counts.items())),
         "bad_records": bad.count, "bad_record_examples": bad.examples,
         "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+        "peak_rss_mb": peak_rss_mb(),
     }  # fmt: skip
     io.write_jsonl_gz(out / PARTS / f"part-{index:05d}.rejected.jsonl.gz", samples)
     atomic_write_text(out / PARTS / f"part-{index:05d}.json", json.dumps(stats) + "\n")
     return stats
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: Linux's VmHWM (of this program image; ru_maxrss would count the
+    parent's memory at the fork of a spawned worker), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def finished_parts(output: str | Path, count: int) -> dict[int, dict]:
@@ -209,6 +225,8 @@ def merge_stats(output: str | Path, parts: list[dict], plan: dict, *, engine: st
         "elapsed_s": round(elapsed, 3), "documents_per_s": round(processed / elapsed, 1) if elapsed > 0 else None,
         "cpu_s": round(cpu, 3), "documents_per_s_per_core": round(docs_in / cpu, 1) if cpu > 0 else None,
         "resumed_shards": resumed, "plan_hash": plan_hash(plan),
+        "peak_rss_mb": {"main": peak_rss_mb(),
+                        "worker": max((p.get("peak_rss_mb") or 0 for p in parts), default=0)},
         "parts": [{"part": io.output_name(p["index"], plan["options"]["format"]), "input": p["input"],
                    "documents_in": p["documents_in"], "documents_out": p["documents_out"]} for p in parts],
     }  # fmt: skip
@@ -284,6 +302,11 @@ def _worker_task(task: tuple[int, io.Shard]) -> dict:
 
 def _pool_map(stage: DocStage, todo: list, output: Path, options: dict, workers: int, bar: Any):
     """Yields the stats of each task as workers finish them, keeping the progress bar current."""
+    try:
+        ForkingPickler.dumps(stage)  # what starting the workers does; a failure there is a long traceback
+    except Exception as e:  # noqa: BLE001 (pickling raises many types: PicklingError, AttributeError, TypeError)
+        raise JaxllmError(f"stage {stage.name!r} cannot be sent to worker processes ({type(e).__name__}: {e}); "
+                          "make it picklable or run with workers=1") from None
     ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (progress bar, JAX) and big state
     counter = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(stage, output, options, counter)) as pool:

@@ -94,15 +94,18 @@ def _split(path: str, fmt: str, name: str, chunk_bytes: int) -> list[Shard]:
             return [Shard(path, fmt, name)]  # gzip: one shard (module docstring)
     ranges, start, line = [], 0, 0
     with open(path, "rb") as f:
-        while start < size:
+        while True:
             target = start + chunk_bytes
-            lines = _count_lines(f, start, min(target, size))
-            f.seek(min(target, size))
-            stop = target + len(f.readline()) if target < size else size  # the end of the line holding target
-            lines += 1 if stop > target and target < size else 0
-            ranges.append(Shard(path, fmt, name, start, min(stop, size), line, line + lines))
+            stop = size
+            if target < size:
+                f.seek(target)
+                stop = target + len(f.readline())  # the end of the line holding byte `target`
+            if stop >= size:  # the last range reads to the end (a last line may lack its newline)
+                ranges.append(Shard(path, fmt, name, start, None, line, None))
+                return ranges
+            lines = _count_lines(f, start, stop)
+            ranges.append(Shard(path, fmt, name, start, stop, line, line + lines))
             start, line = stop, line + lines
-    return ranges
 
 
 def _count_lines(f, start: int, stop: int) -> int:

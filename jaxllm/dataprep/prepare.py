@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +90,10 @@ def steps(cfg: PrepareConfig) -> list[Step]:
     for name, value in (("input", cfg.input), ("output", cfg.output)):
         if not value:
             raise ConfigError(f"prepare.{name} is not set; give the {'corpus files' if name == 'input' else 'directory'}")
+    if "://" in cfg.output:
+        raise ConfigError(f"prepare.output {cfg.output} is not a local path: prepare keeps its stages in a directory of "
+                          "this machine (or one every Beam worker mounts); on gs:// run the stages one by one, e.g. "
+                          "jaxllm data clean --runner DataflowRunner --output gs://... (docs/data.md)")
     if not cfg.stages:
         raise ConfigError(f"prepare.stages is empty; list some of {', '.join(STAGES)}, e.g. [{{clean: {{}}}}]")
     if cfg.workers < 0:
@@ -133,7 +138,14 @@ def check_settings(step: Step) -> None:
 def _key(previous: str, step: Step, cfg: PrepareConfig) -> str:
     common = {k: v for k, v in asdict(cfg).items() if k in ("format", "text_field", "id_field", "on_bad_record",
                                                             "samples_per_reason", "chunk_bytes")}
-    data = json.dumps([previous, step.name, step.settings, common], sort_keys=True, default=str)
+    files = []  # files the settings name (evaluation sets): an edited one redoes the stage
+    for path in step.settings.get("files", []) if step.name == "decontaminate" else []:
+        try:
+            st = os.stat(path)
+            files.append([path, st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([path, None, None])  # the stage itself reports a missing file
+    data = json.dumps([previous, step.name, step.settings, common, files], sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -232,7 +244,7 @@ def _dedup(step: Step, inputs: str, cfg: PrepareConfig, common: dict) -> dict:
         from jaxllm.dataprep.dedup_beam import dedup_beam
 
         if extra.get("clusters"):
-            raise ConfigError("dedup.clusters is written by the local engine only; drop it or use engine: local")
+            logger.warning("dedup.clusters: clusters.jsonl.gz is written by the local engine only; not written")
         return dedup_beam(inputs, str(step.dir), params, runner=cfg.runner, pipeline_args=cfg.pipeline_args, **common)
     from jaxllm.dataprep.dedup import dedup
 

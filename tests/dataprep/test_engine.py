@@ -109,7 +109,8 @@ def test_one_worker_and_two_workers_write_identical_outputs(tmp_path):
     (s1, f1), (s2, f2) = runs[1], runs[2]
     assert f1 == f2 and s2["workers"] == 2
     assert len([n for n in f1 if n.startswith("part-")]) == s1["shards"] > 3
-    timing = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output")
+    timing = ("elapsed_s", "documents_per_s", "cpu_s", "documents_per_s_per_core", "workers", "output",
+              "peak_rss_mb")
     assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
     assert s1["documents_in"] == 28 + 40 + 26
     assert s1["dropped"] == {"short:forbidden/word": 1, "short:words": 25}
@@ -177,3 +178,57 @@ def test_shard_writer_refuses_a_field_parquet_cannot_hold_and_leaves_no_file(tmp
             w.write({"text": "t", "id": "new", "extra": 1})
             w.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fmt_out": "csv"}, r"output format 'csv' is not one of jsonl.gz, parquet"),
+    ({"on_bad_record": "ignore"}, r"on_bad_record must be skip or error, got 'ignore'"),
+    ({"workers": -1}, r"workers must be 0 \(all cores\) or more, got -1"),
+    ({"chunk_bytes": 0}, r"chunk_bytes must be at least 1, got 0"),
+    ({"samples_per_reason": -1}, r"samples_per_reason must be 0 or more, got -1"),
+])  # fmt: skip
+def test_bad_engine_options_are_one_line_errors(tmp_path, kwargs, message):
+    d = _corpus(tmp_path)
+    with pytest.raises(JaxllmError, match=message):
+        engine.run_local(DropShort(), str(d / "c.txt"), str(tmp_path / "out"), progress=False, **kwargs)
+    with pytest.raises(JaxllmError, match=r"matches no files"):
+        engine.run_local(DropShort(), str(d / "nothing*.jsonl"), str(tmp_path / "out"), progress=False)
+
+
+class _Unpicklable(DropShort):
+    def __init__(self):
+        super().__init__()
+        self.rule = lambda text: len(text) > 3  # a lambda cannot be pickled
+
+
+def test_a_stage_workers_cannot_receive_is_a_one_line_error(tmp_path):
+    d = _corpus(tmp_path)
+    with pytest.raises(JaxllmError, match=r"stage 'short' cannot be sent to worker processes \(.*\); make it "
+                                          r"picklable or run with workers=1"):
+        engine.run_local(_Unpicklable(), str(d / "**" / "*"), str(tmp_path / "out"), workers=2, chunk_bytes=300,
+                         progress=False)
+
+
+def test_every_range_size_reads_each_line_once(tmp_path):
+    """Ranges of any size, ends falling on line starts, blank lines, CRLF and a last line without a newline."""
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"alpha one\r\n\nbeta\n\n\ngamma three words\nd\r\n\nepsilon at the end")
+    whole = [doc for _, doc in io.iter_documents(str(path))]
+    assert [d["id"] for d in whole] == ["t.txt:1", "t.txt:3", "t.txt:6", "t.txt:7", "t.txt:9"]
+    for chunk in range(1, 60):
+        assert [doc for _, doc in io.iter_documents(str(path), chunk_bytes=chunk)] == whole, chunk
+
+
+def test_a_large_parquet_file_is_split_by_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " * (i % 7 + 1) for i in range(100)], "n": list(range(100))}),
+                   path, row_group_size=10)
+    whole = [doc for _, doc in io.iter_documents(str(path))]
+    assert [d["id"] for d in whole] == [f"p.parquet:{i}" for i in range(1, 101)]
+    for chunk in (1, 150, 400, 1000):
+        shards = io.plan_shards(str(path), chunk_bytes=chunk)
+        assert len(shards) > 1 and shards[-1].stop is None
+        assert [doc for _, doc in io.iter_documents(str(path), chunk_bytes=chunk)] == whole, chunk
