@@ -179,8 +179,9 @@ def _tokenized(chunks: Iterator[list[str]], workers: int, tokenizer: Tokenizer, 
         for chunk in chunks:
             yield from (tokenize({"text": text}) for text in chunk)
         return
-    # fork where there is one: the workers start at once (nothing here has started threads yet)
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # spawn, as the other stages' pools: a forked child of a process that holds threads (JAX's, a progress bar's,
+    # `jaxllm data prepare` after earlier stages, a test session) can deadlock on a lock held at the fork
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, _start_worker, (tokenizer.files(), add_bos, add_eos)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
