@@ -10,6 +10,8 @@ from typing import Any
 from jaxllm.config.schema import (Config, ConfigError, DistillConfig, GenerateConfig, ModelConfig, ObjectiveConfig,
                                   OptimConfig, PreferenceConfig, TrainConfig)
 
+RL_OBJECTIVES = ("grpo", "ppo", "rloo")
+
 log = logging.getLogger("jaxllm")
 
 def validate(cfg: Config) -> None:
@@ -91,6 +93,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg.distributed, "distributed", ["timeout_s", "heartbeat_timeout_s"])
     _positive(cfg.distributed, "distributed", ["num_processes"], null="read from JAXLLM_NUM_PROCESSES")
     validate_generate(cfg.generate)
+    if d.objective.name in RL_OBJECTIVES:
+        _validate_rl(cfg)
 
 
 def validate_generate(g: GenerateConfig) -> None:
@@ -288,6 +292,43 @@ def _validate_preference(p: PreferenceConfig, objective: str, precomputed: bool)
                              == "kto" else "uses no reference: drop it"))
     if objective == "kto" and p.desirable_weight + p.undesirable_weight == 0:
         raise ConfigError("preference.desirable_weight and undesirable_weight are both 0: KTO would learn nothing")
+
+
+def _validate_rl(cfg: Config) -> None:
+    """The rl: section of an online objective (grpo, ppo, rloo); docs/post-training.md."""
+    r, name, t = cfg.rl, cfg.data.objective.name, cfg.train
+    _positive(r, "rl", ["num_generations", "max_new_tokens", "minibatches", "epochs", "max_rollout_tries",
+                        "kl_horizon"])
+    if not r.rewards:
+        raise ConfigError(f"data.objective.name={name} needs rl.rewards: list at least one reward function "
+                          "(e.g. rl.rewards=[{function: exact_match}])")
+    if name != "ppo" and r.num_generations < 2:
+        raise ConfigError(f"{name} compares the rl.num_generations completions of each prompt; set it >= 2 "
+                          f"(got {r.num_generations})")
+    if t.batch_size % r.num_generations:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.num_generations="
+                          f"{r.num_generations}: an update trains on whole groups of one prompt's completions")
+    if cfg.data.seq_len <= r.max_new_tokens:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} leaves no room for a prompt before rl.max_new_tokens="
+                          f"{r.max_new_tokens} completion tokens; raise data.seq_len or lower rl.max_new_tokens")
+    _above_zero(r.temperature, "rl.temperature", "1.0 (rollouts sample)")
+    updates = r.epochs * r.minibatches
+    for key, value in (("train.steps", t.steps), ("checkpoint.every", cfg.checkpoint.every)):
+        if value % updates:
+            raise ConfigError(f"{key}={value} must be a multiple of rl.epochs * rl.minibatches = {updates} (the "
+                              "updates one rollout makes): runs stop and save between rollouts")
+    for key in ("epsilon", "kl_coef", "vf_coef", "cliprange_value"):
+        _non_negative(r, "rl", {key: ""})
+    if r.beta is not None and r.beta < 0:
+        raise ConfigError(f"rl.beta must be >= 0 (0 = no reference model) or null (TRL's default), got {r.beta}")
+    if r.epsilon_high is not None and r.epsilon_high < 0:
+        raise ConfigError(f"rl.epsilon_high must be >= 0 or null (= rl.epsilon), got {r.epsilon_high}")
+    _fraction(r.gamma, "rl.gamma")
+    _fraction(r.lam, "rl.lam")
+    if r.kl_target is not None and r.kl_target <= 0:
+        raise ConfigError(f"rl.kl_target must be > 0 (adaptive KL) or null (fixed rl.kl_coef), got {r.kl_target}")
+    if cfg.data.objective.name == "ppo" and r.dynamic_sampling:
+        raise ConfigError("rl.dynamic_sampling drops groups of equal rewards (grpo, rloo); ppo has no groups: drop it")
 
 
 def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:
