@@ -6,7 +6,6 @@ or `max_new_tokens` tokens.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -20,6 +19,7 @@ from jaxllm.data.chat_template import ChatTemplate
 from jaxllm.infer import beam
 from jaxllm.infer.sampling import Penalties, sample_logits
 from jaxllm.models import bind, init_cache
+from jaxllm.sharding import constrain
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,17 +36,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> t
     return tokens, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "penalties", "beams"))
-def _generate(
-    params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, *,
-    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None
+def decode(
+    params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, live_B=None, *,
+    graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None,
+    with_logps=False
 ):
     """Decoder-only: tokens_BP is the prompt. Encoder-decoder: the encoder reads encoder_tokens_BS once
     and tokens_BP holds the decoder's start token; the prefill puts the memory's cross-attention keys and
     values in the cache, and every step reads them there.
 
-    New tokens [B, T]; with `beams` (BeamSettings) the best hypotheses [B, R, T] and their scores [B, R]."""
+    New tokens [B, T]; with `beams` (BeamSettings) the best hypotheses [B, R, T] and their scores [B, R].
+    `key`: one key for the batch, or keys [B], one per row (a row's samples then do not depend on the other
+    rows: online RL's rollouts, jaxllm/rl/rollout.py). `live_B` (bool [B], default all): rows marked False are
+    filler that starts finished (pad tokens; a fixed row count need not run the loop longer). `with_logps`:
+    also each new token's log-probability [B, T] float32, log_softmax(logits / temperature) at the token
+    (log_softmax(logits) when greedy), 0 after a row's stop; read from the logits that chose the token, so no
+    second forward pass. Unjitted: `_generate` is this jitted; callers that place work on a mesh jit it
+    themselves under `sharding.activate` (the cache then follows the batch's sharding)."""
     model = bind(graphdef, params)
     memory = None
     if encoder_tokens_BS is not None:
@@ -58,7 +64,7 @@ def _generate(
         return lambda tokens, positions, segment_ids, cache: model.decode(memory, tokens, positions, segment_ids, cache)
 
     B, P = tokens_BP.shape
-    cache = init_cache(model_cfg, B, P + max_new_tokens)
+    cache = _constrain_cache(init_cache(model_cfg, B, P + max_new_tokens))
     positions_BP = _positions(mask_BP)
     logits_BPV, cache = step_with(memory)(tokens_BP, positions_BP, mask_BP, cache)
     if beams is not None:
@@ -67,23 +73,42 @@ def _generate(
                            pad_id, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
     step = step_with(memory)
     T = max_new_tokens
+    row_keys = key.ndim == 1  # keys [B]: row b draws step t's token from fold_in(keys[b], t)
 
     def choose(logits_BV, out_BT, t, key):
+        """The next tokens [B] and their log-probabilities [B] (zeros unless with_logps)."""
         if penalties != Penalties():
             seq_BL = jnp.concatenate([tokens_BP, out_BT], axis=1)
             valid_BL = jnp.concatenate([mask_BP > 0, jnp.broadcast_to(jnp.arange(T) < t, (B, T))], axis=1)
             logits_BV = penalties.apply(logits_BV, seq_BL, valid_BL, P + t, t, eos_id)
-        return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        if row_keys:
+            keys_B = jax.vmap(jax.random.fold_in, (0, None))(key, t)
+            next_B = jax.vmap(lambda logits_V, k: sample_logits(logits_V[None], k, **settings)[0])(logits_BV, keys_B)
+        else:
+            next_B = sample_logits(logits_BV, key, **settings)
+        logp_B = jnp.zeros((B,), jnp.float32)
+        if with_logps:
+            scaled_BV = logits_BV.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+            logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), next_B[:, None], axis=-1)[:, 0]
+        return next_B, logp_B
 
-    key, sub = jax.random.split(key)
+    if row_keys:
+        key, sub = key, key
+    else:
+        key, sub = jax.random.split(key)
     out_BT = jnp.full((B, T), pad_id, jnp.int32)
-    first_B = choose(logits_BPV[:, -1], out_BT, 0, sub)
+    live_B = jnp.ones((B,), bool) if live_B is None else live_B
+    first_B, logp_B = choose(logits_BPV[:, -1], out_BT, 0, sub)
+    first_B, logp_B = jnp.where(live_B, first_B, pad_id), jnp.where(live_B, logp_B, 0.0)
+    logps_BT = jnp.zeros((B, T if with_logps else 0), jnp.float32)
     state = dict(
         cache=cache,
         last_B=first_B,
         pos_B=positions_BP[:, -1] + 1,
-        done_B=jnp.isin(first_B, eos_id),
+        done_B=jnp.isin(first_B, eos_id) | ~live_B,
         out_BT=out_BT.at[:, 0].set(first_B),
+        logps_BT=logps_BT.at[:, 0].set(logp_B) if with_logps else logps_BT,
         t=jnp.array(1, jnp.int32),
         key=key,
     )
@@ -93,20 +118,37 @@ def _generate(
 
     def body(s):
         logits_B1V, cache = step(s["last_B"][:, None], s["pos_B"][:, None], jnp.ones((B, 1), jnp.int32), s["cache"])
-        key, sub = jax.random.split(s["key"])
-        next_B = choose(logits_B1V[:, 0], s["out_BT"], s["t"], sub)
+        key, sub = (s["key"], s["key"]) if row_keys else jax.random.split(s["key"])
+        next_B, logp_B = choose(logits_B1V[:, 0], s["out_BT"], s["t"], sub)
         next_B = jnp.where(s["done_B"], pad_id, next_B)
+        logps_BT = s["logps_BT"]
+        if with_logps:
+            logps_BT = logps_BT.at[:, s["t"]].set(jnp.where(s["done_B"], 0.0, logp_B))
         return dict(
             cache=cache,
             last_B=next_B,
             pos_B=s["pos_B"] + 1,
             done_B=s["done_B"] | jnp.isin(next_B, eos_id),
             out_BT=s["out_BT"].at[:, s["t"]].set(next_B),
+            logps_BT=logps_BT,
             t=s["t"] + 1,
             key=key,
         )
 
-    return jax.lax.while_loop(cond, body, state)["out_BT"]
+    final = jax.lax.while_loop(cond, body, state)
+    return (final["out_BT"], final["logps_BT"]) if with_logps else final["out_BT"]
+
+
+_generate = jax.jit(decode, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "penalties", "beams", "with_logps"))
+
+
+def _constrain_cache(cache):
+    """The KV cache's rows split like the batch's under `sharding.activate` (a no-op outside it)."""
+    kv_names = ("layers", "batch", "cache_length", "act_kv_heads", None)
+    return cache._replace(k=constrain(cache.k, kv_names), v=constrain(cache.v, kv_names),
+                          segment_ids=constrain(cache.segment_ids, ("batch", "cache_length")),
+                          positions=constrain(cache.positions, ("batch", "cache_length")))
 
 
 def _positions(mask_BP: jax.Array) -> jax.Array:
