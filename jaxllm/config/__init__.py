@@ -39,6 +39,8 @@ from jaxllm.config.schema import (
     OptimConfig,
     PreferenceConfig,
     QuantConfig,
+    RewardSpec,
+    RLConfig,
     RopeScaling,
     SourceConfig,
     TokenizerConfig,
@@ -49,7 +51,7 @@ __all__ = [
     "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
     "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
-    "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
+    "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RewardSpec", "RLConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "apply_override", "config_from_yaml_text", "dump_yaml", "from_dict", "load_config", "read_yaml",
     "to_dict", "validate",
 ]

@@ -500,6 +500,18 @@ class Config:
 # ----------------------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward of online RL (an entry of the list rl.rewards; docs/post-training.md "Online RL: rewards")."""
+
+    # exact_match | numeric | format | length | reward_model | judge, or "module:function" /
+    # "path/to/file.py:function": f(prompts, completions, **fields) -> list[float | None] (TRL's signature)
+    function: str = "exact_match"
+    weight: float = 1.0  # the total reward is the sum of weight * reward over the functions that scored a sample
+    args: Any = field(default_factory=dict)  # keyword arguments of the function (e.g. format's pattern)
+    name: Optional[str] = None  # the name in the metrics rewards/NAME/mean; null = the function's name
+
+
 @dataclass
 class RLConfig:
     """Online reinforcement learning (data.objective.name: grpo | rloo | ppo; docs/post-training.md, "Online RL:
@@ -508,7 +520,7 @@ class RLConfig:
     option. One rollout = train.batch_size * minibatches completions (batch_size / num_generations prompts per
     update); `epochs` passes over it, each in `minibatches` optimizer updates (train steps)."""
 
-    rewards: list[Any] = field(default_factory=list)  # the reward functions (jaxllm.rl.rewards), summed by weight
+    rewards: list[RewardSpec] = field(default_factory=list)  # the reward functions (jaxllm.rl.rewards), summed by weight
     num_generations: int = 8  # completions per prompt (a group); train.batch_size must divide by it
     max_new_tokens: int = 256  # TRL's max_completion_length; prompt + completion must fit data.seq_len
     temperature: float = 1.0  # sampling; the training log-probs use logits / temperature too (as TRL)
@@ -540,4 +552,3 @@ class RLConfig:
     vf_coef: float = 0.1
     cliprange_value: float = 0.2
     whiten_rewards: bool = False
-

@@ -61,6 +61,11 @@ BUILTIN_CORPORA = {
     "kjv-pref-valid": BuiltinCorpus("kjv-pref-valid.jsonl.gz"),  # their held-out pairs
     "kjv-kto": BuiltinCorpus("kjv-kto.jsonl.gz"),  # kjv-pref unpaired (prompt, completion, label)
     "kjv-kto-valid": BuiltinCorpus("kjv-kto-valid.jsonl.gz"),  # kjv-pref-valid unpaired
+    "kjv-rl": BuiltinCorpus("kjv-rl.jsonl.gz"),  # RL prompts + answers from kjv-sft (tools/make_rl_prompts.py)
+    "kjv-rl-valid": BuiltinCorpus("kjv-rl-valid.jsonl.gz"),  # from kjv-sft-valid, grouped by task:
+    "kjv-rl-valid-book": BuiltinCorpus("kjv-rl-valid.jsonl.gz", 0, 232),
+    "kjv-rl-valid-first-word": BuiltinCorpus("kjv-rl-valid.jsonl.gz", 232, 464),
+    "kjv-rl-valid-last-word": BuiltinCorpus("kjv-rl-valid.jsonl.gz", 464, 696),
 }
 
 

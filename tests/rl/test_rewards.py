@@ -1,0 +1,179 @@
+"""Reward functions for online RL: the built-ins' rules, TRL's combination rule, loading `module:function`."""
+
+import gzip
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from jaxllm.config import ConfigError, JaxllmError, RewardSpec, from_dict
+from jaxllm.data import ASSETS
+from jaxllm.data.sources import BUILTIN_CORPORA
+from jaxllm.rl import verifiable
+from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
+
+
+def _one(name, completions, answers=None, **args):
+    funcs = reward_functions([RewardSpec(name, args=args)])
+    records = [{"answer": a} for a in answers] if answers is not None else [{}] * len(completions)
+    return compute_rewards(funcs, ["p"] * len(completions), completions, records)[1][funcs[0][0]].tolist()
+
+
+def _nan_list(values):
+    return [None if math.isnan(v) else v for v in values]
+
+
+def test_exact_match_strips_the_end_of_turn_and_whitespace_and_optionally_case():
+    completions = ["Genesis", " Genesis\n</s>", "Genesis<|im_end|>junk", "genesis", "Genesis 1", "Exodus",
+                   [{"role": "assistant", "content": "Genesis</s>"}]]
+    assert _one("exact_match", completions, ["Genesis"] * 7) == [1, 1, 1, 0, 0, 0, 1]
+    assert _one("exact_match", completions, ["Genesis"] * 7, ignore_case=True) == [1, 1, 1, 1, 0, 0, 1]
+    assert _one("exact_match", ["the  Song\nof Songs", "the Song of Songs"], ["the Song of Songs"] * 2) == [0, 1]
+    assert _one("exact_match", ["the  Song\nof Songs"], ["the Song of Songs"], normalize_whitespace=True) == [1]
+    # a record without an answer is not scored; the answer field is configurable
+    assert _nan_list(_one("exact_match", ["a", "a"], [None, "a"])) == [None, 1]
+    funcs = reward_functions([{"function": "exact_match", "args": {"answer_field": "solution"}}])
+    assert compute_rewards(funcs, ["p"], ["42"], [{"solution": "42"}])[0].tolist() == [1]
+    with pytest.raises(JaxllmError, match="no field 'answer'.*'solution'.*args.answer_field"):
+        compute_rewards(reward_functions([RewardSpec("exact_match")]), ["p"], ["42"], [{"solution": "42"}])
+
+
+@pytest.mark.parametrize("text,value", [
+    ("The answer is 42.", 42), ("-3", -3), ("+7 apples", 7), ("1,234,567 people", 1234567), ("3.25", 3.25),
+    (".5", 0.5), ("x = 3/4", 0.75), ("-3/4", -0.75), ("12, 34", 34), ("costs 3.", 3), ("50%", 50),
+    ("first 1 then \\boxed{\\frac{1}{2}} then 9", 0.5), ("\\boxed{-12}", -12), ("from 3-4", 4), ("x2 y", None),
+    ("no number", None), ("\\boxed{1,000} is 7", 1000), ("2 / 8", 0.25), ("\\dfrac{3}{4}", 0.75),
+])
+def test_numbers_are_read_as_documented(text, value):
+    got = verifiable.number_in(text)
+    assert got == value if value is None else math.isclose(got, value)
+
+
+def test_numeric_reward_compares_the_last_number_within_a_tolerance():
+    completions = ["so 1,234", "It is 1234.0000001", "1235", "none", "3/4", "0.75", "-0.75"]
+    answers = ["1234", "1234", "1234", "1234", "0.75", "3/4", "0.75"]
+    assert _one("numeric", completions, answers) == [1, 1, 0, 0, 1, 1, 0]
+    assert _one("numeric", ["1235"], ["1234"], rel_tol=0.01) == [1]
+    # GSM8K answers: the number after ####; an answer without a number (or None) is not scored
+    assert _nan_list(_one("numeric", ["72", "72", "72"], ["48 + 24 = 72\n#### 72", "n/a", None])) == [1, None, None]
+    assert _one("numeric", ["1/0"], ["5"]) == [0]  # a zero denominator equals nothing
+
+
+def test_format_reward_full_match_or_search():
+    pattern = r"<think>.*</think>\s*<answer>.*</answer>"
+    completions = ["<think>a\nb</think>\n<answer>4</answer>", "<think>a</think><answer>4</answer> extra",
+                   "pre <think>a</think><answer>4</answer>", "<answer>4</answer>"]
+    assert _one("format", completions, pattern=pattern) == [1, 0, 0, 0]
+    assert _one("format", completions, pattern=pattern, mode="search") == [1, 1, 1, 0]
+    assert _one("format", completions[:1], pattern=pattern, dotall=False) == [0]  # . no longer crosses lines
+    assert _one("format", ["<think>a</think><answer>4</answer></s>"], pattern=pattern) == [1]  # EOS text cut
+
+
+def test_length_is_dapos_soft_overlong_punishment_on_token_ids():
+    funcs = reward_functions([{"function": "length", "args": {"max_length": 100, "cache": 20}}])
+    ids = [[1] * n for n in (10, 80, 90, 100, 101)]
+    _, per = compute_rewards(funcs, ["p"] * 5, ["c"] * 5, [{}] * 5, completion_ids=ids)
+    np.testing.assert_allclose(per["length"], [0, 0, -0.5, -1, -1])
+    assert _one("length", ["x" * 7], max_length=8, cache=2) == [-0.5]  # characters without completion_ids
+
+
+def test_weighted_sum_over_the_functions_that_scored_and_trls_metrics(caplog):
+    def half(prompts, completions, **fields):
+        return [0.5 if f == "math" else None for f in fields["task"]]
+
+    funcs = [("em", 2.0, lambda prompts, completions, **f: [1.0, None, 0.0]), ("half", 0.5, half)]
+    records = [{"task": "math", "answer": "a"}, {"task": "text", "answer": "b"}, {"task": "math", "answer": "c"}]
+    with caplog.at_level(logging.WARNING, logger="jaxllm"):
+        total, per = compute_rewards(funcs, ["p1", "p2", "p3"], ["a", "b", "c"], records)
+    assert _nan_list(total.tolist()) == [2.25, None, 0.25]  # TRL: nansum; unscored by all -> NaN, warned
+    assert "no reward function scored 1 of 3 completions" in caplog.text and "'p2'" in caplog.text
+    assert _nan_list(per["em"].tolist()) == [1.0, None, 0.0]
+    metrics = reward_metrics(total, per)
+    assert metrics["rewards/em/mean"] == 0.5 and math.isclose(metrics["rewards/em/std"], math.sqrt(0.5))
+    assert metrics["rewards/half/mean"] == 0.5 and metrics["rewards/half/std"] == 0.0
+    assert metrics["reward"] == 1.25 and math.isclose(metrics["reward_std"], math.sqrt(2.0))
+
+
+def test_functions_get_the_records_fields_and_completion_ids_as_columns():
+    seen = {}
+
+    def spy(prompts, completions, **fields):
+        seen.update(prompts=prompts, completions=completions, **fields)
+        return [0.0] * len(completions)
+
+    records = [{"prompt": "x", "answer": "1", "task": "t"}, {"prompt": "x", "answer": "1"}]
+    compute_rewards([("spy", 1.0, spy)], ["x", "x"], ["a", "b"], records, completion_ids=[[1], [2, 3]], step=7)
+    assert seen == {"prompts": ["x", "x"], "completions": ["a", "b"], "answer": ["1", "1"], "task": ["t", None],
+                    "completion_ids": [[1], [2, 3]], "step": 7}
+
+
+def test_module_and_file_functions_with_their_args_and_unique_names(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def shout(prompts, completions, bonus=0.0, **kw):\n    return [float(c.isupper()) + bonus for c in completions]\n"
+        "NOT_CALLABLE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = [{"function": "my_rewards:shout"}, {"function": f"{tmp_path}/my_rewards.py:shout", "args": {"bonus": 1}},
+             {"function": "exact_match", "name": "em", "weight": 0.5}]
+    funcs = reward_functions(specs)
+    assert [(n, w) for n, w, _ in funcs] == [("shout", 1.0), ("shout_2", 1.0), ("em", 0.5)]
+    total, per = compute_rewards(funcs, ["p", "p"], ["HI", "hi"], [{"answer": "HI"}, {"answer": "x"}])
+    assert per["shout_2"].tolist() == [2.0, 1.0] and total.tolist() == [3.5, 1.0]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"function": "exact_mach"}, "neither a built-in reward .*exact_match.* nor 'module:function'"),
+    ({"function": "no_such_module_xyz:f"}, "cannot import module 'no_such_module_xyz'"),
+    ({"function": "json:no_such"}, "json has no 'no_such'"),
+    ({"function": "math:pi"}, "math:pi is a float, not a function"),
+    ({"function": "missing_file.py:f"}, "reward file missing_file.py does not exist"),
+    ({"function": "exact_match", "args": {"answer_feld": "a"}},
+     "rl.rewards.0.args: exact_match takes no argument 'answer_feld'; its arguments: answer_field, ignore_case, "
+     "normalize_whitespace, stop"),
+    ({"function": "exact_match", "args": [1]}, "args must be a mapping"),
+    ({"function": "format"}, "args.pattern is missing"),
+    ({"function": "format", "args": {"pattern": "(unclosed"}}, "not a valid regex"),
+    ({"function": "format", "args": {"pattern": "a", "mode": "all"}}, "mode must be fullmatch, search or match"),
+    ({"function": "length"}, "max_length must be a positive integer"),
+    ({"function": "length", "args": {"max_length": 10, "cache": 11}}, "cache must be an integer in 1..max_length"),
+    ({"function": "numeric", "weight": float("nan")}, "weight must be a finite number"),
+])
+def test_bad_reward_specs_are_one_line_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        reward_functions([spec])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_return_values_are_one_line_errors():
+    for returned, message in (([1.0], "returned 1 rewards for 2 completions"), (3.0, "returned a float"),
+                              (["x", 1.0], "returned 'x' for completion 0")):
+        with pytest.raises(JaxllmError, match=message):
+            compute_rewards([("bad", 1.0, lambda p, c, r=returned, **f: r)], ["p", "p"], ["a", "b"], [{}, {}])
+
+
+def test_reward_specs_load_from_config_dicts():
+    spec = from_dict(RewardSpec, {"function": "format", "weight": 2, "args": {"pattern": "x"}})
+    assert spec == RewardSpec("format", 2.0, {"pattern": "x"})
+    with pytest.raises(ConfigError, match="unknown config key 'rewards.funtion'"):
+        from_dict(RewardSpec, {"funtion": "x"}, "rewards")
+
+
+def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
+    def read(name):
+        with gzip.open(ASSETS / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    rl, valid, sft_valid = read("kjv-rl"), read("kjv-rl-valid"), read("kjv-sft-valid")
+    assert len(rl) == 7342 and len(valid) == 696
+    assert all(set(r) == {"prompt", "answer", "task"} and r["prompt"][0]["role"] == "user" for r in rl + valid)
+    assert [(r["prompt"][0]["content"], r["answer"], r["task"]) for r in valid] == [
+        (m["messages"][0]["content"], m["messages"][1]["content"], m["task"]) for m in sft_valid]
+    held_out = {r["prompt"][0]["content"] for r in valid}
+    # held-out chapters: the one shared prompt is a verse that dozens of chapters repeat word for word
+    assert held_out & {r["prompt"][0]["content"] for r in rl} == {
+        "Which book of the Bible is this verse from?\nAnd the word of the LORD came unto me, saying,"}
+    for task, corpus in (("book", "kjv-rl-valid-book"), ("first_word", "kjv-rl-valid-first-word"),
+                         ("last_word", "kjv-rl-valid-last-word")):
+        c = BUILTIN_CORPORA[corpus]
+        assert {r["task"] for r in valid[c.start:c.stop]} == {task}
