@@ -65,7 +65,8 @@ class PromptEncoder:
         self._template = chat_template_for(cfg.data, tokenizer)
         self._variables = tokenizer.special_tokens() if self._template is not None else {}
         self._bos = [tokenizer.bos_id] if cfg.data.add_bos and tokenizer.bos_id is not None else []
-        self._room = cfg.data.seq_len + 1 - cfg.rl.max_new_tokens  # prompt + completion - 1 inputs fit a row
+        # prompt + completion - 1 inputs fit a row, and prompt + completion the model's context
+        self._room = min(cfg.data.seq_len + 1, cfg.model.max_seq_len) - cfg.rl.max_new_tokens
         self.conversational = False
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
