@@ -33,6 +33,7 @@ from jaxllm.data.objectives import BatchFormat, batch_format, register_format, t
 from jaxllm.models import bind
 from jaxllm.models.moe import moe_objective
 from jaxllm.rl import losses
+from jaxllm.rl.rewards import builtin_names, load_function
 from jaxllm.train.losses import token_logps
 from jaxllm.train.objective import Objective, register
 from jaxllm.train.preference import _reference_source, _without_adapters
@@ -180,9 +181,13 @@ def _frozen_models(cfg: Config):
     return _reference_source(cfg) if needs_reference(cfg) else {}
 
 
-def _prepare_ppo(cfg: Config, tokenizer) -> Config:
-    """ppo trains a value head beside the policy (model.value_head)."""
-    if cfg.model.value_head:
+def _prepare(cfg: Config, tokenizer) -> Config:
+    """Checks that every reward of rl.rewards exists (before any model is built); ppo trains a value head beside
+    the policy (model.value_head)."""
+    for i, spec in enumerate(cfg.rl.rewards):
+        if spec.function not in builtin_names():
+            load_function(spec.function, f"rl.rewards.{i}")
+    if cfg.data.objective.name != "ppo" or cfg.model.value_head:
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=True))
 
@@ -193,7 +198,5 @@ def _online(trainer):
     return OnlineData(trainer)
 
 
-register(Objective("grpo", ("decoder",), grpo_loss, frozen_models=_frozen_models, online=_online))
-register(Objective("rloo", ("decoder",), rloo_loss, frozen_models=_frozen_models, online=_online))
-register(Objective("ppo", ("decoder",), ppo_loss, frozen_models=_frozen_models, prepare=_prepare_ppo,
-                   online=_online))
+for _name, _loss in (("grpo", grpo_loss), ("rloo", rloo_loss), ("ppo", ppo_loss)):
+    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=_online))
