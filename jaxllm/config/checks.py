@@ -32,6 +32,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"RoPE needs an even head dimension, got {m.dim_per_head}; change model.head_dim")
     if m.head == "reward" and m.arch != "decoder":
         raise ConfigError(f"model.head=reward is a decoder's scalar head, but model.arch={m.arch}; set model.arch=decoder")
+    if m.value_head and (m.arch != "decoder" or m.head != "lm"):
+        raise ConfigError(f"model.value_head is a causal LM's PPO value head, but model.arch={m.arch} and "
+                          f"model.head={m.head}; set model.arch=decoder and model.head=lm, or model.value_head=false")
     if m.head not in ("lm", "reward") and m.arch != "encoder":
         raise ConfigError(f"model.head={m.head} belongs to encoders; set model.arch=encoder or model.head=lm")
     if m.arch == "encoder" and m.head == "lm":

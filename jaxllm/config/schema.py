@@ -152,6 +152,10 @@ class ModelConfig:
     # frozen base stored quantised. With train.init_from they apply to the checkpoint's model.
     lora: Optional[LoraConfig] = None
     quant: Optional[QuantConfig] = None
+    # PPO's value model on the policy's backbone (TRL's AutoModelForCausalLMWithValueHead): a D -> 1 linear
+    # `value_head` (kernel and bias) on the final hidden state, Decoder.values; trained in full under LoRA,
+    # fresh when train.init_from holds an LM; exported apart (docs/post-training.md, Online RL: losses).
+    value_head: bool = False
 
     @property
     def kv_heads(self) -> int:

@@ -239,6 +239,26 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer_files:
     return out_dir
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def _save_value_head(params: Any, cfg: ModelConfig, out_dir: Path) -> tuple[Any, ModelConfig]:
+    """PPO's value head is not part of a CausalLM: written apart to value_head.safetensors under TRL's
+    AutoModelForCausalLMWithValueHead names (v_head.summary.weight [1, D], v_head.summary.bias [1], float32);
+    returns the parameters and config without it."""
+    from safetensors.numpy import save
+
+    head = params["value_head"]
+    tensors = {"v_head.summary.weight": np.ascontiguousarray(_host(head["kernel"]).astype(np.float32).T),
+               "v_head.summary.bias": np.ascontiguousarray(_host(head["bias"]).astype(np.float32))}
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / VALUE_HEAD_FILE, save(tensors))
+    log.warning("the PPO value head is not part of a causal LM: written apart to %s (TRL's v_head.summary.* "
+                "names); the model files hold the LM alone", out_dir / VALUE_HEAD_FILE)
+    return {k: v for k, v in params.items() if k != "value_head"}, dataclasses.replace(cfg, value_head=False)
+
+
 def _host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -285,6 +305,8 @@ def jaxllm_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str | None 
 
     loaded = load_model(checkpoint)
     model_cfg, params = loaded.config.model, loaded.params
+    if model_cfg.value_head:
+        params, model_cfg = _save_value_head(params, model_cfg, Path(out_dir))
     if adapters_only:
         return save_peft_adapters(params, model_cfg, out_dir)
     if model_cfg.lora is not None or model_cfg.quant is not None:

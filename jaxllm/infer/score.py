@@ -17,6 +17,7 @@ a file compiles a handful of programs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -52,8 +53,9 @@ class RewardModel:
     pad_token_id: int | None  # a Hugging Face model's: rewards are read at the last token that is not it
 
 
-def load_reward_model(path: str | Path) -> RewardModel:
-    """A reward model from a jaxllm run or checkpoint, or a Hugging Face directory, on all devices (fsdp)."""
+def load_reward_model(path: str | Path, mesh=None, rules=None) -> RewardModel:
+    """A reward model from a jaxllm run or checkpoint, or a Hugging Face directory, on all devices (fsdp), or
+    sharded on `mesh` by `rules` (e.g. the training mesh, for rewards in online RL)."""
     pretrained = open_pretrained(path)
     if pretrained.config.head != "reward":
         raise JaxllmError(f"--model {path} is not a reward model (model.head={pretrained.config.head}); train one with "
@@ -61,8 +63,8 @@ def load_reward_model(path: str | Path) -> RewardModel:
                           "directory")
     if not pretrained.tokenizer_files:
         raise JaxllmError(f"--model {path} carries no tokenizer files; a reward model needs its tokenizer")
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
-    params = pretrained.params(mesh, sharding.make_rules())
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    params = pretrained.params(mesh, rules if rules is not None else sharding.make_rules())
     if (Path(path) / "config.json").is_file():
         data, pad = DataConfig(), read_hf_config(Path(path)).get("pad_token_id")
     else:
@@ -120,11 +122,6 @@ def score_sequences(model: RewardModel, sequences: list[list[int]], batch_size: 
                     sum(len(s) > limit for s in sequences), limit, limit)
     sequences = [s[-limit:] for s in sequences]
 
-    @jax.jit
-    def rewards(params, tokens, positions, segments):
-        module = models.bind(model.graphdef, params)
-        return module(tokens, positions, segments)[0]
-
     out = np.zeros(len(sequences), np.float32)
     bar = tqdm(total=len(sequences), desc="scoring", unit="seq", disable=not progress)
     for start in range(0, len(sequences), batch_size):
@@ -134,12 +131,18 @@ def score_sequences(model: RewardModel, sequences: list[list[int]], batch_size: 
         for i, s in enumerate(chunk):
             tokens[i, :len(s)], segments[i, :len(s)] = s, 1
         positions = np.broadcast_to(np.arange(L, dtype=np.int32), (batch_size, L))
-        r = np.asarray(rewards(model.params, tokens, positions, segments))
+        r = np.asarray(_rewards(model.params, tokens, positions, segments, graphdef=model.graphdef))
         at = [reward_position(s, model.pad_token_id) for s in chunk]
         out[start:start + len(chunk)] = r[np.arange(len(chunk)), at]
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _rewards(params, tokens, positions, segments, *, graphdef):
+    """The reward head's output [B, L] (compiled once per shape and model, not once per call)."""
+    return models.bind(graphdef, params)(tokens, positions, segments)[0]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -54,9 +54,10 @@ def combine(a: dict, b: dict) -> dict:
     return out
 
 
-# Heads trained in full beside the adapters (PEFT's `modules_to_save`): a reward model's `score` starts
-# untrained on a pretrained backbone, so a LoRA reward model must learn it (as TRL's SEQ_CLS LoRA does).
-FULLY_TRAINED_HEADS = ("score",)
+# Heads trained in full beside the adapters (PEFT's `modules_to_save`): a reward model's `score` and PPO's
+# `value_head` start untrained on a pretrained backbone, so a LoRA model must learn them (as TRL's SEQ_CLS
+# LoRA does, and TRL's PPO value head, which sits outside the PEFT model).
+FULLY_TRAINED_HEADS = ("score", "value_head")
 
 
 def _trained_with_adapters(path) -> bool:

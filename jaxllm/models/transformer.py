@@ -71,6 +71,9 @@ class Decoder(Stack):
         self.lm_head = LMHead(cfg, cfg.d_model, rngs) if cfg.head != "reward" else None
         # A reward model's head: D -> 1 without bias (Hugging Face's `score`), in place of the LM head.
         self.score = Dense((cfg.d_model,), (1,), ("embed", None), cfg, rngs) if cfg.head == "reward" else None
+        # PPO's value head (model.value_head): D -> 1 with a bias beside the LM head, on the same hidden state.
+        self.value_head = (Dense((cfg.d_model,), (1,), ("embed", None), cfg, rngs, use_bias=True)
+                           if cfg.value_head else None)
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
         """Logits [B, L, V] (a reward model: rewards [B, L]) and the updated cache when one is given."""
@@ -81,6 +84,11 @@ class Decoder(Stack):
         """A reward model's scalar at every position, float32 [B, L]; a sequence's reward is the value at its
         last token (losses.segment_last)."""
         return constrain(self.score(x_BLD)[..., 0].astype(jnp.float32), ("batch", "length"))
+
+    def values(self, x_BLD: jax.Array) -> jax.Array:
+        """PPO's value estimate at every position, float32 [B, L], from the hidden states the logits come from
+        (`x, _, _ = model.hidden(...)`; `model.logits(x)` and `model.values(x)`: one forward pass)."""
+        return constrain(self.value_head(x_BLD)[..., 0].astype(jnp.float32), ("batch", "length"))
 
     def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache: StackCache | None = None):
         """Final hidden states [B, L, D] (before the output projection), the updated cache, and the

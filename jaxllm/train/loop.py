@@ -91,7 +91,7 @@ class Trainer:
 
     def _start_from(self, cfg: Config) -> Config:
         """With train.init_from, the starting checkpoint decides the architecture (TrainConfig.init_from):
-        its model config, with this config's dtype, remat, attention kernel and LoRA/quant policies."""
+        its model config, with this config's dtype, remat, attention kernel, LoRA/quant policies and value head."""
         self._init_from: Pretrained | None = None
         if not cfg.train.init_from:
             return cfg
@@ -102,7 +102,7 @@ class Trainer:
         head = "reward" if cfg.model.head == "reward" else saved.head
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             saved, dtype=cfg.model.dtype, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
-            lora=cfg.model.lora, quant=cfg.model.quant, head=head))
+            lora=cfg.model.lora, quant=cfg.model.quant, head=head, value_head=cfg.model.value_head))
         validate(cfg)
         return cfg
 

@@ -177,3 +177,142 @@ def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
                          ("last_word", "kjv-rl-valid-last-word")):
         c = BUILTIN_CORPORA[corpus]
         assert {r["task"] for r in valid[c.start:c.stop]} == {task}
+
+
+# ------------------------------------------------------------------------------------------ model rewards
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny random reward model (Hugging Face directory whose tokenizer carries the zephyr chat template) and a
+    tiny random judge (a jaxllm run converted from a random Llama), both with the bundled tokenizer."""
+    from jaxllm.convert.hf import hf_to_jaxllm, save_hf
+    from jaxllm.data.chat_template import load_chat_template
+    from jaxllm.data.tokenizer import load_tokenizer
+    from tests.conftest import random_params, tiny_model_config
+
+    tmp = tmp_path_factory.mktemp("model_rewards")
+    tok = load_tokenizer("builtin:kjv-sp4k")
+    rm = tiny_model_config(vocab_size=tok.vocab_size, head="reward", family="llama", max_seq_len=128)
+    files = {**tok.files(), "chat_template.jinja": load_chat_template("builtin:zephyr").source.encode()}
+    save_hf(random_params(rm, seed=1), rm, tmp / "rm", files, pad_token_id=tok.pad_id)
+    judge = tiny_model_config(family="llama", vocab_size=4096, max_seq_len=256)
+    save_hf(random_params(judge, seed=0, std=0.3), judge, tmp / "judge_hf", tok.files())
+    hf_to_jaxllm(tmp / "judge_hf", tmp / "judge")
+    return tmp
+
+
+def test_reward_model_reward_is_jaxllm_scores_score_of_the_same_row(model_dirs, tmp_path):
+    from jaxllm.infer.score import score_file
+
+    conversation = [{"role": "user", "content": "Which book?"}]
+    prompts = ["In the beginning", "And God said", conversation, "Jesus", conversation]
+    completions = [" God created the heaven and the earth.", ", Let there be light.",
+                   [{"role": "assistant", "content": "Genesis"}], " wept.",
+                   [{"role": "assistant", "content": "The book of the prophet Isaiah, son of Amoz"}]]
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score_file(model_dirs / "rm", tmp_path / "rows.jsonl", tmp_path / "scored.jsonl", batch_size=2, progress=False)
+    expected = [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+
+    funcs = reward_functions([{"function": "reward_model", "args": {"path": str(model_dirs / "rm"), "batch_size": 2},
+                               "weight": 0.5}])
+    total, per = compute_rewards(funcs, prompts, completions, [{"answer": "x"}] * 5)
+    np.testing.assert_allclose(per["reward_model"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(total, 0.5 * np.asarray(expected, np.float32), rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(expected, 6))) == 5  # five different texts, five different scores
+    reward = funcs[0][2]
+    assert reward.sequences(prompts[2:3], completions[2:3])[0] != reward.sequences(prompts[4:5], completions[4:5])[0]
+
+
+def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_reference(model_dirs):
+    from jaxllm.infer.judge import Judge, open_model
+
+    prompts = [[{"role": "user", "content": "Which book of the Bible is this verse from?\nJesus wept."}],
+               "Continue: In the beginning", "Continue: In the beginning", "no reference"]
+    completions = [[{"role": "assistant", "content": "John</s>"}], " God created the heaven.", " heaven the God.",
+                   " anything"]
+    records = [{"answer": "John", "task": "book"}, {"answer": " God created the heaven and the earth."},
+               {"answer": " God created the heaven and the earth."}, {"answer": None}]
+    funcs = reward_functions([{"function": "judge", "args": {"path": str(model_dirs / "judge"), "batch_size": 2}}])
+    total, per = compute_rewards(funcs, prompts, completions, records)
+
+    judge = Judge(open_model(model_dirs / "judge"), batch_size=3, progress=False)
+    verdicts = judge.compare([("Which book of the Bible is this verse from?\nJesus wept.", "John", "John"),
+                              ("Continue: In the beginning", " God created the heaven.", records[1]["answer"]),
+                              ("Continue: In the beginning", " heaven the God.", records[2]["answer"])])
+    np.testing.assert_allclose(per["judge"][:3], [v.prob_a for v in verdicts], rtol=1e-5)
+    assert math.isnan(per["judge"][3]) and math.isnan(total[3])  # no reference: not scored
+    assert per["judge"][0] == pytest.approx(0.5, abs=1e-6)  # the completion is the reference: a tie
+    assert 0 < per["judge"][1] < 1 and per["judge"][1] != per["judge"][2]
+
+
+@pytest.mark.parametrize("args,message", [
+    ({}, "args.path is missing: the reward_model reward needs"),
+    ({"path": "/no/such/run"}, "args.path /no/such/run does not exist"),
+    ({"path": ".", "batch": 2}, "reward_model takes no argument 'batch'; its arguments: path, batch_size"),
+])
+def test_bad_model_reward_specs(args, message):
+    with pytest.raises(ConfigError, match=message):
+        reward_functions([{"function": "reward_model", "args": args}])
+
+
+# ------------------------------------------------------------------------------------------ held-out reward
+
+
+def test_held_out_reward_batches_in_buckets_and_scores_each_prompts_own_completions(model_dirs):
+    from jaxllm.config import GenerateConfig
+    from jaxllm.infer.generate import generate
+    from jaxllm.infer.judge import open_model
+    from jaxllm.rl.evaluate import PromptEncoder, held_out_reward
+
+    model = open_model(model_dirs / "judge")
+    records = [{"prompt": p, "answer": "x", "task": t} for p, t in (
+        ("In the beginning God", "a"), ("And", "b"), ("And the earth was without form, and void", "a"),
+        ("Jesus wept", "b"))]
+    seen = []
+
+    def spy(prompts, completions, completion_ids, task, **fields):
+        seen.append((prompts, completions, completion_ids))
+        return [float(len(ids) % 2) for ids in completion_ids]  # some 0, some 1
+
+    funcs = [("odd", 1.0, spy), ("em", 1.0, lambda p, c, **f: [None] * len(c))]
+    metrics = held_out_reward(model, records, funcs, samples=3, max_new_tokens=5, batch_size=4)
+    encode = PromptEncoder(model)
+    (g_prompts, _, g_ids), (s_prompts, s_completions, s_ids) = seen
+    assert g_prompts == [r["prompt"] for r in records] and s_prompts == [r["prompt"] for r in records for _ in "abc"]
+    for record, ids in zip(records, g_ids):  # greedy, batched and sorted = each prompt alone
+        alone = generate(model.graphdef, model.params, model.config.model, [encode(record)],
+                         GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
+                         width=16)
+        assert ids == alone[0]
+    assert s_completions == [model.tokenizer.decode(ids) for ids in s_ids]
+    odd = np.asarray([len(ids) % 2 for ids in g_ids], float)
+    assert metrics["greedy/reward"] == pytest.approx(odd.mean()) and metrics["greedy/rewards/odd/mean"] == \
+        pytest.approx(odd.mean())
+    assert metrics["greedy/reward/a"] == pytest.approx(odd[[0, 2]].mean())
+    sampled = np.asarray([len(ids) % 2 for ids in s_ids], float).reshape(4, 3)
+    assert metrics["sampled/reward"] == pytest.approx(sampled.mean())
+    assert metrics["sampled/pass@3"] == pytest.approx((sampled.max(axis=1) > 0).mean())
+    assert math.isnan(metrics["greedy/rewards/em/mean"])
+
+
+def test_conversational_prompts_are_rendered_as_training_renders_them(model_dirs):
+    import dataclasses
+
+    from jaxllm.data.chat import ChatEncoder
+    from jaxllm.data.chat_template import load_chat_template
+    from jaxllm.infer.judge import open_model
+    from jaxllm.rl.evaluate import PromptEncoder
+
+    model = open_model(model_dirs / "judge")
+    with pytest.raises(JaxllmError, match="conversational prompts need a chat template"):
+        PromptEncoder(model)({"prompt": [{"role": "user", "content": "Hi"}]})
+    data = model.config.data
+    data = dataclasses.replace(data, objective=dataclasses.replace(data.objective, chat_template="builtin:zephyr"))
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, data=data))
+    prompt = [{"role": "user", "content": "Which book of the Bible is this verse from?\nJesus wept."}]
+    ids = PromptEncoder(model)({"prompt": prompt})
+    full, mask = ChatEncoder(model.tokenizer, load_chat_template("builtin:zephyr")).encode(
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "John"}]})
+    assert full[:len(ids)] == ids and mask[:len(ids)] == [0] * len(ids) and mask[len(ids)] == 1
