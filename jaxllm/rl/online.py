@@ -107,20 +107,17 @@ def prompt_pipeline(cfg: Config, sources: list[SourceConfig], encode: PromptEnco
 def rows(prompts: list[np.ndarray], completions: np.ndarray, completion_mask: np.ndarray, seq_len: int
          ) -> dict[str, np.ndarray]:
     """One row per completion (objectives.py): prompt + completion tokens (those under the mask), shifted,
-    right-padded to seq_len; loss_mask 1 on the completion's targets. Also "start": each row's first target
-    position of the completion [N]."""
+    right-padded to seq_len; loss_mask 1 on the completion's targets."""
     N = len(prompts)
     out = {k: np.zeros((N, seq_len), np.float32 if k == "loss_mask" else np.int32)
            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    start = np.zeros(N, np.int32)
     for i, (p, c, m) in enumerate(zip(prompts, completions, completion_mask)):
         seq = np.concatenate([p, c[: int(m.sum())]])
         n = len(seq) - 1
         out["inputs"][i, :n], out["targets"][i, :n] = seq[:-1], seq[1:]
         out["segment_ids"][i, :n], out["positions"][i, :n] = 1, np.arange(n)
         out["loss_mask"][i, len(p) - 1 : n] = 1.0
-        start[i] = len(p) - 1
-    return {**out, "start": start}
+    return out
 
 
 class OnlineData:
@@ -268,7 +265,6 @@ class OnlineData:
         mask, truncated, reward = cat("mask"), cat("truncated"), cat("reward")
         per = {k: np.concatenate([g["per"][k] for g in groups]) for k in groups[0]["per"]}
         batch = rows([p for g in groups for p in g["ids"]], cat("tokens"), mask, cfg.data.seq_len)
-        start = batch.pop("start")
         if r.mask_truncated_completions:
             batch["loss_mask"] *= ~truncated[:, None]
         scored = self._scored(batch)
@@ -284,16 +280,17 @@ class OnlineData:
         if self.name == "grpo":
             adv = np.asarray(losses.group_advantages(reward, n, r.scale_rewards))
             batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            metrics["advantages/mean"] = float(adv.mean())
         elif self.name == "rloo":
             shaped = reward - beta(cfg) * kl_tokens.sum(1) if needs_reference(cfg) else reward
             adv = np.asarray(losses.rloo_advantages(shaped, n, r.normalize_advantages))
             batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            metrics["advantages/mean"] = float(adv.mean())
             if needs_reference(cfg):
                 metrics["kl"] = float(kl_tokens.sum() / max(loss_mask.sum(), 1.0))
         else:
             self._ppo_advantages(batch, scored, reward, metrics)
         batch.update({k: scored[k] for k in ("old_logps", "ref_logps") + (("values",) if self.name == "ppo" else ())})
-        metrics["advantages/mean"] = float(batch["advantages"][np.arange(len(start)), start].mean())
         self._metrics = metrics
         out = []
         B = cfg.train.batch_size
@@ -307,21 +304,22 @@ class OnlineData:
         whitened advantages, returns = advantages + values; the adaptive KL coefficient updated after."""
         r, mask = self.cfg.rl, batch["loss_mask"]
         coef = r.kl_coef if self._kl is None else self._kl.value
-        if needs_reference(self.cfg):
-            token_rewards, non_score = losses.ppo_rewards(reward, scored["old_logps"], scored["ref_logps"], mask, coef)
-        else:
-            token_rewards = np.asarray(losses.ppo_rewards(reward, scored["old_logps"], scored["old_logps"], mask, 0.0)[0])
-            non_score = np.zeros_like(token_rewards)
-        token_rewards = np.asarray(token_rewards)
+        score = np.nan_to_num(reward)  # a sample no function scored: 0
+        reference = scored["ref_logps"] if needs_reference(self.cfg) else scored["old_logps"]  # no KL without one
+        token_rewards, non_score = (np.asarray(a) for a in losses.ppo_rewards(score, scored["old_logps"], reference,
+                                                                               mask, coef))
         if r.whiten_rewards:
             token_rewards = np.asarray(losses.whiten(token_rewards, mask, shift_mean=False))
         adv, returns = losses.gae(token_rewards, scored["values"], mask, r.gamma, r.lam)
         batch["advantages"] = np.asarray(losses.whiten(adv, mask), np.float32)
         batch["returns"] = np.asarray(returns, np.float32)
-        kl = float(((scored["old_logps"] - scored["ref_logps"]) * mask).sum(1).mean())
-        metrics.update({"kl": kl, "kl_coef": coef, "non_score_reward": float(np.asarray(non_score).sum(1).mean())})
-        if self._kl is not None:
-            self._kl.update(kl, len(reward))
+        metrics.update({"kl_coef": coef, "non_score_reward": float((non_score * mask).sum(1).mean()),
+                        "advantages/mean": float((batch["advantages"] * mask).sum() / max(mask.sum(), 1.0))})
+        if needs_reference(self.cfg):
+            kl = float(((scored["old_logps"] - reference) * mask).sum(1).mean())  # per sequence, as TRL's PPO
+            metrics["kl"] = kl
+            if self._kl is not None:
+                self._kl.update(kl, len(reward))
 
     def _scored(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The policy's log-probs and token entropies, the reference's log-probs (0 without a reference) and
