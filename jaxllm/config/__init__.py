@@ -20,6 +20,7 @@ from jaxllm.config.loading import (
 )
 from jaxllm.config.schema import (
     AdversarialConfig,
+    BestOfNConfig,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -48,7 +49,7 @@ from jaxllm.config.schema import (
 )
 
 __all__ = [
-    "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
+    "AdversarialConfig", "BestOfNConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
     "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
     "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RewardSpec", "RLConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",

@@ -98,6 +98,8 @@ def validate(cfg: Config) -> None:
     validate_generate(cfg.generate)
     if d.objective.name in RL_OBJECTIVES:
         _validate_rl(cfg)
+    if cfg.rl.algorithm is not None:
+        _validate_algorithm(cfg)
 
 
 def validate_generate(g: GenerateConfig) -> None:
@@ -332,6 +334,40 @@ def _validate_rl(cfg: Config) -> None:
         raise ConfigError(f"rl.kl_target must be > 0 (adaptive KL) or null (fixed rl.kl_coef), got {r.kl_target}")
     if cfg.data.objective.name == "ppo" and r.dynamic_sampling:
         raise ConfigError("rl.dynamic_sampling drops groups of equal rewards (grpo, rloo); ppo has no groups: drop it")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    """rl.algorithm: ppo, grpo and rloo name the objective; best_of_n runs rounds of sampling and sft."""
+    r, name, b = cfg.rl, cfg.data.objective.name, cfg.rl.best_of_n
+    if r.algorithm != "best_of_n":
+        if name != r.algorithm:
+            raise ConfigError(f"rl.algorithm={r.algorithm} trains with data.objective.name={r.algorithm}, but it is "
+                              f"{name}; set data.objective.name={r.algorithm} (or drop rl.algorithm)")
+        return
+    if name != "sft":
+        raise ConfigError(f"rl.algorithm=best_of_n fine-tunes on its best samples with the sft objective, but "
+                          f"data.objective.name={name}; set data.objective.name=sft")
+    if not cfg.train.init_from:
+        raise ConfigError("rl.algorithm=best_of_n samples from a trained model; set train.init_from to a run "
+                          "directory, checkpoint or Hugging Face model directory")
+    if not r.rewards:
+        raise ConfigError("rl.algorithm=best_of_n needs rl.rewards: list at least one reward function "
+                          "(e.g. rl.rewards=[{function: exact_match}])")
+    _positive(r, "rl", ["num_generations", "max_new_tokens"])
+    _positive(b, "rl.best_of_n", ["rounds", "prompts_per_round", "sft_steps"])
+    _positive(b, "rl.best_of_n", ["sample_batch_size"], null="train.batch_size")
+    sample = b.sample_batch_size or cfg.train.batch_size
+    if sample % r.num_generations:
+        raise ConfigError(f"rl.best_of_n.sample_batch_size (null: train.batch_size) = {sample} must be a multiple of "
+                          f"rl.num_generations={r.num_generations}: a sampling call holds whole prompts' samples")
+    if b.keep == "threshold" and b.threshold is None:
+        raise ConfigError("rl.best_of_n.keep=threshold keeps the completions whose reward is >= "
+                          "rl.best_of_n.threshold; set it (e.g. 1.0 for exact_match)")
+    if cfg.data.seq_len <= r.max_new_tokens:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} leaves no room for a prompt before rl.max_new_tokens="
+                          f"{r.max_new_tokens} completion tokens; raise data.seq_len or lower rl.max_new_tokens")
+    if r.temperature < 0:
+        raise ConfigError(f"rl.temperature must be >= 0 (0 = greedy, one completion per prompt), got {r.temperature}")
 
 
 def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:

@@ -517,6 +517,22 @@ class RewardSpec:
 
 
 @dataclass
+class BestOfNConfig:
+    """Rejection-sampling fine-tuning (rl.algorithm: best_of_n; docs/post-training.md, "Online RL: best-of-n"):
+    each round samples rl.num_generations completions of each of `prompts_per_round` prompts (rotating through
+    data.sources) from the current model, scores them with rl.rewards, keeps the best per prompt (or all at or
+    above `threshold`) and fine-tunes on them with the sft objective for `sft_steps` steps."""
+
+    rounds: int = 3
+    prompts_per_round: int = 256
+    keep: Literal["best", "threshold"] = "best"  # best: each prompt's top completion (ties: the first sampled)
+    threshold: Optional[float] = None  # keep=threshold: every completion whose reward is >= this (needed then)
+    min_reward: Optional[float] = None  # drop a prompt whose best reward is below this; null = keep every prompt
+    sft_steps: int = 100  # train steps of each round's fine-tune (a fresh run from the previous round's model)
+    sample_batch_size: Optional[int] = None  # completions per sampling call; null = train.batch_size
+
+
+@dataclass
 class RLConfig:
     """Online reinforcement learning (data.objective.name: grpo | rloo | ppo; docs/post-training.md, "Online RL:
     PPO, GRPO, RLOO"): the trainer samples completions of the data's prompts from the live policy, scores them with
@@ -556,3 +572,7 @@ class RLConfig:
     vf_coef: float = 0.1
     cliprange_value: float = 0.2
     whiten_rewards: bool = False
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)  # rl.algorithm: best_of_n
+    # ppo | grpo | rloo: the same as data.objective.name; best_of_n: rounds of sampling and sft (BestOfNConfig);
+    # null = data.objective.name decides
+    algorithm: Optional[Literal["ppo", "grpo", "rloo", "best_of_n"]] = None
