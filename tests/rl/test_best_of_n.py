@@ -12,7 +12,7 @@ import pytest
 
 from jaxllm import train
 from jaxllm.cli import main
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError, JaxllmError, load_config
 from jaxllm.rl import best_of_n
 from jaxllm.rl.best_of_n import run_best_of_n, select
 from jaxllm.train.frozen import open_pretrained
@@ -186,3 +186,11 @@ def test_select_keeps_the_best_or_all_above_the_threshold():
 def test_bad_configs_are_one_line_errors(extra, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         load_config(None, [*MICRO, *ROUNDS, "train.init_from=runs/x", *extra])
+
+
+def test_a_round_that_keeps_nothing_is_an_error(setup):
+    root, prompts = setup
+    cfg = load_config(None, [*_args(root, prompts, "nothing"), "eval.sources=[]", "rl.best_of_n.min_reward=2"])
+    with pytest.raises(JaxllmError, match="^best-of-n round 1 kept no completion of its 16 samples"):
+        run_best_of_n(cfg, Trainer)
+    assert not (root / "nothing" / "round-1").exists()
