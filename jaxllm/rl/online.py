@@ -77,7 +77,9 @@ class PromptEncoder:
             if self._template is None:
                 raise JaxllmError("prompts in the messages format need a chat template; set "
                                   "data.objective.chat_template (e.g. builtin:zephyr) or start from a model that has one")
-            ids = self._tokenizer.encode(self._template.render(prompt, True, self._variables))
+            # encode_with_offsets, as training encodes rendered conversations: the template's special tokens
+            # (`</s>`, `<|im_end|>`) become their ids, not their characters
+            ids = self._tokenizer.encode_with_offsets(self._template.render(prompt, True, self._variables))[0]
         else:
             raise RecordError(f"field {self._field!r} must hold the prompt: a string or a list of messages, got "
                               f"{prompt!r:.60}; set data.objective.prompt_field to the field that holds it")
@@ -195,12 +197,13 @@ class OnlineData:
 
     # ---------------------------------------------------------------------------- rollouts
 
-    def _sample(self, items: list[dict], settings: SamplingSettings, key) -> tuple[Any, list, list, list]:
-        """A rollout of `items`' prompts; (rollout, prompts, completions for the rewards, records), one per row."""
+    def _sample(self, items: list[dict], settings: SamplingSettings, key, rows: int) -> tuple[Any, list, list, list]:
+        """A rollout of `items`' prompts (padded to `rows` rows: one compilation for every batch); (rollout,
+        prompts, completions for the rewards, records), one per completion."""
         t = self._trainer
         with sharding.activate(t.mesh, t.rules):
             out = rollout(t.graphdef, t.state.params, t.cfg.model, [it["ids"] for it in items], settings, key,
-                          self._tokenizer.pad_id, mesh=t.mesh, rules=t.rules)
+                          self._tokenizer.pad_id, mesh=t.mesh, rules=t.rules, rows=rows)
         n = settings.num_generations
         texts = [self._text(items[i // n]["ids"], c, m) for i, (c, m) in
                  enumerate(zip(out.completion_tokens, out.completion_mask))]
@@ -227,10 +230,11 @@ class OnlineData:
             items = [next(self._prompts) for _ in range(groups)]
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), self._rollouts), tries)
             t0 = time.perf_counter()
-            out, prompts, completions, records = self._sample(items, self.settings, key)
+            out, prompts, completions, records = self._sample(items, self.settings, key, self._size)
             generating += time.perf_counter() - t0
             generated += int(out.completion_mask.sum())
-            total, per = compute_rewards(self._rewards, prompts, completions, records)
+            total, per = compute_rewards(self._rewards, prompts, completions, records,
+                                         completion_ids=_completion_ids(out))
             for g in range(groups):
                 rows_g = slice(g * n, (g + 1) * n)
                 group = {"ids": [items[g]["ids"]] * n, "tokens": out.completion_tokens[rows_g],
@@ -379,9 +383,10 @@ class OnlineData:
                 raise JaxllmError(f"eval.sources {source.path} holds no usable prompts")
             source_totals = []
             for i in range(0, len(items), cfg.train.batch_size):
-                _, prompts, completions, records = self._sample(items[i:i + cfg.train.batch_size], greedy,
-                                                                jax.random.key(0))
-                total, per = compute_rewards(self._rewards, prompts, completions, records)
+                out, prompts, completions, records = self._sample(items[i:i + cfg.train.batch_size], greedy,
+                                                                  jax.random.key(0), cfg.train.batch_size)
+                total, per = compute_rewards(self._rewards, prompts, completions, records,
+                                             completion_ids=_completion_ids(out))
                 source_totals.append(np.asarray(total, np.float64))
                 pers.append({k: np.asarray(v, np.float64) for k, v in per.items()})
             totals += source_totals
@@ -392,6 +397,11 @@ class OnlineData:
             values = np.concatenate([p[name] for p in pers])
             metrics[f"eval_reward/{name}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
         return metrics
+
+
+def _completion_ids(out) -> list[np.ndarray]:
+    """The completions' token ids (TRL's `completion_ids` for the reward functions), the stop token kept."""
+    return [c[: int(m.sum())] for c, m in zip(out.completion_tokens, out.completion_mask)]
 
 
 def _all_equal(rewards: np.ndarray) -> bool:
