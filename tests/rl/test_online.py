@@ -12,7 +12,7 @@ import pytest
 from jaxllm.cli import main
 from jaxllm.config import JaxllmError, load_config
 from jaxllm.data.tokenizer import load_tokenizer
-from jaxllm.rl.online import PromptEncoder, prompt_pipeline, rows
+from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
 from jaxllm.train.loop import Trainer
 from jaxllm.train.metrics import read_metrics
 
@@ -165,3 +165,14 @@ def test_a_prompt_longer_than_the_row_leaves_is_a_record_error(tmp_path):
             next(prompts)
     finally:
         prompts.close()
+
+
+def test_a_conversational_prompt_is_rendered_with_the_template_and_its_special_tokens(tmp_path):
+    """zephyr's `</s>` after the user's turn is the EOS id (as training encodes it), not its characters; the
+    rendering ends with the generation prompt."""
+    cfg = _config(tmp_path / "run", "x.jsonl", "data.objective.name=grpo", "train.steps=1", "checkpoint.every=1",
+                  "data.objective.chat_template=builtin:zephyr")
+    tokenizer = load_tokenizer("builtin:kjv-sp4k")
+    ids = PromptEncoder(cfg, tokenizer)({"prompt": [{"role": "user", "content": "Who said it?"}], "answer": "God"})["ids"]
+    assert list(ids).count(tokenizer.eos_id) == 1
+    assert tokenizer.decode(list(ids)).rstrip().endswith("<|assistant|>")
