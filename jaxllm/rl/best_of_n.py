@@ -47,7 +47,7 @@ from jaxllm.config import Config, JaxllmError, SourceConfig
 from jaxllm.data.objectives import special_ids, tokens_to_add
 from jaxllm.data.tokenizer import load_tokenizer, load_tokenizer_from_files
 from jaxllm.models.vocab import grown_vocab_size
-from jaxllm.rl.online import OnlineData
+from jaxllm.rl.online import OnlineData, _completion_ids
 from jaxllm.rl.rewards import compute_rewards, reward_metrics
 from jaxllm.train.frozen import load_frozen, open_pretrained
 from jaxllm.train.metrics import MetricsWriter, read_metrics
@@ -150,18 +150,12 @@ def sample_round(cfg: Config, data: OnlineData, r: int) -> tuple[list[dict], lis
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
     prompts, completions, records, ids, truncated = [], [], [], [], []
     for start in range(0, len(items), per_call):
-        chunk = items[start:start + per_call]
-        # every call the same number of prompts: one compiled sampling loop
-        out, p, c, rec = data._sample(chunk + [chunk[-1]] * (per_call - len(chunk)), data.settings,
-                                      jax.random.fold_in(key, start))
-        rows = len(chunk) * n
-        prompts += p[:rows]
-        completions += c[:rows]
-        records += rec[:rows]
-        for tokens, mask in zip(out.completion_tokens[:rows], out.completion_mask[:rows]):
-            kept_ids = [int(t) for t in tokens[: int(mask.sum())]]
-            ids.append(kept_ids[:-1] if kept_ids and kept_ids[-1] in data.settings.stop_ids else kept_ids)
-        truncated += [bool(t) for t in out.truncated[:rows]]
+        # every call padded to the same rows: one compiled sampling loop
+        out, p, c, rec = data._sample(items[start:start + per_call], data.settings, jax.random.fold_in(key, start),
+                                      per_call * n)
+        prompts, completions, records = prompts + p, completions + c, records + rec
+        ids += _completion_ids(out)
+        truncated += [bool(t) for t in out.truncated]
     total, per = compute_rewards(data._rewards, prompts, completions, records, completion_ids=ids)
     candidates = ~np.asarray(truncated) if cfg.rl.mask_truncated_completions else None
     texts = [json.dumps(c) for c in completions]
@@ -175,7 +169,7 @@ def sample_round(cfg: Config, data: OnlineData, r: int) -> tuple[list[dict], lis
     metrics = {**reward_metrics(total, per), "prompts": len(items), "kept": len(kept),
                "prompts_kept": len({i // n for i in kept}),
                "reward_kept": float(np.mean(total[kept])) if kept else float("nan"),
-               "completions/mean_length": float(np.mean([len(i) for i in ids])),
+               "completions/mean_length": float(np.mean([len(i) for i in ids])),  # stop tokens counted
                "completions/clipped_ratio": float(np.mean(truncated))}
     return samples, sft, metrics
 

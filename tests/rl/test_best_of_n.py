@@ -2,6 +2,7 @@
 through the prompts, round 2 starts from round 1's weights, a finished command re-run does nothing, and a command
 killed between rounds resumes to the uninterrupted result; `select`'s rules; bad configs are one-line errors."""
 
+import functools
 import json
 import re
 from collections import defaultdict
@@ -10,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import train
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, JaxllmError, load_config
 from jaxllm.rl import best_of_n
@@ -20,6 +20,7 @@ from jaxllm.train.loop import Trainer
 from jaxllm.train.metrics import read_metrics
 
 REWARD = "tests.rl.test_best_of_n:share_of_e"
+ONE = jax.devices()[:1]  # one device: the rounds' programs compile fast (rollouts on a mesh: test_rollout.py)
 MICRO = [
     "model.vocab_size=4096", "model.d_model=32", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2",
     "model.mlp_dim=64", "model.max_seq_len=64", "model.tie_embeddings=true", "model.init_std=0.2",
@@ -45,7 +46,7 @@ def setup(tmp_path_factory):
     prompts.write_text("".join(json.dumps({"prompt": f"And God said {i}", "answer": "light"}) + "\n"
                                for i in range(16)))
     cfg = load_config(None, [*MICRO, f"run_dir={root / 'base'}", "data.objective.name=clm", "train.steps=1"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, devices=ONE)
     try:
         trainer.save()
         trainer.checkpointer.wait()
@@ -88,15 +89,20 @@ def _final_params(run_dir):
 
 @pytest.fixture(scope="module")
 def finished(setup):
-    """The CLI's 2 rounds, uninterrupted, with the trainers spied on."""
+    """2 rounds, uninterrupted, with the trainers spied on."""
     root, prompts = setup
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train.loop, "Trainer", Spy)
-    try:
-        assert main(["train", "configs/tiny.yaml", *_args(root, prompts, "bon")]) == 0
-    finally:
-        mp.undo()
+    run_best_of_n(load_config(None, _args(root, prompts, "bon")), functools.partial(Spy, devices=ONE), devices=ONE)
     return root / "bon"
+
+
+def test_the_cli_runs_the_rounds_for_rl_algorithm_best_of_n(setup, monkeypatch):
+    root, prompts = setup
+    calls = []
+    monkeypatch.setattr(best_of_n, "run_best_of_n", lambda cfg, make_trainer: calls.append((cfg, make_trainer)))
+    assert main(["train", "configs/tiny.yaml", *_args(root, prompts, "cli")]) == 0
+    (cfg, make_trainer), = calls
+    assert cfg.rl.algorithm == "best_of_n" and cfg.run_dir == str(root / "cli") and make_trainer is Trainer
+    assert not (root / "cli").exists()  # no Trainer of its own
 
 
 def test_rounds_keep_each_prompts_best_and_start_from_the_round_before(finished):
@@ -149,14 +155,14 @@ def test_killed_between_rounds_resumes_to_the_uninterrupted_result(finished, set
         if c.run_dir.endswith("round-2"):
             raise KeyboardInterrupt  # killed after round 1, its row and round 2's samples
         made.append(c.run_dir)
-        return Trainer(c)
+        return Trainer(c, devices=ONE)
 
     with pytest.raises(KeyboardInterrupt):
-        run_best_of_n(cfg, dies_at_round_2)
+        run_best_of_n(cfg, dies_at_round_2, devices=ONE)
     assert [row["step"] for row in read_metrics(root / "killed", filename="rounds.jsonl")] == [1]
     samples = root / "killed" / "round-2" / "samples.jsonl"
     written = samples.stat().st_mtime_ns
-    summary = run_best_of_n(cfg, lambda c: made.append(c.run_dir) or Trainer(c))
+    summary = run_best_of_n(cfg, lambda c: made.append(c.run_dir) or Trainer(c, devices=ONE), devices=ONE)
     assert [m.rsplit("-", 1)[1] for m in made] == ["1", "2"] and list(summary["rounds"]) == [2]
     assert samples.stat().st_mtime_ns == written  # round 2's samples reused
     assert [row["step"] for row in read_metrics(root / "killed", filename="rounds.jsonl")] == [1, 2]
@@ -192,5 +198,5 @@ def test_a_round_that_keeps_nothing_is_an_error(setup):
     root, prompts = setup
     cfg = load_config(None, [*_args(root, prompts, "nothing"), "eval.sources=[]", "rl.best_of_n.min_reward=2"])
     with pytest.raises(JaxllmError, match="^best-of-n round 1 kept no completion of its 16 samples"):
-        run_best_of_n(cfg, Trainer)
+        run_best_of_n(cfg, Trainer, devices=ONE)
     assert not (root / "nothing" / "round-1").exists()
