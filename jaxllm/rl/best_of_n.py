@@ -36,8 +36,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,9 +59,9 @@ ROUNDS = "rounds.jsonl"
 DEFAULT_TOKENIZER = "builtin:kjv-sp4k"  # the Trainer's default, for a starting model without tokenizer files
 
 
-def select(rewards: np.ndarray, n: int, keep: str = "best", threshold: Optional[float] = None,
-           min_reward: Optional[float] = None, candidates: Optional[np.ndarray] = None,
-           texts: Optional[Sequence[Any]] = None) -> list[int]:
+def select(rewards: np.ndarray, n: int, keep: str = "best", threshold: float | None = None,
+           min_reward: float | None = None, candidates: np.ndarray | None = None,
+           texts: Sequence[Any] | None = None) -> list[int]:
     """The kept samples' indices (ascending) among `rewards` [N] (N = prompts * n, a prompt's n consecutive).
 
     keep=best: each prompt's highest reward, the first sampled on ties; keep=threshold: every sample whose
@@ -174,7 +175,7 @@ def sample_round(cfg: Config, data: OnlineData, r: int) -> tuple[list[dict], lis
     return samples, sft, metrics
 
 
-def _num(x: float) -> Optional[float]:
+def _num(x: float) -> float | None:
     return None if math.isnan(float(x)) else float(x)
 
 
@@ -195,7 +196,7 @@ def round_config(cfg: Config, r: int) -> Config:
 
 
 def run_best_of_n(cfg: Config, make_trainer: Callable[[Config], Any],
-                  devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
+                  devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """The rounds (module docstring). `make_trainer(config)`: the one Trainer (jaxllm.train.loop.Trainer),
     given by the caller (no module of jaxllm.rl imports the loop). Returns {"rounds": {r: row written now},
     "stopped_early": a round's SFT was stopped (SIGTERM) before its last step}."""
@@ -221,7 +222,7 @@ def run_best_of_n(cfg: Config, make_trainer: Callable[[Config], Any],
             loaded.pop()[1].close()
 
     summary: dict[str, Any] = {"rounds": {}, "stopped_early": False}
-    writer: Optional[MetricsWriter] = None
+    writer: MetricsWriter | None = None
     try:
         for r in range(b.rounds + 1):
             if r > 0 and not final_checkpoint(cfg, r).is_dir():

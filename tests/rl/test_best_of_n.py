@@ -6,6 +6,7 @@ import functools
 import json
 import re
 from collections import defaultdict
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -63,8 +64,8 @@ def _args(root, prompts, name):
 class Spy(Trainer):
     """Records each run's parameters when it starts and when it closes, by run_dir."""
 
-    starts: dict = {}
-    ends: dict = {}
+    starts: ClassVar[dict] = {}
+    ends: ClassVar[dict] = {}
 
     def __init__(self, cfg, *args, **kwargs):
         super().__init__(cfg, *args, **kwargs)
