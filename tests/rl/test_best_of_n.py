@@ -118,6 +118,8 @@ def test_rounds_keep_each_prompts_best_and_start_from_the_round_before(finished)
         assert len(samples) == 16 and len(groups) == 4 and len(kept) == 4
         # the rounds rotate through the prompts: round 1 the first four, round 2 the next four
         assert [groups[p][0]["prompt"] for p in range(4)] == [f"And God said {4 * (r - 1) + p}" for p in range(4)]
+        for s in samples:  # the scores are the reward function's of the text kept in the file
+            np.testing.assert_allclose(s["reward"], share_of_e([s["prompt"]], [s["completion"]])[0], rtol=1e-6)
         best = []
         for p in range(4):
             rewards = [s["reward"] for s in groups[p]]
