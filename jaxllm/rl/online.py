@@ -173,6 +173,9 @@ class OnlineData:
 
     def _fill(self) -> None:
         """One rollout and its batches (module docstring)."""
+        # Train steps run asynchronously: wait for the last one here, so that its time is not counted as the
+        # rollout's (rollout_share) and the rollout samples from the updated parameters' values.
+        jax.block_until_ready(self._trainer.state.params)
         started = time.perf_counter()
         cfg, r, n = self.cfg, self.cfg.rl, self.cfg.rl.num_generations
         groups, dropped, kept, spare, tries, generating, generated = self._size // n, 0, [], [], 0, 0.0, 0
