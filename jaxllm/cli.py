@@ -379,6 +379,11 @@ def cmd_train(args) -> int:
 
     log = logging.getLogger("jaxllm")
     log.info("devices: %d x %s; run_dir: %s", jax.device_count(), jax.devices()[0].platform, cfg.run_dir)
+    if cfg.rl.algorithm == "best_of_n":  # rounds of sampling and sft, each its own Trainer run
+        from jaxllm.rl.best_of_n import run_best_of_n
+
+        run_best_of_n(cfg, Trainer)
+        return 0
     trainer = Trainer(cfg)
     try:
         summary = trainer.run()

@@ -20,6 +20,7 @@ from jaxllm.config.loading import (
 )
 from jaxllm.config.schema import (
     AdversarialConfig,
+    BestOfNConfig,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -40,6 +41,7 @@ from jaxllm.config.schema import (
     PreferenceConfig,
     QuantConfig,
     RewardSpec,
+    RLConfig,
     RopeScaling,
     SourceConfig,
     TokenizerConfig,
@@ -47,10 +49,10 @@ from jaxllm.config.schema import (
 )
 
 __all__ = [
-    "AdversarialConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
+    "AdversarialConfig", "BestOfNConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DistillConfig",
     "DistributedConfig",
     "ElectraGenerator", "EvalConfig", "GenerateConfig", "JaxllmError", "LoraConfig", "MeshConfig", "ModelConfig",
-    "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RewardSpec", "RopeScaling", "SourceConfig", "TokenizerConfig",
+    "MoEConfig", "ObjectiveConfig", "OptimConfig", "PreferenceConfig", "QuantConfig", "RewardSpec", "RLConfig", "RopeScaling", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "apply_override", "config_from_yaml_text", "dump_yaml", "from_dict", "load_config", "read_yaml",
     "to_dict", "validate",
 ]

@@ -10,6 +10,8 @@ from typing import Any
 from jaxllm.config.schema import (Config, ConfigError, DistillConfig, GenerateConfig, ModelConfig, ObjectiveConfig,
                                   OptimConfig, PreferenceConfig, TrainConfig)
 
+RL_OBJECTIVES = ("grpo", "ppo", "rloo")
+
 log = logging.getLogger("jaxllm")
 
 def validate(cfg: Config) -> None:
@@ -94,6 +96,10 @@ def validate(cfg: Config) -> None:
     _positive(cfg.distributed, "distributed", ["timeout_s", "heartbeat_timeout_s"])
     _positive(cfg.distributed, "distributed", ["num_processes"], null="read from JAXLLM_NUM_PROCESSES")
     validate_generate(cfg.generate)
+    if d.objective.name in RL_OBJECTIVES:
+        _validate_rl(cfg)
+    if cfg.rl.algorithm is not None:
+        _validate_algorithm(cfg)
 
 
 def validate_generate(g: GenerateConfig) -> None:
@@ -291,6 +297,77 @@ def _validate_preference(p: PreferenceConfig, objective: str, precomputed: bool)
                              == "kto" else "uses no reference: drop it"))
     if objective == "kto" and p.desirable_weight + p.undesirable_weight == 0:
         raise ConfigError("preference.desirable_weight and undesirable_weight are both 0: KTO would learn nothing")
+
+
+def _validate_rl(cfg: Config) -> None:
+    """The rl: section of an online objective (grpo, ppo, rloo); docs/post-training.md."""
+    r, name, t = cfg.rl, cfg.data.objective.name, cfg.train
+    _positive(r, "rl", ["num_generations", "max_new_tokens", "minibatches", "epochs", "max_rollout_tries",
+                        "kl_horizon"])
+    if not r.rewards:
+        raise ConfigError(f"data.objective.name={name} needs rl.rewards: list at least one reward function "
+                          "(e.g. rl.rewards=[{function: exact_match}])")
+    if name != "ppo" and r.num_generations < 2:
+        raise ConfigError(f"{name} compares the rl.num_generations completions of each prompt; set it >= 2 "
+                          f"(got {r.num_generations})")
+    if t.batch_size % r.num_generations:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.num_generations="
+                          f"{r.num_generations}: an update trains on whole groups of one prompt's completions")
+    if cfg.data.seq_len <= r.max_new_tokens:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} leaves no room for a prompt before rl.max_new_tokens="
+                          f"{r.max_new_tokens} completion tokens; raise data.seq_len or lower rl.max_new_tokens")
+    _above_zero(r.temperature, "rl.temperature", "1.0 (rollouts sample)")
+    updates = r.epochs * r.minibatches
+    for key, value in (("train.steps", t.steps), ("checkpoint.every", cfg.checkpoint.every)):
+        if value % updates:
+            raise ConfigError(f"{key}={value} must be a multiple of rl.epochs * rl.minibatches = {updates} (the "
+                              "updates one rollout makes): runs stop and save between rollouts")
+    for key in ("epsilon", "kl_coef", "vf_coef", "cliprange_value"):
+        _non_negative(r, "rl", {key: ""})
+    if r.beta is not None and r.beta < 0:
+        raise ConfigError(f"rl.beta must be >= 0 (0 = no reference model) or null (TRL's default), got {r.beta}")
+    if r.epsilon_high is not None and r.epsilon_high < 0:
+        raise ConfigError(f"rl.epsilon_high must be >= 0 or null (= rl.epsilon), got {r.epsilon_high}")
+    _fraction(r.gamma, "rl.gamma")
+    _fraction(r.lam, "rl.lam")
+    if r.kl_target is not None and r.kl_target <= 0:
+        raise ConfigError(f"rl.kl_target must be > 0 (adaptive KL) or null (fixed rl.kl_coef), got {r.kl_target}")
+    if cfg.data.objective.name == "ppo" and r.dynamic_sampling:
+        raise ConfigError("rl.dynamic_sampling drops groups of equal rewards (grpo, rloo); ppo has no groups: drop it")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    """rl.algorithm: ppo, grpo and rloo name the objective; best_of_n runs rounds of sampling and sft."""
+    r, name, b = cfg.rl, cfg.data.objective.name, cfg.rl.best_of_n
+    if r.algorithm != "best_of_n":
+        if name != r.algorithm:
+            raise ConfigError(f"rl.algorithm={r.algorithm} trains with data.objective.name={r.algorithm}, but it is "
+                              f"{name}; set data.objective.name={r.algorithm} (or drop rl.algorithm)")
+        return
+    if name != "sft":
+        raise ConfigError(f"rl.algorithm=best_of_n fine-tunes on its best samples with the sft objective, but "
+                          f"data.objective.name={name}; set data.objective.name=sft")
+    if not cfg.train.init_from:
+        raise ConfigError("rl.algorithm=best_of_n samples from a trained model; set train.init_from to a run "
+                          "directory, checkpoint or Hugging Face model directory")
+    if not r.rewards:
+        raise ConfigError("rl.algorithm=best_of_n needs rl.rewards: list at least one reward function "
+                          "(e.g. rl.rewards=[{function: exact_match}])")
+    _positive(r, "rl", ["num_generations", "max_new_tokens"])
+    _positive(b, "rl.best_of_n", ["rounds", "prompts_per_round", "sft_steps"])
+    _positive(b, "rl.best_of_n", ["sample_batch_size"], null="train.batch_size")
+    sample = b.sample_batch_size or cfg.train.batch_size
+    if sample % r.num_generations:
+        raise ConfigError(f"rl.best_of_n.sample_batch_size (null: train.batch_size) = {sample} must be a multiple of "
+                          f"rl.num_generations={r.num_generations}: a sampling call holds whole prompts' samples")
+    if b.keep == "threshold" and b.threshold is None:
+        raise ConfigError("rl.best_of_n.keep=threshold keeps the completions whose reward is >= "
+                          "rl.best_of_n.threshold; set it (e.g. 1.0 for exact_match)")
+    if cfg.data.seq_len <= r.max_new_tokens:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} leaves no room for a prompt before rl.max_new_tokens="
+                          f"{r.max_new_tokens} completion tokens; raise data.seq_len or lower rl.max_new_tokens")
+    if r.temperature < 0:
+        raise ConfigError(f"rl.temperature must be >= 0 (0 = greedy, one completion per prompt), got {r.temperature}")
 
 
 def _fraction(value: float, where: str, low_open: bool = False, high_open: bool = False) -> None:

@@ -266,7 +266,8 @@ class ObjectiveConfig:
     distill: a decoder learns a teacher's next-token distributions (the `distill:` section).
     dpo, kto, orpo, simpo: preference optimisation (the `preference:` section); reward: a reward model."""
 
-    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill", "dpo", "kto", "orpo", "simpo", "reward"] = "clm"
+    name: Literal["clm", "mlm", "span", "bart", "ul2", "sft", "distill", "dpo", "kto", "orpo", "simpo", "reward",
+                  "grpo", "ppo", "rloo"] = "clm"
     # mlm: the fraction of tokens selected for prediction, and what a selected token becomes:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8  # the mask token
@@ -498,6 +499,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=lambda: RLConfig())
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -513,3 +515,65 @@ class RewardSpec:
     weight: float = 1.0  # the total reward is the sum of weight * reward over the functions that scored a sample
     args: Any = field(default_factory=dict)  # keyword arguments of the function (e.g. format's pattern)
     name: Optional[str] = None  # the name in the metrics rewards/NAME/mean; null = the function's name
+
+
+@dataclass
+class BestOfNConfig:
+    """Rejection-sampling fine-tuning (rl.algorithm: best_of_n; docs/post-training.md, "Online RL: best-of-n"):
+    each round samples rl.num_generations completions of each of `prompts_per_round` prompts (rotating through
+    data.sources) from the current model, scores them with rl.rewards, keeps the best per prompt (or all at or
+    above `threshold`) and fine-tunes on them with the sft objective for `sft_steps` steps."""
+
+    rounds: int = 3
+    prompts_per_round: int = 256
+    keep: Literal["best", "threshold"] = "best"  # best: each prompt's top completion (ties: the first sampled)
+    threshold: Optional[float] = None  # keep=threshold: every completion whose reward is >= this (needed then)
+    min_reward: Optional[float] = None  # drop a prompt whose best reward is below this; null = keep every prompt
+    sft_steps: int = 100  # train steps of each round's fine-tune (a fresh run from the previous round's model)
+    sample_batch_size: Optional[int] = None  # completions per sampling call; null = train.batch_size
+
+
+@dataclass
+class RLConfig:
+    """Online reinforcement learning (data.objective.name: grpo | rloo | ppo; docs/post-training.md, "Online RL:
+    PPO, GRPO, RLOO"): the trainer samples completions of the data's prompts from the live policy, scores them with
+    `rewards`, and trains on them. TRL's names and defaults (GRPOConfig, RLOOConfig, PPOConfig) where TRL has the
+    option. One rollout = train.batch_size * minibatches completions (batch_size / num_generations prompts per
+    update); `epochs` passes over it, each in `minibatches` optimizer updates (train steps)."""
+
+    rewards: list[RewardSpec] = field(default_factory=list)  # the reward functions (jaxllm.rl.rewards), summed by weight
+    num_generations: int = 8  # completions per prompt (a group); train.batch_size must divide by it
+    max_new_tokens: int = 256  # TRL's max_completion_length; prompt + completion must fit data.seq_len
+    temperature: float = 1.0  # sampling; the training log-probs use logits / temperature too (as TRL)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    minibatches: int = 1  # optimizer updates per pass over a rollout (TRL's steps_per_generation; PPO's
+    epochs: int = 1  # passes over a rollout (TRL's num_iterations; PPO's num_ppo_epochs)      num_mini_batches)
+    # grpo / rloo: KL coefficient to the reference (grpo: k3 in the loss; rloo: k1 summed in the reward); 0 = no
+    # reference model is loaded. The reference: preference.reference, else train.init_from frozen, else with
+    # model.lora the adapters switched off. null = TRL's default: grpo 0.0, rloo 0.05.
+    beta: Optional[float] = None
+    epsilon: float = 0.2  # clip range (lower; and upper unless epsilon_high)
+    epsilon_high: Optional[float] = None  # DAPO's clip-higher (e.g. 0.28); null = epsilon
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # grpo: how token losses are averaged (TRL's)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # grpo: sequence = GSPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: advantage / std; none = Dr. GRPO
+    mask_truncated_completions: bool = False  # completions without a stop token train nothing (DAPO)
+    dynamic_sampling: bool = False  # grpo/rloo: drop groups whose rewards are all equal and sample more (DAPO)
+    max_rollout_tries: int = 4  # dynamic_sampling: rollouts tried per buffer before training on what was kept
+    normalize_advantages: bool = False  # rloo: advantages to mean 0, std 1 over the rollout (TRL's)
+    # ppo (TRL's PPOConfig): per-token reward -kl_coef * KL(k1) + the score at the last token; GAE(gamma, lam);
+    # whitened advantages; value loss vf_coef * clipped (cliprange_value) squared error. kl_target: adaptive
+    # coefficient (Ziegler et al.) aiming at this KL per sequence over kl_horizon samples; null = fixed.
+    kl_coef: float = 0.05
+    kl_target: Optional[float] = None
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+    whiten_rewards: bool = False
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)  # rl.algorithm: best_of_n
+    # ppo | grpo | rloo: the same as data.objective.name; best_of_n: rounds of sampling and sft (BestOfNConfig);
+    # null = data.objective.name decides
+    algorithm: Optional[Literal["ppo", "grpo", "rloo", "best_of_n"]] = None

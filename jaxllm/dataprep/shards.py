@@ -19,7 +19,6 @@ import collections
 import json
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional

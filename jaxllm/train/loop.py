@@ -65,15 +65,16 @@ class Trainer:
         self.tokenizer = self._choose_tokenizer()
         self._added_tokens: list[str] = []
         self._add_tokens([*self.cfg.tokenizer.add_special_tokens, *tokens_to_add(self.cfg.data, self.tokenizer)])
-        if self._resume is not None:  # after _add_tokens: a grown vocabulary is part of the model
-            _check_same_model(self.cfg, self._resume.config, self.run_dir)
         self.objective = check_trainable(self.cfg)
         self.cfg = self.objective.prepare(self.cfg, self.tokenizer)
+        if self._resume is not None:  # after _add_tokens (a grown vocabulary) and prepare (ppo's value head)
+            _check_same_model(self.cfg, self._resume.config, self.run_dir)
         check_vocab_size(self.cfg.model.vocab_size, self.cfg.data, self.tokenizer)
         self.spec = train_state_spec(self.cfg, self.mesh, self.rules)
         self.graphdef, self.state_shardings = self.spec.graphdef, self.spec.shardings
         self.checkpointer.check_free_space(_nbytes(self.spec.abstract), self.cfg.checkpoint.keep)
-        self.data = self._pipeline(self.cfg.data)
+        # Online methods (jaxllm/rl) train on rollouts the trainer makes, not on a data pipeline's batches.
+        self.data = self.objective.online(self) if self.objective.online else self._pipeline(self.cfg.data)
         self._build_state()
         self.frozen = self._load_frozen_models()
         self._compile()
@@ -262,6 +263,8 @@ class Trainer:
             metrics.update(evaluate_tasks(self))
         if not self.cfg.eval.sources:
             return metrics
+        if self.objective.online:  # eval.sources hold prompts: the held-out reward (jaxllm/rl/online.py)
+            return {**metrics, **self.data.evaluate()}
         paths = [source.path for source in self.cfg.eval.sources]
         names = [p if paths.count(p) == 1 else f"{p}#{i}" for i, p in enumerate(paths)]
         per_source = {name: self._eval_sums(source) for name, source in zip(names, self.cfg.eval.sources)}
@@ -348,7 +351,8 @@ class Trainer:
                 summary["start_eval_loss"] = m["eval_loss"]
         t_last, since_log, step = time.perf_counter(), 0, start
         try:
-            while step < end and not self._stop.is_set():
+            # Online methods stop between rollouts only (their updates' batches cannot be replayed).
+            while step < end and not (self._stop.is_set() and getattr(self.data, "at_boundary", lambda: True)()):
                 before = self.data_state  # where this step's batch starts: a bad batch can be replayed
                 metrics = self.train_step(self.next_batch())
                 step += 1
@@ -364,6 +368,8 @@ class Trainer:
                     # The first interval after start includes compilation.
                     m["step_time"] = (now - t_last) / since_log
                     m["tokens_per_sec"] = tokens_per_step * since_log / (now - t_last)
+                    if self.objective.online:  # the rollouts' metrics and time (jaxllm/rl/online.py)
+                        m.update(self.data.step_metrics(now - t_last, tokens_per_step * since_log))
                     if do_eval:
                         m.update(self.evaluate())
                         if "eval_loss" in m:

@@ -18,7 +18,7 @@ from jaxllm.utils import atomic_write_text
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, filename: str = "metrics.jsonl"):
         self.enabled = jax.process_index() == 0
         self._file = None
         self._tb = None
@@ -26,7 +26,7 @@ class MetricsWriter:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._file = open(run_dir / filename, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -83,9 +83,9 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
         atomic_write_text(path, "".join(kept))
 
 
-def read_metrics(run_dir: str | Path, events: bool = False) -> list[dict[str, Any]]:
-    """The step rows of `run_dir/metrics.jsonl`, or with `events=True` the event rows."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path, events: bool = False, filename: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    """The step rows of `run_dir/metrics.jsonl` (or `filename`), or with `events=True` the event rows."""
+    path = Path(run_dir) / filename
     if not path.exists():
         return []
     rows = [row for line in path.read_text().splitlines() if (row := _parse(line)) is not None]

@@ -14,7 +14,11 @@ An objective is chosen by `data.objective.name` and is
   never differentiated, never in the optimizer state or the checkpoint, and hands them to the loss as
   `frozen[name]` (a `FrozenModel`);
 - `prepare(cfg, tokenizer) -> cfg`: checks at startup that need the run's tokenizer (a teacher's must be
-  the same), before any frozen model is loaded; returns the config with what they resolve.
+  the same), before any frozen model is loaded; returns the config with what they resolve;
+- for online methods (jaxllm/rl: grpo, ppo, rloo) `online(trainer)`: the data the trainer trains on instead of
+  the data pipeline, made from the trainer itself (batches of rollouts from its live parameters), with the
+  pipeline's interface (`__next__`, `get_state`, `set_state`, `close`) plus `evaluate()` (the held-out metrics)
+  and `step_metrics(seconds, tokens)` (the rollouts' metrics, merged into each logged row).
 
 A new method registers an `Objective` here and a `BatchFormat` in data/, and adds its name to the choices
 of `ObjectiveConfig.name` (config/schema.py); the Trainer, step, checkpoints, resume, faults, meshes, LoRA
@@ -24,7 +28,7 @@ and logging come with it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -60,6 +64,7 @@ class Objective:
     # The count in `step.normalizers` that the loss is a mean over: eval_loss divides the summed loss by it
     # (and eval_ppl is logged only for a token loss).
     loss_count: str = "tokens"
+    online: Optional[Callable[[Any], Any]] = None  # online methods: trainer -> its data (module docstring)
 
 
 _OBJECTIVES: dict[str, Objective] = {}

@@ -20,6 +20,7 @@ from jaxllm import models, sharding
 from jaxllm.config import AdversarialConfig, Config
 from jaxllm.models import lora
 from jaxllm.models.layers import dropout_key, perturb_embeddings
+from jaxllm.rl import objectives as _online  # noqa: F401  (register the grpo, rloo and ppo objectives)
 from jaxllm.train import distill, preference, reward  # noqa: F401  (register the distill, preference and reward objectives)
 from jaxllm.train.losses import batch_counts, normalizers
 from jaxllm.train.noise import gradient_fn

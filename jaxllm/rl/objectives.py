@@ -1,0 +1,182 @@
+"""The online objectives (`data.objective.name: grpo | rloo | ppo`, the `rl:` section; docs/post-training.md,
+"Online RL: PPO, GRPO, RLOO"): their batch rows and losses. The batches themselves come from rollouts of the live
+policy (jaxllm/rl/online.py, the objectives' `online` data), not from the data pipeline.
+
+A row holds one completion: its prompt's tokens then the completion's (left padding squeezed out, positions from
+0), right-padded to data.seq_len, with the clm fields (`inputs`, `targets`, `segment_ids`, `positions`,
+`loss_mask`: 1 on the completion's targets, stop token included) and, per target position, float32 [B, L]:
+`old_logps` (the sampling policy's, before this rollout's updates), `ref_logps` (the reference's; 0 without one),
+`advantages` (grpo, rloo: the sequence's, on every position; ppo: GAE's, per token) and for ppo `values` (the
+value head's before the updates) and `returns`.
+
+Losses, TRL's (jaxllm/rl/losses.py holds the formulas): log-probs of the row's targets under logits /
+rl.temperature (the sampling distribution, as TRL). With rl.epochs = rl.minibatches = 1 the old log-probs are
+the policy's own, detached (ratio exactly 1: TRL's on-policy shortcut); otherwise the batch's `old_logps`.
+- grpo: the clipped surrogate + beta * k3 KL to the reference, averaged by rl.loss_type (grpo, bnpo, dr_grpo,
+  dapo), ratio per token or per sequence (rl.importance_sampling_level=sequence: GSPO);
+- rloo: TRL's RLOOTrainer: one ratio per sequence (summed token log-ratios), clipped, mean over sequences; its
+  KL (k1, summed) is in the reward (online.py);
+- ppo: TRL's classic PPOTrainer: clipped policy loss on whitened GAE advantages + vf_coef * clipped value loss.
+Every loss and metric is divided by the whole batch's counts, so gradient accumulation sums exact shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import Config
+from jaxllm.data.objectives import (
+    BatchFormat,
+    batch_format,
+    register_format,
+    token_rows_spec,
+)
+from jaxllm.models import bind
+from jaxllm.models.moe import moe_objective
+from jaxllm.rl import losses
+from jaxllm.rl.online import OnlineData, beta, needs_reference
+from jaxllm.rl.rewards import builtin_names, load_function
+from jaxllm.train.losses import token_logps
+from jaxllm.train.objective import Objective, register
+from jaxllm.train.preference import _reference_source
+
+ONLINE = ("grpo", "rloo", "ppo")
+
+
+def on_policy(cfg: Config) -> bool:
+    """One update per rollout: the old log-probs are the policy's own (TRL's shortcut, ratio 1)."""
+    return cfg.rl.epochs * cfg.rl.minibatches == 1
+
+
+# ------------------------------------------------------------------------------------------ batch rows
+
+RL_FIELDS = ("old_logps", "ref_logps", "advantages")
+PPO_FIELDS = ("values", "returns")
+
+
+def _rl_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    spec = token_rows_spec(cfg, batch_size)
+    fields = RL_FIELDS + (PPO_FIELDS if cfg.objective.name == "ppo" else ())
+    return {**spec, **{k: ((batch_size, cfg.seq_len), np.dtype(np.float32)) for k in fields}}
+
+
+def _no_rows(docs, cfg, tokenizer, batch_size, process_index):
+    from jaxllm.config import JaxllmError
+
+    raise JaxllmError(f"data.objective.name={cfg.objective.name} trains on rollouts of the policy (the trainer makes "
+                      "them), not on a data pipeline's rows; train it with `jaxllm train`")
+
+
+def _template_tokens(cfg, tokenizer):
+    """The chat template's special tokens, as for sft (prompts in the messages format render with it)."""
+    return batch_format("sft").tokens(cfg, tokenizer)
+
+
+for _name in ONLINE:
+    register_format(_name, BatchFormat(_no_rows, _rl_spec, tokens=_template_tokens))
+
+
+# ------------------------------------------------------------------------------------------ forward passes
+
+
+def policy_logps(model, batch, temperature: float, chunk: int, with_values: bool = False):
+    """(log-probs of the row targets under logits / temperature [B, L] (0 off the loss mask), MoE aux outputs,
+    and with `with_values` the value head's values [B, L])."""
+    x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logps = token_logps(x_BLD, lambda h: model.logits(h).astype(jnp.float32) / temperature, batch["targets"], batch["loss_mask"], chunk)
+    values = model.values(x_BLD) if with_values else None
+    return logps, moe_aux, values
+
+
+def _means(metrics: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`NAME:sum` metrics divided by the whole batch's count of their kind (`counts`: NAME -> count)."""
+    return {name: metrics[f"{name}:sum"] / count for name, count in counts.items() if f"{name}:sum" in metrics}
+
+
+def _old(cfg, logps, batch):
+    return None if on_policy(cfg) else batch["old_logps"]
+
+
+def grpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
+    """GRPO and its variants (module docstring)."""
+    r = cfg.rl
+    model = bind(graphdef, params)
+    logps, moe_aux, _ = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk)
+    b = beta(cfg)
+    rows = cfg.train.batch_size  # whole-batch counts: gradient accumulation sums exact shares
+    loss, m = losses.policy_loss(
+        logps, _old(cfg, logps, batch), batch["advantages"], batch["loss_mask"], epsilon_low=r.epsilon,
+        epsilon_high=r.epsilon if r.epsilon_high is None else r.epsilon_high, level=r.importance_sampling_level,
+        aggregation=r.loss_type, max_completion_length=r.max_new_tokens, ref_logps_BT=batch["ref_logps"], beta=b,
+        num_sequences=rows, num_tokens=norms["tokens"], micro_batches=cfg.train.grad_accum)
+    per = norms["tokens"] if r.importance_sampling_level == "token" else rows
+    metrics = _means(m, {"clip_ratio/low_mean": per, "clip_ratio/high_mean": per, "clip_ratio/region_mean": per,
+                         "kl": norms["tokens"]})
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
+
+
+def rloo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
+    """RLOO: TRL's RLOOTrainer loss (one clipped ratio per sequence of summed log-ratios; mean over sequences)."""
+    r = cfg.rl
+    model = bind(graphdef, params)
+    logps, moe_aux, _ = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk)
+    rows = cfg.train.batch_size
+    loss, m = losses.policy_loss(
+        logps, _old(cfg, logps, batch), batch["advantages"][:, 0], batch["loss_mask"], epsilon_low=r.epsilon,
+        epsilon_high=r.epsilon if r.epsilon_high is None else r.epsilon_high, level="sequence_sum",
+        aggregation="grpo", num_sequences=rows)
+    metrics = _means(m, {f"clip_ratio/{k}_mean": rows for k in ("low", "high", "region")})
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
+
+
+def ppo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
+    """PPO: clipped policy loss + vf_coef * clipped value loss (TRL's classic PPOTrainer.loss), token means over
+    the whole batch's completion tokens."""
+    r = cfg.rl
+    model = bind(graphdef, params)
+    logps, moe_aux, values = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk, with_values=True)
+    mask = batch["loss_mask"]
+    old = jax.lax.stop_gradient(logps) if on_policy(cfg) else batch["old_logps"]
+    # Both losses are masked means over this micro-batch; weighted by its share of the batch's tokens they sum
+    # to the whole batch's means.
+    share = jnp.sum(mask) / norms["tokens"]
+    pg_loss, pg_m = losses.ppo_policy_loss(logps, old, batch["advantages"], mask, cliprange=r.epsilon)
+    vf_loss, vf_m = losses.value_loss(values, batch["values"], batch["returns"], mask, clip=r.cliprange_value)
+    pg_loss, vf_loss = pg_loss * share, vf_loss * share
+    loss = pg_loss + r.vf_coef * vf_loss
+    tokens = norms["tokens"]
+    metrics = _means({**pg_m, **vf_m}, {"clip_ratio/region_mean": tokens, "approxkl": tokens, "policykl": tokens,
+                                        "vf_clipfrac": tokens})
+    metrics["clip_ratio/region_mean"] = pg_m["clipfrac:sum"] / tokens
+    moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
+    return loss + moe_loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, **metrics, **moe_metrics}
+
+
+# ------------------------------------------------------------------------------------------ startup
+
+
+def _frozen_models(cfg: Config):
+    """The reference (preference.py's rule: preference.reference, else train.init_from frozen, none with
+    model.lora: adapters off), when the objective uses one."""
+    return _reference_source(cfg) if needs_reference(cfg) else {}
+
+
+def _prepare(cfg: Config, tokenizer) -> Config:
+    """Checks that every reward of rl.rewards exists (before any model is built); ppo trains a value head beside
+    the policy (model.value_head)."""
+    for i, spec in enumerate(cfg.rl.rewards):
+        if spec.function not in builtin_names():
+            load_function(spec.function, f"rl.rewards.{i}")
+    if cfg.data.objective.name != "ppo" or cfg.model.value_head:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=True))
+
+
+for _name, _loss in (("grpo", grpo_loss), ("rloo", rloo_loss), ("ppo", ppo_loss)):
+    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=OnlineData))

@@ -1,0 +1,363 @@
+"""The data of an online objective (grpo, rloo, ppo): batches of rollouts from the trainer's live parameters.
+
+`OnlineData` takes the data pipeline's place in the one Trainer (`Objective.online`). When its buffer is empty it
+makes one rollout and the batches of its updates:
+
+    prompts (data.sources, read by the ordinary sources: on_bad_record, shuffle window, resumable position)
+    -> rollout: rl.num_generations completions of each of train.batch_size * rl.minibatches / n prompts, sampled
+       from `trainer.state.params` (no copy) on the training mesh (jaxllm/rl/rollout.py), key = fold_in(train.seed,
+       rollout index) so runs repeat and resume exactly
+    -> rewards (rl.rewards, jaxllm/rl/rewards.py) of the decoded completions
+    -> rows (prompt + completion, jaxllm/rl/objectives.py) and one jitted forward pass before the updates: the
+       policy's log-probs (old_logps), the reference's (when a KL is used), the value head's values (ppo), entropy
+    -> advantages: grpo group-relative (rl.scale_rewards), rloo leave-one-out of reward - beta * sum KL(k1),
+       ppo GAE(gamma, lam) of -kl_coef * KL(k1) per token + the score at the last token, whitened
+    -> rl.epochs passes, each a fresh seeded permutation of the rollout's rows cut into rl.minibatches batches.
+
+DAPO's dynamic sampling (rl.dynamic_sampling) drops groups whose rewards are all equal (no signal) and rolls out
+more prompts until the buffer is full; after rl.max_rollout_tries rollouts the dropped groups fill what is left.
+
+The state (`get_state`) is the prompt source's position, the rollout count, the buffer position and the adaptive
+KL coefficient; checkpoints happen between rollouts only (the config checks train.steps and checkpoint.every are
+multiples of rl.epochs * rl.minibatches, and a SIGTERM finishes the rollout's updates first), so a resumed run
+makes exactly the rollouts the uninterrupted one makes. One process (any number of devices) for now.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import sharding
+from jaxllm.config import Config, JaxllmError
+from jaxllm.infer.generate import CHAT_STOP_TOKENS
+from jaxllm.models import bind
+from jaxllm.rl import losses
+from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
+from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
+from jaxllm.rl.rollout import SamplingSettings, rollout
+from jaxllm.train.frozen import frozen_shardings
+from jaxllm.train.losses import chunked_sums, token_logps
+from jaxllm.train.preference import _without_adapters
+
+log = logging.getLogger("jaxllm.rl")
+_STATE_VERSION = 1
+
+
+TRL_BETA = {"grpo": 0.0, "rloo": 0.05, "ppo": 0.0}  # TRL's default KL coefficients (ppo uses rl.kl_coef)
+
+
+def beta(cfg: Config) -> float:
+    """rl.beta, or TRL's default for the objective."""
+    return TRL_BETA[cfg.data.objective.name] if cfg.rl.beta is None else cfg.rl.beta
+
+
+def needs_reference(cfg: Config) -> bool:
+    """A reference policy is used: grpo and rloo with beta > 0 (TRL skips it at 0), ppo with kl_coef > 0."""
+    if cfg.data.objective.name == "ppo":
+        return cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None
+    return beta(cfg) > 0
+
+
+def reference_model(params, graphdef, frozen):
+    """The reference: the frozen `reference` model, else (model.lora) the policy with its adapters off."""
+    if "reference" in frozen:
+        return frozen["reference"].bind()
+    return bind(graphdef, jax.lax.stop_gradient(_without_adapters(params)))
+
+
+class OnlineData:
+    """The trainer's data for an online objective (module docstring): the data pipeline's interface (`__next__`,
+    `get_state`, `set_state`, `close`) plus `evaluate()` and `step_metrics()` (the trainer's hooks)."""
+
+    def __init__(self, trainer):
+        if jax.process_count() > 1:
+            raise JaxllmError("online RL (grpo, rloo, ppo) runs in one process for now (any number of its devices); "
+                              "start it on one host")
+        self._trainer, self.cfg = trainer, trainer.cfg
+        cfg, r, tokenizer = trainer.cfg, trainer.cfg.rl, trainer.tokenizer
+        self.name = cfg.data.objective.name
+        self._tokenizer = tokenizer
+        self._encode = PromptEncoder(cfg, tokenizer)
+        stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        if self._encode._template is not None:
+            stops += [i for i in map(tokenizer.token_to_id, CHAT_STOP_TOKENS) if i is not None]
+        self._stops = tuple(stops)
+        self.settings = SamplingSettings(num_generations=r.num_generations, max_new_tokens=r.max_new_tokens,
+                                         temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, stop_ids=self._stops)
+        self._prompts = prompt_pipeline(cfg, cfg.data.sources, self._encode, None, shuffle=True)
+        self._rewards = reward_functions(r.rewards, mesh=trainer.mesh, rules=trainer.rules)
+        self._size = cfg.train.batch_size * r.minibatches  # completions per rollout
+        self._buffer: list[dict[str, np.ndarray]] = []
+        self._position = 0
+        self._rollouts = 0
+        self._kl = losses.AdaptiveKL(r.kl_coef, r.kl_target, r.kl_horizon) if r.kl_target is not None else None
+        self._metrics: dict[str, float] = {}
+        self._busy = 0.0  # seconds spent making rollouts since the last step_metrics()
+        self._score = None
+
+    # ---------------------------------------------------------------------------- the pipeline interface
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._position == len(self._buffer):
+            self._fill()
+        batch = self._buffer[self._position]
+        self._position += 1
+        return batch
+
+    def at_boundary(self) -> bool:
+        """True between rollouts (every batch of the buffer handed out): where a run may stop and save."""
+        return self._position == len(self._buffer)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "objective": self.name, "prompts": self._prompts.get_state(),
+                "rollouts": self._rollouts, "position": self._position, "buffered": len(self._buffer),
+                "kl_coef": None if self._kl is None else self._kl.value}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION or state.get("objective") != self.name:
+            raise JaxllmError(f"the data state was saved by another objective or jaxllm version ({state.get('objective')}"
+                              f"); resume with data.objective.name={state.get('objective')}, or train in a new run_dir")
+        if state["position"] != state["buffered"]:
+            raise JaxllmError("the data state was saved in the middle of a rollout's updates, which cannot be "
+                              "replayed; resume with the run's own rl.epochs and rl.minibatches, or a new run_dir")
+        self._prompts.set_state(state["prompts"])
+        self._rollouts, self._buffer, self._position = state["rollouts"], [], 0
+        if self._kl is not None and state.get("kl_coef") is not None:
+            self._kl.value = state["kl_coef"]
+
+    def close(self) -> None:
+        self._prompts.close()
+
+    def step_metrics(self, seconds: float, train_tokens: int) -> dict[str, float]:
+        """The latest rollout's metrics, with the share of the last `seconds` spent making rollouts and the
+        tokens/s of the training steps in the rest (`train_tokens`: the rows' tokens they read)."""
+        busy, self._busy = self._busy, 0.0
+        return {**self._metrics, "rollout_share": min(busy / max(seconds, 1e-9), 1.0),
+                "train_tokens_per_sec": train_tokens / max(seconds - busy, 1e-9)}
+
+    # ---------------------------------------------------------------------------- rollouts
+
+    def _sample(self, items: list[dict], settings: SamplingSettings, key, rows: int) -> tuple[Any, list, list, list]:
+        """A rollout of `items`' prompts (padded to `rows` rows: one compilation for every batch); (rollout,
+        prompts, completions for the rewards, records), one per completion."""
+        t = self._trainer
+        with sharding.activate(t.mesh, t.rules):
+            out = rollout(t.graphdef, t.state.params, t.cfg.model, [it["ids"] for it in items], settings, key,
+                          self._tokenizer.pad_id, mesh=t.mesh, rules=t.rules, rows=rows)
+        n = settings.num_generations
+        texts = [self._text(items[i // n]["ids"], c, m) for i, (c, m) in
+                 enumerate(zip(out.completion_tokens, out.completion_mask))]
+        prompts = [items[i // n]["prompt"] for i in range(len(texts))]
+        completions = [[{"role": "assistant", "content": s}] if isinstance(p, list) else s
+                       for p, s in zip(prompts, texts)]
+        return out, prompts, completions, [items[i // n]["record"] for i in range(len(texts))]
+
+    def _text(self, prompt: np.ndarray, completion: np.ndarray, mask: np.ndarray) -> str:
+        """The completion's text, without its stop token, decoded in the prompt's context (leading spaces)."""
+        ids = [int(i) for i in completion[: int(mask.sum())]]
+        if ids and ids[-1] in self._stops:
+            ids = ids[:-1]
+        ids = [i for i in ids if i < self._tokenizer.vocab_size]
+        before, full = self._tokenizer.decode(list(prompt)), self._tokenizer.decode(list(prompt) + ids)
+        return full[len(before):] if full.startswith(before) else self._tokenizer.decode(ids)
+
+    def _fill(self) -> None:
+        """One rollout and its batches (module docstring)."""
+        # Train steps run asynchronously: wait for the last one here, so that its time is not counted as the
+        # rollout's (rollout_share) and the rollout samples from the updated parameters' values.
+        jax.block_until_ready(self._trainer.state.params)
+        started = time.perf_counter()
+        cfg, r, n = self.cfg, self.cfg.rl, self.cfg.rl.num_generations
+        groups, dropped, kept, spare, tries, generating, generated = self._size // n, 0, [], [], 0, 0.0, 0
+        while len(kept) < groups and tries < r.max_rollout_tries:
+            items = [next(self._prompts) for _ in range(groups)]
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), self._rollouts), tries)
+            t0 = time.perf_counter()
+            out, prompts, completions, records = self._sample(items, self.settings, key, self._size)
+            generating += time.perf_counter() - t0
+            generated += int(out.completion_mask.sum())
+            total, per = compute_rewards(self._rewards, prompts, completions, records,
+                                         completion_ids=_completion_ids(out))
+            for g in range(groups):
+                rows_g = slice(g * n, (g + 1) * n)
+                group = {"ids": [items[g]["ids"]] * n, "tokens": out.completion_tokens[rows_g],
+                         "mask": out.completion_mask[rows_g], "truncated": out.truncated[rows_g],
+                         "reward": np.asarray(total[rows_g], np.float32),
+                         "per": {k: np.asarray(v[rows_g], np.float64) for k, v in per.items()}}
+                if r.dynamic_sampling and _all_equal(group["reward"]):
+                    dropped += 1
+                    spare.append(group)
+                else:
+                    kept.append(group)
+            tries += 1
+            if not r.dynamic_sampling:
+                break
+        if len(kept) < groups:
+            log.warning("rl.dynamic_sampling: %d of %d groups had varied rewards after %d rollouts; training on "
+                        "%d groups of equal rewards too (no signal)", len(kept), groups, tries, groups - len(kept))
+            kept += spare[: groups - len(kept)]
+        self._rollouts += 1
+        self._buffer, self._position = self._batches(kept[:groups]), 0
+        if r.dynamic_sampling:
+            self._metrics.update({"dynamic_sampling/dropped_groups": float(dropped),
+                                  "dynamic_sampling/rollouts": float(tries)})
+        self._metrics["rollout_tokens_per_sec"] = generated / max(generating, 1e-9)
+        self._busy += time.perf_counter() - started
+
+    def _batches(self, groups: list[dict]) -> list[dict[str, np.ndarray]]:
+        """The rollout's rows with old/reference log-probs, values and advantages, cut into the batches of its
+        rl.epochs * rl.minibatches updates; sets the rollout's metrics."""
+        cfg, r = self.cfg, self.cfg.rl
+        cat = lambda key: np.concatenate([g[key] for g in groups])
+        mask, truncated, reward = cat("mask"), cat("truncated"), cat("reward")
+        per = {k: np.concatenate([g["per"][k] for g in groups]) for k in groups[0]["per"]}
+        batch = rows([p for g in groups for p in g["ids"]], cat("tokens"), mask, cfg.data.seq_len)
+        if r.mask_truncated_completions:
+            batch["loss_mask"] *= ~truncated[:, None]
+        scored = self._scored(batch)
+        loss_mask = batch["loss_mask"]
+        metrics = reward_metrics(reward, per)
+        lengths = mask.sum(1)
+        metrics.update({"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                        "completions/max_length": float(lengths.max()),
+                        "completions/clipped_ratio": float(truncated.mean()),
+                        "entropy": float(scored["entropy"].sum() / max(loss_mask.sum(), 1.0))})
+        n = r.num_generations
+        kl_tokens = (scored["old_logps"] - scored["ref_logps"]) * loss_mask  # k1 per token
+        if self.name == "grpo":
+            adv = np.asarray(losses.group_advantages(reward, n, r.scale_rewards))
+            batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            metrics["advantages/mean"] = float(adv.mean())
+        elif self.name == "rloo":
+            shaped = reward - beta(cfg) * kl_tokens.sum(1) if needs_reference(cfg) else reward
+            adv = np.asarray(losses.rloo_advantages(shaped, n, r.normalize_advantages))
+            batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            metrics["advantages/mean"] = float(adv.mean())
+            if needs_reference(cfg):
+                metrics["kl"] = float(kl_tokens.sum() / max(loss_mask.sum(), 1.0))
+        else:
+            self._ppo_advantages(batch, scored, reward, metrics)
+        batch.update({k: scored[k] for k in ("old_logps", "ref_logps") + (("values",) if self.name == "ppo" else ())})
+        self._metrics = metrics
+        out = []
+        B = cfg.train.batch_size
+        for epoch in range(r.epochs):
+            order = np.random.default_rng([cfg.data.seed, self._rollouts, epoch]).permutation(len(reward))
+            out += [{k: v[order[i * B:(i + 1) * B]] for k, v in batch.items()} for i in range(r.minibatches)]
+        return out
+
+    def _ppo_advantages(self, batch, scored, reward, metrics) -> None:
+        """PPO (TRL's classic PPOTrainer): per-token rewards -kl_coef * k1 + the score at the last token, GAE,
+        whitened advantages, returns = advantages + values; the adaptive KL coefficient updated after."""
+        r, mask = self.cfg.rl, batch["loss_mask"]
+        coef = r.kl_coef if self._kl is None else self._kl.value
+        score = np.nan_to_num(reward)  # a sample no function scored: 0
+        reference = scored["ref_logps"] if needs_reference(self.cfg) else scored["old_logps"]  # no KL without one
+        token_rewards, non_score = (np.asarray(a) for a in losses.ppo_rewards(score, scored["old_logps"], reference,
+                                                                               mask, coef))
+        if r.whiten_rewards:
+            token_rewards = np.asarray(losses.whiten(token_rewards, mask, shift_mean=False))
+        adv, returns = losses.gae(token_rewards, scored["values"], mask, r.gamma, r.lam)
+        batch["advantages"] = np.asarray(losses.whiten(adv, mask), np.float32)
+        batch["returns"] = np.asarray(returns, np.float32)
+        metrics.update({"kl_coef": coef, "non_score_reward": float((non_score * mask).sum(1).mean()),
+                        "advantages/mean": float((batch["advantages"] * mask).sum() / max(mask.sum(), 1.0))})
+        if needs_reference(self.cfg):
+            kl = float(((scored["old_logps"] - reference) * mask).sum(1).mean())  # per sequence, as TRL's PPO
+            metrics["kl"] = kl
+            if self._kl is not None:
+                self._kl.update(kl, len(reward))
+
+    def _scored(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The policy's log-probs and token entropies, the reference's log-probs (0 without a reference) and
+        (ppo) the values, of the rows, before any update: one jitted forward pass per train.batch_size rows."""
+        t, B = self._trainer, self.cfg.train.batch_size
+        if self._score is None:
+            self._score = jax.jit(self._score_rows, in_shardings=(t.state_shardings.params, t.batch_sharding,
+                                                                   frozen_shardings(t.frozen)))
+        parts = []
+        keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+        for i in range(0, len(batch["inputs"]), B):
+            chunk = {k: jax.device_put(batch[k][i:i + B], t.batch_sharding) for k in keys}
+            with sharding.activate(t.mesh, t.rules):
+                parts.append(jax.device_get(self._score(t.state.params, chunk, t.frozen)))
+        return {k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}
+
+    def _score_rows(self, params, batch, frozen):
+        t, cfg = self._trainer, self.cfg
+        T, chunk = cfg.rl.temperature, cfg.train.loss_chunk
+        model = bind(t.graphdef, params)
+        x_BLD, _, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+
+        def piece(x_BCD, t_BC, m_BC):
+            logits = model.logits(x_BCD).astype(jnp.float32) / T
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), t_BC[..., None], -1)[..., 0]
+            return (), (logp * m_BC, losses.token_entropy(logits) * m_BC)
+
+        mask = batch["loss_mask"]
+        _, (logps, entropy) = chunked_sums(piece, (x_BLD, batch["targets"], mask), chunk, per_position=True)
+        out = {"old_logps": logps, "entropy": entropy, "ref_logps": jnp.zeros_like(logps)}
+        if needs_reference(cfg):
+            ref = reference_model(params, t.graphdef, frozen)
+            x_ref, _, _ = ref.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+            out["ref_logps"] = token_logps(x_ref, lambda h: ref.logits(h) / T, batch["targets"], mask, chunk)
+        if self.name == "ppo":
+            out["values"] = model.values(x_BLD) * mask
+        return out
+
+    # ---------------------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reward: the mean total reward of greedy completions of eval.sources' prompts (each read once,
+        at most eval.batches * train.batch_size prompts), as eval_reward, and each function's as
+        eval_reward/NAME; with several sources also eval_reward/SOURCE."""
+        cfg = self.cfg
+        greedy = SamplingSettings(num_generations=1, max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0,
+                                  stop_ids=self._stops)
+        totals, pers, metrics = [], [], {}
+        limit = cfg.eval.batches * cfg.train.batch_size if cfg.eval.batches else None
+        for source in cfg.eval.sources:
+            pipeline = prompt_pipeline(cfg, [source], self._encode, 1, shuffle=False)
+            try:
+                items = [it for _, it in zip(range(limit) if limit else itertools.count(), pipeline)]
+            finally:
+                pipeline.close()
+            if not items:
+                raise JaxllmError(f"eval.sources {source.path} holds no usable prompts")
+            source_totals = []
+            for i in range(0, len(items), cfg.train.batch_size):
+                out, prompts, completions, records = self._sample(items[i:i + cfg.train.batch_size], greedy,
+                                                                  jax.random.key(0), cfg.train.batch_size)
+                total, per = compute_rewards(self._rewards, prompts, completions, records,
+                                             completion_ids=_completion_ids(out))
+                source_totals.append(np.asarray(total, np.float64))
+                pers.append({k: np.asarray(v, np.float64) for k, v in per.items()})
+            totals += source_totals
+            if len(cfg.eval.sources) > 1:
+                metrics[f"eval_reward/{source.path}"] = float(np.nanmean(np.concatenate(source_totals)))
+        metrics["eval_reward"] = float(np.nanmean(np.concatenate(totals)))
+        for name in pers[0]:
+            values = np.concatenate([p[name] for p in pers])
+            metrics[f"eval_reward/{name}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+        return metrics
+
+
+def _completion_ids(out) -> list[np.ndarray]:
+    """The completions' token ids (TRL's `completion_ids` for the reward functions), the stop token kept."""
+    return [c[: int(m.sum())] for c, m in zip(out.completion_tokens, out.completion_mask)]
+
+
+def _all_equal(rewards: np.ndarray) -> bool:
+    """No learning signal in a group: its scored rewards are all the same (or none scored)."""
+    scored = rewards[~np.isnan(rewards)]
+    return scored.size == 0 or bool(np.all(scored == scored[0]))

@@ -1,0 +1,185 @@
+"""Online RL in the one Trainer (jaxllm/rl/online.py, rl/objectives.py): grpo and rloo train from the CLI and log
+TRL's metrics; the first update's loss is the policy-loss formula on the batch it trained on; 8 devices give one
+device's losses; a stopped and resumed run makes the same rollouts and losses; with LoRA the reference is the
+adapters-off policy; bad configs are one-line errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.config import JaxllmError, load_config
+from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
+from jaxllm.train.loop import Trainer
+from jaxllm.train.metrics import read_metrics
+
+REWARD = "tests.rl.test_online:share_of_e"
+MICRO_RL = [
+    "model.vocab_size=4096", "model.d_model=32", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.mlp_dim=64", "model.max_seq_len=64", "model.tie_embeddings=true", "model.init_std=0.2",
+    "data.seq_len=32", "data.shuffle_window=0", "data.prefetch=0",
+    "train.batch_size=8", "train.log_every=1", "train.progress_bar=false", "train.sample_prompt=null",
+    "train.loss_chunk=0",
+    "optim.lr=1e-2", "optim.warmup_steps=0", "checkpoint.keep=2",
+    "rl.num_generations=4", "rl.max_new_tokens=6", f"rl.rewards=[{{function: '{REWARD}'}}]",
+]
+
+
+# Dr. GRPO (and the same shapes) in every grpo test: their programs compile once (the tests' XLA cache)
+GRPO = ("data.objective.name=grpo", "rl.loss_type=dr_grpo", "rl.scale_rewards=none")
+
+
+def share_of_e(prompts, completions, **fields):
+    """A reward a random model's samples differ in: the share of the letter e in the completion."""
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"And God said {i}", "answer": "light"}) + "\n" for i in range(64)))
+    return str(path)
+
+
+def _config(run_dir, prompts, *extra):
+    return load_config(None, [*MICRO_RL, f"run_dir={run_dir}", f"data.sources=[{{path: {prompts}}}]", *extra])
+
+
+def _run(cfg, devices=None):
+    trainer = Trainer(cfg, devices=devices)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return {row["step"]: row for row in read_metrics(cfg.run_dir)}
+
+
+def test_rows_put_the_prompt_then_the_completion_with_the_loss_on_its_targets():
+    out = rows([np.array([5, 6, 7]), np.array([9])], np.array([[1, 2, 3], [4, 0, 0]]), np.array([[1, 1, 0], [1, 0, 0]]),
+               seq_len=6)
+    np.testing.assert_array_equal(out["inputs"], [[5, 6, 7, 1, 0, 0], [9, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["targets"], [[6, 7, 1, 2, 0, 0], [4, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["positions"][0], [0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("objective", [GRPO, ("data.objective.name=rloo",), ("data.objective.name=ppo", "rl.kl_coef=0")],
+                         ids=["grpo", "rloo", "ppo"])
+def test_trains_from_the_cli_and_logs_the_rollout_metrics(objective, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["train", "configs/tiny.yaml", *MICRO_RL, f"run_dir={run_dir}", f"data.sources=[{{path: {prompts}}}]",
+                 *objective, "train.steps=2", "checkpoint.every=2", f"eval.sources=[{{path: {prompts}}}]",
+                 "eval.batches=1", "eval.at_start=true", "rl.beta=0"])
+    assert code == 0
+    rows_ = {row["step"]: row for row in read_metrics(run_dir)}
+    assert 0 <= rows_[0]["eval_reward"] <= 1 and rows_[0]["eval_reward/share_of_e"] == rows_[0]["eval_reward"]
+    last = rows_[2]
+    for key in ("loss", "reward", "reward_std", "rewards/share_of_e/mean", "rewards/share_of_e/std", "entropy",
+                "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+                "rollout_tokens_per_sec", "train_tokens_per_sec", "rollout_share", "eval_reward"):
+        assert np.isfinite(last[key]), key
+    assert 1 <= last["completions/mean_length"] <= 6 and 0 < last["rollout_share"] < 1
+    if "data.objective.name=ppo" in objective:  # a value head trained beside the policy
+        assert np.isfinite(last["value_loss"]) and np.isfinite(last["vf_clipfrac"]) and last["value_loss"] > 0
+    assert (run_dir / "checkpoints" / "2").is_dir()
+
+
+def test_first_update_loss_is_the_dr_grpo_formula(prompts, tmp_path):
+    """epochs = minibatches = 1: the ratio is 1, so Dr. GRPO's loss is -sum_i A_i * n_i / (B * max_new_tokens)
+    over the batch's completions (A_i: advantage, n_i: completion tokens)."""
+    cfg = _config(tmp_path / "run", prompts, *GRPO, "train.steps=1", "checkpoint.every=1")
+    trainer = Trainer(cfg)
+    try:
+        batch = next(trainer.data)
+        metrics = jax.device_get(trainer.train_step(trainer._global_batch(batch)))
+    finally:
+        trainer.close()
+    advantages, tokens = batch["advantages"][:, 0], batch["loss_mask"].sum(1)
+    assert np.abs(advantages).max() > 0  # the rewards differ within groups
+    # Dr. GRPO: advantages are rewards minus their group's mean; the batch holds the rollout's two whole groups
+    np.testing.assert_allclose(advantages.sum(), 0, atol=1e-6)
+    want = -np.sum(advantages * tokens) / (8 * 6)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5, atol=1e-7)
+    assert metrics["clip_ratio/region_mean"] == 0
+
+
+def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, tmp_path):
+    extra = (*GRPO, "train.steps=4", "rl.minibatches=2", "checkpoint.every=2")
+    eight = _run(_config(tmp_path / "eight", prompts, *extra))
+    one = _run(_config(tmp_path / "one", prompts, *extra), devices=jax.devices()[:1])
+    for step in (1, 2, 3, 4):
+        np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], atol=1e-4)
+        np.testing.assert_allclose(eight[step]["reward"], one[step]["reward"], atol=1e-4)
+    assert eight[1]["reward"] != eight[3]["reward"]  # two rollouts, of different prompts
+    # A stop (SIGTERM) during the first rollout's updates: the run finishes them, saves at step 2, and resumes.
+    resumed_dir = tmp_path / "resumed"
+    trainer = Trainer(_config(resumed_dir, prompts, *extra))
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (trainer.request_stop(), step(batch))[1]
+    try:
+        assert trainer.run()["end_step"] == 2
+    finally:
+        trainer.close()
+    resumed = _run(_config(resumed_dir, prompts, *extra))
+    for step in (1, 2, 3, 4):
+        assert resumed[step]["loss"] == eight[step]["loss"] and resumed[step]["reward"] == eight[step]["reward"]
+
+
+def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_path):
+    cfg = _config(tmp_path / "lora", prompts, *GRPO, "rl.beta=0.04", "model.lora.rank=4",
+                  "model.lora.alpha=8", "train.steps=2", "checkpoint.every=1")
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.frozen == {}  # no second copy of the weights
+        first = next(trainer.data)  # adapters start at zero: the reference is the policy itself
+        mask = first["loss_mask"] > 0
+        np.testing.assert_allclose(first["ref_logps"][mask], first["old_logps"][mask], atol=1e-6)
+        trainer.train_step(trainer._global_batch(first))
+        second = next(trainer.data)  # after an update the adapters differ from zero, the reference does not move
+        mask = second["loss_mask"] > 0
+        assert np.abs(second["ref_logps"][mask] - second["old_logps"][mask]).max() > 1e-4
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=6", "train.batch_size=6 must be a multiple of rl.num_generations=4"),
+    ("data.seq_len=6", "data.seq_len=6 leaves no room for a prompt before rl.max_new_tokens=6"),
+    ("rl.rewards=[{function: no_such_reward}]", "is neither a built-in reward"),
+    ("checkpoint.every=3", "checkpoint.every=3 must be a multiple of rl.epochs * rl.minibatches = 2"),
+    ("rl.rewards=[]", "needs rl.rewards"),
+])
+def test_bad_configs_are_one_line_errors(override, message, prompts, tmp_path):
+    with pytest.raises(JaxllmError, match=message.replace("[", r"\[").replace("*", r"\*")) as e:
+        cfg = _config(tmp_path / "bad", prompts, "data.objective.name=grpo", "train.steps=4", "rl.minibatches=2",
+                      "checkpoint.every=2", override)
+        Trainer(cfg).close()
+    assert "\n" not in str(e.value)
+
+
+def test_a_prompt_longer_than_the_row_leaves_is_a_record_error(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "And God said " * 20}) + "\n")
+    cfg = _config(tmp_path / "run", str(path), "data.objective.name=grpo", "train.steps=1", "checkpoint.every=1",
+                  "data.on_bad_record=error")
+    prompts = prompt_pipeline(cfg, cfg.data.sources, PromptEncoder(cfg, load_tokenizer("builtin:kjv-sp4k")), 1, False)
+    try:
+        with pytest.raises(JaxllmError, match=r"long.jsonl:1: .*more than the 27 data.seq_len leaves"):
+            next(prompts)
+    finally:
+        prompts.close()
+
+
+def test_a_conversational_prompt_is_rendered_with_the_template_and_its_special_tokens(tmp_path):
+    """zephyr's `</s>` after the user's turn is the EOS id (as training encodes it), not its characters; the
+    rendering ends with the generation prompt."""
+    cfg = _config(tmp_path / "run", "x.jsonl", "data.objective.name=grpo", "train.steps=1", "checkpoint.every=1",
+                  "data.objective.chat_template=builtin:zephyr")
+    tokenizer = load_tokenizer("builtin:kjv-sp4k")
+    ids = PromptEncoder(cfg, tokenizer)({"prompt": [{"role": "user", "content": "Who said it?"}], "answer": "God"})["ids"]
+    assert list(ids).count(tokenizer.eos_id) == 1
+    assert tokenizer.decode(list(ids)).rstrip().endswith("<|assistant|>")
