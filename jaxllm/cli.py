@@ -487,6 +487,12 @@ def _bench_post_training(cfg, args, results: dict) -> int:
     packings = ("bfd", "padded") if args.trl_packing == "both" else (args.trl_packing,)
     results.update(bench_post_training(cfg, args.warmup, args.steps, packings, args.segments))
     bench.write_report(results, args.out)
+    if "jaxllm pretraining (clm)" not in results:  # an online RL config: rollout + update cycles (bench_rl.py)
+        from jaxllm.bench_rl import format_online
+
+        print(bench.format_table(results))
+        print(format_online(results))
+        return 0
     ours = results["jaxllm pretraining (clm)"]
     print(f"{cfg.model.family or cfg.model.arch}: {ours['params']['total'] / 1e6:.1f}M params, batch "
           f"{cfg.train.batch_size} x {cfg.data.seq_len} ({args.segments} examples per SFT row), {ours['devices']} x "
