@@ -126,25 +126,26 @@ def prompt_ids(trainer, count: int) -> list[list[int]]:
         pipeline.close()
 
 
-def bench_jaxllm_grpo(trainer, warmup: int, steps: int, prompt_tokens: float) -> dict[str, Any]:
-    """Cycles of the trainer's own loop body (`next_batch` + `train_step`, as `Trainer.run`), timed;
-    `prompt_tokens`: the mean prompt length of the prompts it samples from (for the FLOPs)."""
+def bench_jaxllm_grpo(trainer, warmup: int, steps: int, prompts: list[list[int]]) -> dict[str, Any]:
+    """Cycles of the trainer's own loop body (`next_batch` + `train_step`, as `Trainer.run`), timed; `prompts`:
+    the ones it will sample from (`prompt_ids`), checked."""
     from jaxllm import bench
     from jaxllm.bench_trl import PeakRSS
 
     cfg, data = trainer.cfg, trainer.data
     sampling: list[float] = []
+    sampled: list[list[int]] = []  # the prompts of the rollouts, one per group
     real_sample = data._sample
 
-    def timed_sample(*args, **kwargs):  # the rollout itself (decode loop and the texts for the rewards)
+    def timed_sample(items, *args, **kwargs):  # the rollout itself (decode loop and the texts for the rewards)
+        sampled.extend([int(i) for i in it["ids"]] for it in items)
         t = time.perf_counter()
-        out = real_sample(*args, **kwargs)
+        out = real_sample(items, *args, **kwargs)
         sampling.append(time.perf_counter() - t)
         return out
 
     data._sample = timed_sample
-    times, preparing, losses = [], [], []
-    lengths: list[float] = []
+    times, preparing, losses, lengths = [], [], [], set()
     with PeakRSS() as rss:
         for cycle in range(warmup + steps):
             start, prepare = time.perf_counter(), 0.0
@@ -152,21 +153,21 @@ def bench_jaxllm_grpo(trainer, warmup: int, steps: int, prompt_tokens: float) ->
                 t = time.perf_counter()
                 batch = trainer.next_batch()
                 prepare += time.perf_counter() - t
-                lengths.append(float(np.mean(np.asarray(batch["loss_mask"]).sum(1))))
+                lengths |= set(np.asarray(batch["loss_mask"]).sum(1).astype(int).tolist())  # completion tokens
                 losses.append(jax.block_until_ready(trainer.train_step(batch))["loss"])
             times.append(time.perf_counter() - start)
             preparing.append(prepare)
     data._sample = real_sample
-    out = _rates(cfg, times[warmup:], sampling[warmup:], preparing[warmup:], prompt_tokens)
+    out = _rates(cfg, times[warmup:], sampling[warmup:], preparing[warmup:], float(np.mean([len(p) for p in prompts])))
     device = trainer.mesh.devices.flatten()[0]
     peak, source = bench.device_peak_flops(device)
     out.update(
         objective=cfg.data.objective.name, devices=trainer.mesh.devices.size, device_kind=device.device_kind,
-        completion_tokens_trained=float(np.mean(lengths)), first_loss=float(losses[0]), final_loss=float(losses[-1]),
+        completion_lengths=sorted(lengths), first_loss=float(losses[0]), final_loss=float(losses[-1]),
         first_cycle_s=times[0], peak_flops_per_device=peak, peak_source=source,
         peak_memory_bytes={"peak_bytes_in_use": rss.peak - rss.start,
                            "source": "resident memory the process gained while training (sampled)"},
-        init_from=cfg.train.init_from)
+        init_from=cfg.train.init_from, same_prompts=sampled == prompts)
     return out
 
 
@@ -192,11 +193,13 @@ def _grpo_trainer_class():
     class TimedGRPOTrainer(GRPOTrainer):
         sampling: list
         preparing: list
+        sampled: list  # (prompt ids, completion length) of each completion
 
         def _generate(self, prompts):
             t = time.perf_counter()
             out = super()._generate(prompts)
             self.sampling.append(time.perf_counter() - t)
+            self.sampled += [(list(map(int, p)), len(c)) for p, c in zip(out[0], out[1])]
             return out
 
         def _generate_and_score_completions(self, inputs):
@@ -249,7 +252,7 @@ def bench_trl_grpo(cfg: Config, prompts: list[list[int]], warmup: int, steps: in
             generation_kwargs={"min_new_tokens": r.max_new_tokens}, logging_steps=10)
         trainer = _grpo_trainer_class()(model=model, reward_funcs=[token_share], args=args, train_dataset=dataset,
                                         processing_class=tokenizer)
-        trainer.sampling, trainer.preparing = [], []
+        trainer.sampling, trainer.preparing, trainer.sampled = [], [], []
         trainer.add_callback(CycleTimer())
         with PeakRSS() as rss:
             start = time.perf_counter()
@@ -258,7 +261,10 @@ def bench_trl_grpo(cfg: Config, prompts: list[list[int]], warmup: int, steps: in
     times = list(np.diff(cycle_ends))
     out = _rates(cfg, times[warmup:], trainer.sampling[warmup:], trainer.preparing[warmup:],
                  float(np.mean([len(p) for p in prompts])))
+    n = r.num_generations
     out.update(first_cycle_s=times[0], final_loss=float(output.training_loss),
+               same_prompts=[p for p, _ in trainer.sampled] == [p for p in prompts for _ in range(n)],
+               completion_lengths=sorted({length for _, length in trainer.sampled}),
                peak_memory_bytes={"peak_bytes_in_use": rss.peak - rss.start,
                                   "source": "resident memory the process gained while training (sampled)"},
                attention=model.config._attn_implementation, **_versions())
@@ -294,8 +300,7 @@ def bench_online(cfg: Config, warmup: int = 2, steps: int = 5) -> dict[str, Any]
         try:
             prompts = prompt_ids(trainer, (warmup + steps) * groups)
             rows = {TRL_ROW: dict(bench_trl_grpo(trainer.cfg, prompts, warmup, steps), compare_to=JAXLLM_ROW)}
-            prompt_tokens = float(np.mean([len(p) for p in prompts]))
-            rows = {JAXLLM_ROW: bench_jaxllm_grpo(trainer, warmup, steps, prompt_tokens), **rows}
+            rows = {JAXLLM_ROW: bench_jaxllm_grpo(trainer, warmup, steps, prompts), **rows}
         finally:
             trainer.data.close()
             trainer.close()
