@@ -29,29 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import Config
-from jaxllm.data.objectives import BatchFormat, batch_format, register_format, token_rows_spec
+from jaxllm.data.objectives import (
+    BatchFormat,
+    batch_format,
+    register_format,
+    token_rows_spec,
+)
 from jaxllm.models import bind
 from jaxllm.models.moe import moe_objective
 from jaxllm.rl import losses
+from jaxllm.rl.online import OnlineData, beta, needs_reference
 from jaxllm.rl.rewards import builtin_names, load_function
 from jaxllm.train.losses import token_logps
 from jaxllm.train.objective import Objective, register
-from jaxllm.train.preference import _reference_source, _without_adapters
+from jaxllm.train.preference import _reference_source
 
 ONLINE = ("grpo", "rloo", "ppo")
-TRL_BETA = {"grpo": 0.0, "rloo": 0.05, "ppo": 0.0}  # TRL's default KL coefficients (ppo uses rl.kl_coef)
-
-
-def beta(cfg: Config) -> float:
-    """rl.beta, or TRL's default for the objective."""
-    return TRL_BETA[cfg.data.objective.name] if cfg.rl.beta is None else cfg.rl.beta
-
-
-def needs_reference(cfg: Config) -> bool:
-    """A reference policy is used: grpo and rloo with beta > 0 (TRL skips it at 0), ppo with kl_coef > 0."""
-    if cfg.data.objective.name == "ppo":
-        return cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None
-    return beta(cfg) > 0
 
 
 def on_policy(cfg: Config) -> bool:
@@ -97,13 +90,6 @@ def policy_logps(model, batch, temperature: float, chunk: int, with_values: bool
     logps = token_logps(x_BLD, lambda h: model.logits(h).astype(jnp.float32) / temperature, batch["targets"], batch["loss_mask"], chunk)
     values = model.values(x_BLD) if with_values else None
     return logps, moe_aux, values
-
-
-def reference_model(params, graphdef, frozen):
-    """The reference: the frozen `reference` model, else (model.lora) the policy with its adapters off."""
-    if "reference" in frozen:
-        return frozen["reference"].bind()
-    return bind(graphdef, jax.lax.stop_gradient(_without_adapters(params)))
 
 
 def _means(metrics: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -192,11 +178,5 @@ def _prepare(cfg: Config, tokenizer) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=True))
 
 
-def _online(trainer):
-    from jaxllm.rl.online import OnlineData
-
-    return OnlineData(trainer)
-
-
 for _name, _loss in (("grpo", grpo_loss), ("rloo", rloo_loss), ("ppo", ppo_loss)):
-    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=_online))
+    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=OnlineData))

@@ -28,98 +28,48 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from grain.experimental import WindowShuffleIterDataset
 
 from jaxllm import sharding
-from jaxllm.config import Config, JaxllmError, SourceConfig
-from jaxllm.data.pipeline import Pipeline
-from jaxllm.data.readers import RecordError
-from jaxllm.data.sft import chat_template_for
-from jaxllm.data.sources import make_source
+from jaxllm.config import Config, JaxllmError
 from jaxllm.infer.generate import CHAT_STOP_TOKENS
 from jaxllm.models import bind
 from jaxllm.rl import losses
-from jaxllm.rl.objectives import beta, needs_reference, reference_model
+from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
 from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
 from jaxllm.rl.rollout import SamplingSettings, rollout
 from jaxllm.train.frozen import frozen_shardings
 from jaxllm.train.losses import chunked_sums, token_logps
+from jaxllm.train.preference import _without_adapters
 
 log = logging.getLogger("jaxllm.rl")
 _STATE_VERSION = 1
 
 
-class PromptEncoder:
-    """A source's convert: record -> {"ids": the prompt's tokens, "prompt": as the record holds it, "record"}.
-    A string prompt is encoded as is (BOS first with data.add_bos); a list of messages is rendered with the chat
-    template and its generation prompt (the assistant's turn begins), as TRL does."""
-
-    def __init__(self, cfg: Config, tokenizer):
-        self._tokenizer, self._field = tokenizer, cfg.data.objective.prompt_field
-        self._template = chat_template_for(cfg.data, tokenizer)
-        self._variables = tokenizer.special_tokens() if self._template is not None else {}
-        self._bos = [tokenizer.bos_id] if cfg.data.add_bos and tokenizer.bos_id is not None else []
-        # prompt + completion - 1 inputs fit a row, and prompt + completion the model's context
-        self._room = min(cfg.data.seq_len + 1, cfg.model.max_seq_len) - cfg.rl.max_new_tokens
-        self.conversational = False
-
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        prompt = record.get(self._field)
-        if isinstance(prompt, str):
-            ids = self._bos + self._tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-            if self._template is None:
-                raise JaxllmError("prompts in the messages format need a chat template; set "
-                                  "data.objective.chat_template (e.g. builtin:zephyr) or start from a model that has one")
-            # encode_with_offsets, as training encodes rendered conversations: the template's special tokens
-            # (`</s>`, `<|im_end|>`) become their ids, not their characters
-            ids = self._tokenizer.encode_with_offsets(self._template.render(prompt, True, self._variables))[0]
-        else:
-            raise RecordError(f"field {self._field!r} must hold the prompt: a string or a list of messages, got "
-                              f"{prompt!r:.60}; set data.objective.prompt_field to the field that holds it")
-        if not ids:
-            raise RecordError("the prompt has no tokens (an empty prompt needs data.add_bos and a BOS token)")
-        if len(ids) > self._room:
-            raise RecordError(f"the prompt has {len(ids)} tokens, more than the {self._room} data.seq_len leaves beside "
-                              "rl.max_new_tokens; raise data.seq_len or lower rl.max_new_tokens")
-        return {"ids": np.asarray(ids, np.int32), "prompt": prompt, "record": record}
+TRL_BETA = {"grpo": 0.0, "rloo": 0.05, "ppo": 0.0}  # TRL's default KL coefficients (ppo uses rl.kl_coef)
 
 
-def prompt_pipeline(cfg: Config, sources: list[SourceConfig], encode: PromptEncoder, num_epochs: Optional[int],
-                    shuffle: bool) -> Pipeline:
-    """The prompts of `sources` (mixed by weight, shuffled in data.shuffle_window), one encoded record at a time."""
-    d = cfg.data
-    parts = [make_source(s, seed=int(np.random.SeedSequence([d.seed, i]).generate_state(1)[0]),
-                         on_bad_record=d.on_bad_record, num_epochs=num_epochs, convert=encode)
-             for i, s in enumerate(sources)]
-    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [s.weight for s in sources])
-    if shuffle and d.shuffle_window > 0:
-        ds = WindowShuffleIterDataset(ds, window_size=d.shuffle_window, seed=d.seed)
-    layout = {"objective": d.objective.name, "sources": [s.path for s in sources], "process_index": 0,
-              "process_count": 1}
-    return Pipeline(ds, layout)
+def beta(cfg: Config) -> float:
+    """rl.beta, or TRL's default for the objective."""
+    return TRL_BETA[cfg.data.objective.name] if cfg.rl.beta is None else cfg.rl.beta
 
 
-def rows(prompts: list[np.ndarray], completions: np.ndarray, completion_mask: np.ndarray, seq_len: int
-         ) -> dict[str, np.ndarray]:
-    """One row per completion (objectives.py): prompt + completion tokens (those under the mask), shifted,
-    right-padded to seq_len; loss_mask 1 on the completion's targets."""
-    N = len(prompts)
-    out = {k: np.zeros((N, seq_len), np.float32 if k == "loss_mask" else np.int32)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    for i, (p, c, m) in enumerate(zip(prompts, completions, completion_mask)):
-        seq = np.concatenate([p, c[: int(m.sum())]])
-        n = len(seq) - 1
-        out["inputs"][i, :n], out["targets"][i, :n] = seq[:-1], seq[1:]
-        out["segment_ids"][i, :n], out["positions"][i, :n] = 1, np.arange(n)
-        out["loss_mask"][i, len(p) - 1 : n] = 1.0
-    return out
+def needs_reference(cfg: Config) -> bool:
+    """A reference policy is used: grpo and rloo with beta > 0 (TRL skips it at 0), ppo with kl_coef > 0."""
+    if cfg.data.objective.name == "ppo":
+        return cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None
+    return beta(cfg) > 0
+
+
+def reference_model(params, graphdef, frozen):
+    """The reference: the frozen `reference` model, else (model.lora) the policy with its adapters off."""
+    if "reference" in frozen:
+        return frozen["reference"].bind()
+    return bind(graphdef, jax.lax.stop_gradient(_without_adapters(params)))
 
 
 class OnlineData:
@@ -223,6 +173,9 @@ class OnlineData:
 
     def _fill(self) -> None:
         """One rollout and its batches (module docstring)."""
+        # Train steps run asynchronously: wait for the last one here, so that its time is not counted as the
+        # rollout's (rollout_share) and the rollout samples from the updated parameters' values.
+        jax.block_until_ready(self._trainer.state.params)
         started = time.perf_counter()
         cfg, r, n = self.cfg, self.cfg.rl, self.cfg.rl.num_generations
         groups, dropped, kept, spare, tries, generating, generated = self._size // n, 0, [], [], 0, 0.0, 0
@@ -265,7 +218,7 @@ class OnlineData:
         """The rollout's rows with old/reference log-probs, values and advantages, cut into the batches of its
         rl.epochs * rl.minibatches updates; sets the rollout's metrics."""
         cfg, r = self.cfg, self.cfg.rl
-        cat = lambda key: np.concatenate([g[key] for g in groups])  # noqa: E731
+        cat = lambda key: np.concatenate([g[key] for g in groups])
         mask, truncated, reward = cat("mask"), cat("truncated"), cat("reward")
         per = {k: np.concatenate([g["per"][k] for g in groups]) for k in groups[0]["per"]}
         batch = rows([p for g in groups for p in g["ids"]], cat("tokens"), mask, cfg.data.seq_len)

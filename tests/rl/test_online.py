@@ -12,7 +12,7 @@ import pytest
 from jaxllm.cli import main
 from jaxllm.config import JaxllmError, load_config
 from jaxllm.data.tokenizer import load_tokenizer
-from jaxllm.rl.online import PromptEncoder, prompt_pipeline, rows
+from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
 from jaxllm.train.loop import Trainer
 from jaxllm.train.metrics import read_metrics
 
