@@ -116,7 +116,7 @@ def _trainer(cfg: Config):
 def prompt_ids(trainer, count: int) -> list[list[int]]:
     """The first `count` prompts the trainer's rollouts will use, as token ids (a second pipeline of the same
     sources, seed and shuffle: the same order)."""
-    from jaxllm.rl.online import prompt_pipeline
+    from jaxllm.rl.prompts import prompt_pipeline
 
     data = trainer.data
     pipeline = prompt_pipeline(trainer.cfg, trainer.cfg.data.sources, data._encode, None, shuffle=True)
