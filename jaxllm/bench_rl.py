@@ -5,7 +5,8 @@ speed and scale").
 
 What is equal on both sides:
 - the prompts: the token ids jaxllm's prompt pipeline makes of data.sources (its tokenizer, chat template), handed
-  to TRL as the words `t<ID>` of a whitespace word-level tokenizer, which encodes them to the same ids;
+  to TRL as the words `[ID]` of a whitespace word-level tokenizer, which encodes them to the same ids (checked:
+  each row's `same_prompts`);
 - the model shapes (the trained model's: train.init_from's when it exists, `bench.start_from`); jaxllm trains
   from init_from's weights when it exists, TRL from a random init of those shapes (the work per step is the same);
 - the work: every completion is exactly rl.max_new_tokens long. jaxllm samples with no stop ids (the rollout
@@ -175,14 +176,20 @@ def bench_jaxllm_grpo(trainer, warmup: int, steps: int, prompts: list[list[int]]
 
 
 def word_tokenizer(vocab_size: int):
-    """Words `t<ID>` -> id ID (whitespace-split; pad t0, eos t1): prompts written as these words tokenize to the
-    ids jaxllm's tokenizer gave them."""
+    """Words `[ID]` -> id ID (whitespace-split; pad [0], eos [1]): prompts written as these words (`as_words`)
+    tokenize to the ids jaxllm's tokenizer gave them. Brackets, because special tokens are matched inside words
+    first: with words t<ID>, eos `t1` would split `t128` into `t1` `28`."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer = Tokenizer(models.WordLevel({f"[{i}]": i for i in range(vocab_size)}, unk_token="[0]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
+    return T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[0]", eos_token="[1]")
+
+
+def as_words(ids) -> str:
+    """Token ids as the text `word_tokenizer` encodes back to them."""
+    return " ".join(f"[{int(i)}]" for i in ids)
 
 
 def _grpo_trainer_class():
@@ -228,7 +235,7 @@ def bench_trl_grpo(cfg: Config, prompts: list[list[int]], warmup: int, steps: in
     model = hf_causal_lm(cfg.model, device)
     tokenizer = word_tokenizer(cfg.model.vocab_size)
     per_step = _cycle_steps(cfg)
-    dataset = datasets.Dataset.from_list([{"prompt": " ".join(f"t{i}" for i in p)} for p in prompts])
+    dataset = datasets.Dataset.from_list([{"prompt": as_words(p)} for p in prompts])
     ends: list[float] = []
 
     class CycleTimer(T.TrainerCallback):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jaxllm.bench_rl import JAXLLM_ROW, TRL_ROW, token_share
+from jaxllm.bench_rl import JAXLLM_ROW, TRL_ROW, as_words, token_share, word_tokenizer
 from jaxllm.cli import main
 
 MICRO = [
@@ -31,7 +31,7 @@ def test_grpo_cycle_against_trl_on_the_same_prompts_and_completion_lengths(promp
     assert code == 0
     results = json.loads(out.read_text())
     ours, trl = results[JAXLLM_ROW], results[TRL_ROW]
-    # TRL tokenized the words t<ID> to the ids jaxllm's rollouts sampled from, each prompt num_generations times
+    # TRL tokenized the words [ID] to the ids jaxllm's rollouts sampled from, each prompt num_generations times
     assert ours["same_prompts"] is True and trl["same_prompts"] is True
     assert ours["completion_lengths"] == trl["completion_lengths"] == [6]  # no early stop on either side
     for row in (ours, trl):
@@ -52,3 +52,8 @@ def test_an_online_objective_without_a_trl_peer_is_a_one_line_error(prompts, cap
 
 def test_the_reward_is_the_share_of_even_ids():
     assert token_share(["p", "q"], ["a", "b"], completion_ids=[[2, 3, 4, 5], [1]]) == [0.5, 0.0]
+
+
+def test_trls_prompts_tokenize_back_to_jaxllms_ids():
+    ids = [4037, 128, 1, 0, 10, 11, 2, 4095]  # ids whose digits start with the pad and eos ids' (0, 1)
+    assert word_tokenizer(4096)(as_words(ids))["input_ids"] == ids
