@@ -24,6 +24,7 @@ def prompts(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow  # about 30 s of CPU: TRL's and jaxllm's trainers are built and compiled, two cycles each
 def test_grpo_cycle_against_trl_on_the_same_prompts_and_completion_lengths(prompts, tmp_path, capsys):
     out = tmp_path / "rl.json"
     code = main(["bench", "configs/tiny-grpo.yaml", *MICRO, f"data.sources=[{{path: {prompts}}}]", "--peer", "trl",
