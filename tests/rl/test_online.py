@@ -48,10 +48,10 @@ def _config(run_dir, prompts, *extra):
     return load_config(None, [*MICRO_RL, f"run_dir={run_dir}", f"data.sources=[{{path: {prompts}}}]", *extra])
 
 
-def _run(cfg, devices=None, stop_at_step=None):
+def _run(cfg, devices=None):
     trainer = Trainer(cfg, devices=devices)
     try:
-        trainer.run(stop_at_step=stop_at_step)
+        trainer.run()
     finally:
         trainer.close()
     return {row["step"]: row for row in read_metrics(cfg.run_dir)}
@@ -107,7 +107,7 @@ def test_first_update_loss_is_the_dr_grpo_formula(prompts, tmp_path):
     assert metrics["clip_ratio/region_mean"] == 0
 
 
-def test_eight_devices_give_one_devices_losses_and_resume_is_exact(prompts, tmp_path):
+def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, tmp_path):
     extra = (*GRPO, "train.steps=4", "rl.minibatches=2", "checkpoint.every=2")
     eight = _run(_config(tmp_path / "eight", prompts, *extra))
     one = _run(_config(tmp_path / "one", prompts, *extra), devices=jax.devices()[:1])
@@ -115,8 +115,15 @@ def test_eight_devices_give_one_devices_losses_and_resume_is_exact(prompts, tmp_
         np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], atol=1e-4)
         np.testing.assert_allclose(eight[step]["reward"], one[step]["reward"], atol=1e-4)
     assert eight[1]["reward"] != eight[3]["reward"]  # two rollouts, of different prompts
+    # A stop (SIGTERM) during the first rollout's updates: the run finishes them, saves at step 2, and resumes.
     resumed_dir = tmp_path / "resumed"
-    _run(_config(resumed_dir, prompts, *extra), stop_at_step=2)
+    trainer = Trainer(_config(resumed_dir, prompts, *extra))
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (trainer.request_stop(), step(batch))[1]
+    try:
+        assert trainer.run()["end_step"] == 2
+    finally:
+        trainer.close()
     resumed = _run(_config(resumed_dir, prompts, *extra))
     for step in (1, 2, 3, 4):
         assert resumed[step]["loss"] == eight[step]["loss"] and resumed[step]["reward"] == eight[step]["reward"]
