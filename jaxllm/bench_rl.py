@@ -55,15 +55,16 @@ def bench_config(cfg: Config, run_dir: str) -> Config:
     from jaxllm import bench
 
     r, t = cfg.rl, cfg.train
+    never = _cycle_steps(cfg) * 10**6  # train.steps and checkpoint.every stay multiples of a cycle's updates
     init_from = t.init_from if t.init_from and os.path.exists(t.init_from) else None
     if t.init_from and init_from is None:
         bench.start_from(cfg)  # says once that the config's model section is measured
     return dataclasses.replace(
         cfg, run_dir=run_dir,
         rl=dataclasses.replace(r, rewards=[RewardSpec(REWARD)], dynamic_sampling=False),
-        train=dataclasses.replace(t, init_from=init_from, steps=10**6, sample_prompt=None),
+        train=dataclasses.replace(t, init_from=init_from, steps=never, sample_prompt=None),
         eval=dataclasses.replace(cfg.eval, sources=[], tasks=[], at_start=False),
-        checkpoint=dataclasses.replace(cfg.checkpoint, every=10**6))
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=never))
 
 
 def _cycle_steps(cfg: Config) -> int:
