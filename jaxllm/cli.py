@@ -198,14 +198,42 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(required=True, metavar="TOOL")
-    tt = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on text sources")
+    tt = dsub.add_parser("train-tokenizer", help="train a tokenizer (SentencePiece BPE/unigram, byte-level BPE, "
+                                                 "WordPiece) on (a sample of) text sources")
     tt.add_argument("--input", action="append", required=True,
                     help="a source: file, glob, builtin:kjv, hf:NAME ...; repeat for several")
     tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    tt.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    tt.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe", "wordpiece"], default="bpe",
+                    help="bpe/unigram: SentencePiece (PREFIX.model); byte-bpe (GPT-2 / LLaMA-3 style) and wordpiece "
+                         "(BERT style): a Hugging Face tokenizer directory")
+    tt.add_argument("--output", required=True, help="SentencePiece: output prefix, writes PREFIX.model; byte-bpe and "
+                                                    "wordpiece: a directory for tokenizer.json and its configs")
     tt.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tt.add_argument("--sample-docs", type=int, help="train on a uniform random sample of this many documents")
+    tt.add_argument("--sample-bytes", type=int, help="train on a uniform random sample of at most this many bytes")
+    tt.add_argument("--min-frequency", type=int, default=2, help="byte-bpe, wordpiece: least count of a merge")
+    tt.add_argument("--lowercase", action="store_true", help="wordpiece: lowercase the text (BERT uncased)")
+    tt.add_argument("--seed", type=int, default=0, help="the sample's and SentencePiece's seed")
     tt.set_defaults(func=cmd_train_tokenizer)
+    tk = dsub.add_parser("tokenize", help="tokenise and pack documents into ArrayRecord shards of training rows "
+                                          "(data.sources: [{path: DIR}] trains from them)")
+    tk.add_argument("--input", required=True, help="documents: a file, glob or comma-separated list (jsonl[.gz], "
+                                                   "parquet, text), builtin:NAME or hf:NAME")
+    tk.add_argument("--output", required=True, help="directory for the shards, metadata.json and the tokenizer")
+    tk.add_argument("--tokenizer", required=True, help="a SentencePiece .model, a Hugging Face tokenizer directory or "
+                                                       "builtin:kjv-sp4k")
+    tk.add_argument("--seq-len", type=int, required=True, help="tokens per row (= data.seq_len of the training run)")
+    tk.add_argument("--objective", choices=["clm"], default="clm", help="the packing (clm: the trainer's)")
+    tk.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True, help="BOS before each document")
+    tk.add_argument("--add-eos", action=argparse.BooleanOptionalAction, default=True, help="EOS after each document")
+    tk.add_argument("--rows-per-shard", type=int, default=8192)
+    tk.add_argument("--workers", type=int, default=0, help="tokenising processes (default 0: one per core)")
+    tk.add_argument("--text-field", default="text", help="field of jsonl/parquet/hf records holding the text")
+    tk.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"],
+                    help="input format (auto: from the extension)")
+    tk.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    tk.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    tk.set_defaults(func=cmd_data_tokenize)
     pv = dsub.add_parser("preview", help="show the first training rows of a config as the train step sees them: "
                                          "each packed example's text with the trained tokens marked")
     pv.add_argument("config", help="YAML config, e.g. configs/tiny-sft.yaml")
@@ -221,7 +249,80 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", required=True, help="output jsonl: each record with the reference's log-probs")
     rl.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     rl.set_defaults(func=cmd_data_ref_logps)
+    cl = dsub.add_parser("clean", help="normalise, filter (Gopher, C4, FineWeb rules), identify the language and "
+                                       "scrub PII of a corpus; stats.json and rejected/ samples per drop reason")
+    cl.add_argument("--config", help="YAML mapping of the clean settings (docs/data.md \"Cleaning\")")
+    cl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. gopher_quality.min_doc_words=20 "
+                                                 "language.languages=[en,fr] pii.enabled=false")
+    _doc_stage_args(cl)
+    cl.set_defaults(func=cmd_data_clean)
+    dc = dsub.add_parser("decontaminate", help="drop or flag documents sharing a 13-gram with evaluation sets "
+                                               "(files or lm-evaluation-harness tasks)")
+    dc.add_argument("--eval-file", action="append", default=[], help="evaluation set: jsonl(.gz) or text; repeatable")
+    dc.add_argument("--eval-text-field", default="text", help="field of the evaluation jsonl holding the text")
+    dc.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks, e.g. arc_easy,hellaswag")
+    dc.add_argument("--include-path", help="a directory of your own task YAML files")
+    dc.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, GPT-3's)")
+    dc.add_argument("--mode", choices=["drop", "flag"], default="drop",
+                    help="drop contaminated documents, or keep them with contaminated/contamination_* fields")
+    _doc_stage_args(dc)
+    dc.set_defaults(func=cmd_data_decontaminate)
+    dd = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH), keeping one "
+                                       "survivor per cluster: the longest, ties by input order (docs/data.md)")
+    dd.add_argument("--input", required=True, help="jsonl(.gz)/parquet/text files: a file, glob or comma-separated "
+                                                   "list, builtin:NAME or hf:NAME")
+    dd.add_argument("--output", required=True, help="directory: part-NNNNN shards, stats.json, rejected/")
+    dd.add_argument("--mode", choices=["minhash", "exact"], default="minhash",
+                    help="exact: same normalised text only; minhash: also near-duplicates (default)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
+    dd.add_argument("--num-perm", type=int, default=112, help="MinHash permutations (default 112)")
+    dd.add_argument("--bands", type=int, default=0, help="LSH bands (with --rows; default: derived from --threshold)")
+    dd.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
+    dd.add_argument("--no-verify", action="store_true", help="keep candidate pairs whose estimated Jaccard is below "
+                                                             "the threshold")
+    dd.add_argument("--seed", type=int, default=1, help="MinHash seed")
+    dd.add_argument("--unicode", choices=["NFC", "NFKC", "NFD", "NFKD", "none"], default="NFC")
+    dd.add_argument("--case-sensitive", action="store_true", help="do not lowercase before comparing")
+    dd.add_argument("--keep-whitespace", action="store_true", help="do not collapse runs of whitespace")
+    dd.add_argument("--strip-punctuation", action="store_true", help="compare without punctuation")
+    dd.add_argument("--clusters", action="store_true", help="also write clusters.jsonl.gz (id, cluster, kept)")
+    dd.add_argument("--partitions", type=int, default=16, help="band-key partitions grouped one at a time "
+                                                                "(memory); default 16")
+    dd.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                      "DataflowRunner, FlinkRunner, SparkRunner")
+    dd.add_argument("--workers", type=int, default=0, help="processes of the local runner (0 = all cores)")
+    dd.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz")
+    dd.add_argument("--text-field", default="text")
+    dd.add_argument("--id-field", default="id")
+    dd.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    dd.add_argument("--samples-per-reason", type=int, default=20, help="removed documents kept in rejected/")
+    dd.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                       "--pipeline-arg=--project=P; repeatable")
+    dd.set_defaults(func=cmd_data_dedup)
+    pr = dsub.add_parser("prepare", help="clean -> dedup -> decontaminate -> tokenize from a config's prepare: block, "
+                                         "each stage skipped when already complete (docs/data.md)")
+    pr.add_argument("config", help="YAML file with a prepare: block, e.g. configs/data-kjv.yaml")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.engine=beam prepare.workers=2")
+    pr.set_defaults(func=cmd_data_prepare)
     return p
+
+
+def _doc_stage_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every per-document `jaxllm data` stage (jaxllm.dataprep.engine.run_local's)."""
+    parser.add_argument("--input", required=True, help="input files: a glob, comma list or hf:NAME (jsonl(.gz), "
+                                                       "parquet, text)")
+    parser.add_argument("--output", required=True, help="output directory: part-NNNNN shards, stats.json, rejected/")
+    parser.add_argument("--runner", default="local", help="local (all cores, default), or a Beam runner: DirectRunner, "
+                                                          "DataflowRunner, FlinkRunner, SparkRunner")
+    parser.add_argument("--pipeline-arg", action="append", default=[], help="a Beam pipeline option, e.g. "
+                                                                           "--pipeline-arg=--project=P; repeatable")
+    parser.add_argument("--workers", type=int, default=0, help="processes of the local runner (default 0: all cores)")
+    parser.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz", help="output shards")
+    parser.add_argument("--text-field", default="text", help="field holding the text")
+    parser.add_argument("--id-field", default="id", help="field holding the document id (else file:line)")
+    parser.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
+    parser.add_argument("--samples-per-reason", type=int, default=20, help="dropped documents kept per reason")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -553,13 +654,84 @@ def cmd_data_ref_logps(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from jaxllm.dataprep.prepare import prepare_command
+
+    return prepare_command(args)
+
+
+def _run_doc_stage(stage, args) -> int:
+    options = dict(fmt_out=args.format, text_field=args.text_field, id_field=args.id_field,
+                   on_bad_record=args.on_bad_record, samples_per_reason=args.samples_per_reason)
+    if args.runner == "local":
+        if args.pipeline_arg:
+            raise JaxllmError("--pipeline-arg is for Beam runners; add --runner DirectRunner (or DataflowRunner, ...)")
+        from jaxllm.dataprep.engine import run_local
+
+        stats = run_local(stage, args.input, args.output, workers=args.workers, **options)
+    else:
+        from jaxllm.dataprep.beam import run_beam
+
+        stats = run_beam(stage, args.input, args.output, runner=args.runner, pipeline_args=args.pipeline_arg,
+                         **options)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])[:8])
+    print(f"{stage.name}: {stats['documents_in']} documents in, {stats['documents_out']} out"
+          f"{' (dropped: ' + dropped + ')' if dropped else ''}; stats in {args.output}/stats.json")
+    return 0
+
+
+def cmd_data_clean(args) -> int:
+    from jaxllm.config.loading import apply_override, read_yaml
+    from jaxllm.dataprep.clean import Cleaner
+
+    raw = read_yaml(args.config) if args.config else {}
+    for item in args.overrides:
+        apply_override(raw, item)
+    return _run_doc_stage(Cleaner(raw, text_field=args.text_field), args)
+
+
+def cmd_data_decontaminate(args) -> int:
+    from jaxllm.dataprep.decontaminate import DecontaminateConfig, Decontaminator
+
+    config = DecontaminateConfig(files=args.eval_file, text_field=args.eval_text_field, n=args.n, mode=args.mode,
+                                 tasks=[t for t in args.tasks.split(",") if t], include_path=args.include_path)
+    return _run_doc_stage(Decontaminator(config, text_field=args.text_field), args)
+
+
+def cmd_data_dedup(args) -> int:
+    from jaxllm.dataprep.dedup import dedup_command
+
+    return dedup_command(args)
+
+
+def cmd_data_tokenize(args) -> int:
+    from tqdm import tqdm
+
+    from jaxllm.dataprep.shards import tokenize_to_shards
+
+    with tqdm(desc="tokenize", unit="doc", disable=None) as bar:
+        meta = tokenize_to_shards(
+            args.input, args.output, args.tokenizer, args.seq_len, add_bos=args.add_bos, add_eos=args.add_eos,
+            objective=args.objective, rows_per_shard=args.rows_per_shard, workers=args.workers,
+            text_field=args.text_field, input_format=args.format, on_bad_record=args.on_bad_record,
+            overwrite=args.overwrite, progress=bar.update,
+        )  # fmt: skip
+    print(f"wrote {meta['rows']} rows of {meta['seq_len']} ({meta['tokens']} tokens) from "
+          f"{meta['sources']['documents']} documents in {len(meta['shards'])} shards to {args.output} "
+          f"({meta['documents_per_second']:.0f} documents/s); train on them with "
+          f"data.sources=[{{path: {args.output}}}] data.seq_len={meta['seq_len']}")
+    return 0
+
+
 def cmd_train_tokenizer(args) -> int:
     from jaxllm.config import SourceConfig
-    from jaxllm.data.tokenizer import train_sentencepiece
+    from jaxllm.dataprep.tokenizer_train import train_tokenizer
 
     sources = [SourceConfig(path=p, text_field=args.text_field) for p in args.input]
-    path = train_sentencepiece(sources, args.output, vocab_size=args.vocab_size, model_type=args.model_type)
-    print(f"wrote {path}")
+    tokenizer, path = train_tokenizer(sources, args.output, args.model_type, args.vocab_size,
+                                      sample_docs=args.sample_docs, sample_bytes=args.sample_bytes,
+                                      min_frequency=args.min_frequency, lowercase=args.lowercase, seed=args.seed)
+    print(f"wrote {path} ({tokenizer.vocab_size} ids); use it with tokenizer.path={path}")
     return 0
 
 

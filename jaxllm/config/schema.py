@@ -217,10 +217,11 @@ class DistributedConfig:
 class SourceConfig:
     """One data source. `path`: a file, a glob, a comma-separated list of them, `builtin:NAME`
     (a corpus shipped with jaxllm), `hf:NAME_OR_DIR` (Hugging Face datasets, streamed) or
-    `tfds:NAME` (TensorFlow Datasets data source)."""
+    `tfds:NAME` (TensorFlow Datasets data source), or a directory of pre-tokenised ArrayRecord shards written by
+    `jaxllm data tokenize` (format arrayrecord; auto when the directory holds a metadata.json)."""
 
     path: str = "builtin:kjv"
-    format: Literal["auto", "text", "jsonl", "parquet", "hf", "tfds"] = "auto"
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "tfds", "arrayrecord"] = "auto"
     text_field: str = "text"
     split: str = "train"
     weight: float = 1.0
@@ -389,7 +390,7 @@ class AdversarialConfig:
 class TrainConfig:
     # A run directory or checkpoint (ours, or converted from Hugging Face), or a Hugging Face model directory
     # (config.json + safetensors), whose parameters start this run; the optimizer starts fresh. The model architecture is then the checkpoint's: only
-    # model.dtype, model.remat and model.attention_impl of this config apply.
+    # model.dtype, model.remat, model.attention_impl and model.value_head of this config apply.
     init_from: Optional[str] = None
     steps: int = 1000
     batch_size: int = 32  # global, in sequences

@@ -236,12 +236,18 @@ def _clm_rows(docs: grain.IterDataset, cfg: DataConfig, tokenizer: Tokenizer, ba
               process_index: int) -> grain.IterDataset:
     """clm: tokenize (+BOS/EOS; inputs = t[:-1], targets = t[1:]) -> pack into rows of seq_len
     (ConcatThenSplit: long documents continue on the next row)."""
-    ds = docs.map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)).filter(lambda doc: len(doc["inputs"]) > 0)
-    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
+    return pack_clm_rows(docs.map(ClmTokenize(tokenizer, cfg.add_bos, cfg.add_eos)), cfg.seq_len)
+
+
+def pack_clm_rows(tokenized: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """clm's packing: `ClmTokenize`d documents -> rows of `seq_len` (documents without a target dropped).
+    The trainer's path and `jaxllm data tokenize` (jaxllm.dataprep.shards) both pack with it."""
+    ds = tokenized.filter(lambda doc: len(doc["inputs"]) > 0)
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
     return ds.map(finish_token_row)
 
 
-class _Tokenize:
+class ClmTokenize:
     """{"text"} -> {"inputs": t[:-1], "targets": t[1:]} (int32), t = [BOS] + tokens + [EOS] as configured."""
 
     def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):

@@ -6,7 +6,10 @@
 
 That is the clm objective's path, described below. Each objective's batch format (objectives.py:
 `BatchFormat`, registered by data.objective.name) supplies the stages from documents to rows and the
-batch fields; mlm, span, bart and ul2 are described in docs/objectives.md.
+batch fields; mlm, span, bart and ul2 are described in docs/objectives.md. A source of pre-tokenised shards
+(`jaxllm data tokenize`; jaxllm.data.shard_source) skips the stages up to the packed rows: rows -> batch ->
+prefetch, shuffled over the whole corpus, with a resume position that is a global row index (any process
+count may resume it).
 
 Targets are shifted inside each document before packing, so no target ever crosses into another
 document; packing is then free to place documents side by side. Each batch is a dict of numpy arrays
@@ -28,7 +31,8 @@ from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDatas
 
 from jaxllm.config import DataConfig, JaxllmError
 from jaxllm.data import preference, sft  # noqa: F401 (register the sft and preference batch formats)
-from jaxllm.data.objectives import batch_format
+from jaxllm.data.objectives import BatchFormat, batch_format
+from jaxllm.data.shard_source import is_shard_source, shard_rows
 from jaxllm.data.sources import make_source
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -65,7 +69,9 @@ class Pipeline:
                 "resume with that version, or train in a new run_dir"
             )
         saved, now = {"objective": "clm", **state["layout"]}, self._layout  # states before objectives were clm's
-        for key in ("objective", "sources", "process_index", "process_count"):
+        # A global row position (shard sources) resumes on any process count; a document position does not.
+        processes = () if now.get("position") == "global" else ("process_index", "process_count")
+        for key in ("objective", "sources", *processes):
             if saved[key] != now[key]:
                 raise JaxllmError(
                     f"the data state was saved with {key}={saved[key]}, but this run has {key}={now[key]}; "
@@ -113,6 +119,32 @@ def make_pipeline(
                 f"data.{flag} is true but the tokenizer has no {flag[4:].upper()} token; set data.{flag}=false"
             )
     fmt = batch_format(cfg.objective.name)
+    shards = any(is_shard_source(s) for s in cfg.sources)
+    if shards:
+        if fmt is not batch_format("clm"):
+            raise JaxllmError(f"data.sources holds pre-tokenised clm rows, which the {cfg.objective.name} objective "
+                              "cannot use; train it from the documents (jsonl, parquet, text), or use objective clm")
+        ds = shard_rows(cfg, tokenizer, batch_size, process_index, process_count, num_epochs)
+    else:
+        ds = _document_rows(cfg, tokenizer, fmt, batch_size, process_index, process_count, num_epochs)
+    ds = ds.batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
+    if cfg.prefetch > 0:
+        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    layout = {
+        "objective": cfg.objective.name,
+        "sources": [s.path for s in cfg.sources],
+        "process_index": process_index,
+        "process_count": process_count,
+        "seq_len": cfg.seq_len,
+        "batch_size": batch_size,
+        **({"position": "global"} if shards else {}),
+    }
+    return Pipeline(ds, layout)
+
+
+def _document_rows(cfg: DataConfig, tokenizer: Tokenizer, fmt: BatchFormat, batch_size: int, process_index: int,
+                   process_count: int, num_epochs: Optional[int]) -> grain.IterDataset:
+    """Rows from documents: sources mixed by weight -> window shuffle -> the objective's stages to rows."""
     sources = [
         make_source(
             source,
@@ -128,19 +160,7 @@ def make_pipeline(
     ds = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, [s.weight for s in cfg.sources])
     if cfg.shuffle_window > 0:
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
-    ds = fmt.rows(ds, cfg, tokenizer, batch_size, process_index)
-    ds = ds.batch(batch_size, drop_remainder=False).map(_Pad(batch_size))
-    if cfg.prefetch > 0:
-        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
-    layout = {
-        "objective": cfg.objective.name,
-        "sources": [s.path for s in cfg.sources],
-        "process_index": process_index,
-        "process_count": process_count,
-        "seq_len": cfg.seq_len,
-        "batch_size": batch_size,
-    }
-    return Pipeline(ds, layout)
+    return fmt.rows(ds, cfg, tokenizer, batch_size, process_index)
 
 
 def process_pipeline(cfg: DataConfig, tokenizer: Tokenizer, global_batch_size: int,

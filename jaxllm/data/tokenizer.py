@@ -117,6 +117,12 @@ class Tokenizer(abc.ABC):
         raise JaxllmError(f"{type(self).__name__} gives no token offsets; chat templates need a SentencePiece "
                           "or Hugging Face tokenizer")
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a chat template's output: the special tokens the template writes (`</s>`, `<|im_end|>`)
+        become their ids, as transformers' `apply_chat_template(tokenize=True)` and training (jaxllm.data.chat)
+        give them; `encode` would read them as plain characters, as it must for a document's text."""
+        return self.encode_with_offsets(text)[0]
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, kept as its serialised bytes (the `.model` file) so `files()` is exact, plus
@@ -470,8 +476,10 @@ def train_sentencepiece(
     max_sentence_chars: int = 4000,
     character_coverage: float = 0.9995,
     seed: int = 0,
+    texts: Optional[Iterable[str]] = None,
 ) -> SentencePieceTokenizer:
-    """Trains a SentencePiece model on one pass over `sources` and writes `output_prefix.model`.
+    """Trains a SentencePiece model on one pass over `sources` (or over `texts`, e.g. a sample of them: see
+    jaxllm.dataprep.tokenizer_train) and writes `output_prefix.model`.
 
     Documents are streamed to the trainer in chunks of whole lines (at most `max_sentence_chars`;
     newlines kept so the model learns line starts); SentencePiece keeps a random sample of
@@ -490,12 +498,12 @@ def train_sentencepiece(
 
     def sentences():
         count = 0
-        for cfg in configs:
-            for doc in make_source(cfg, num_epochs=1):
-                yield from _chunks(doc["text"], max_sentence_chars)
-                count += 1
-                if max_documents is not None and count >= max_documents:
-                    return
+        documents = texts if texts is not None else (d["text"] for c in configs for d in make_source(c, num_epochs=1))
+        for text in documents:
+            yield from _chunks(text, max_sentence_chars)
+            count += 1
+            if max_documents is not None and count >= max_documents:
+                return
 
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()  # only the .model file is written: the .vocab listing is for people, not needed

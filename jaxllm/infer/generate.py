@@ -46,9 +46,10 @@ def decode(
     values in the cache, and every step reads them there.
 
     New tokens [B, T]; with `beams` (BeamSettings) the best hypotheses [B, R, T] and their scores [B, R].
-    `key`: one key for the batch, or keys [B], one per row (a row's samples then do not depend on the other
-    rows: online RL's rollouts, jaxllm/rl/rollout.py). `live_B` (bool [B], default all): rows marked False are
-    filler that starts finished (pad tokens; a fixed row count need not run the loop longer). `with_logps`:
+    `key`: one key for the batch, or typed keys [B] (jax.random.key), one per row (a row's samples then do not
+    depend on the other rows: online RL's rollouts, jaxllm/rl/rollout.py). `live_B` (bool [B], default all):
+    rows marked False are filler that starts finished (pad tokens; a fixed row count need not run the loop
+    longer). `with_logps`:
     also each new token's log-probability [B, T] float32, log_softmax(logits / temperature) at the token
     (log_softmax(logits) when greedy), 0 after a row's stop; read from the logits that chose the token, so no
     second forward pass. Unjitted: `_generate` is this jitted; callers that place work on a mesh jit it
@@ -73,7 +74,8 @@ def decode(
                            pad_id, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
     step = step_with(memory)
     T = max_new_tokens
-    row_keys = key.ndim == 1  # keys [B]: row b draws step t's token from fold_in(keys[b], t)
+    # Typed keys [B]: row b draws step t's token from fold_in(keys[b], t).
+    row_keys = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
 
     def choose(logits_BV, out_BT, t, key):
         """The next tokens [B] and their log-probabilities [B] (zeros unless with_logps)."""
@@ -305,7 +307,7 @@ def generate_text(
     elif chat:
         template = chat_template_of(tokenizer)
         variables = tokenizer.special_tokens()
-        encoded = [tokenizer.encode(template.render([{"role": "user", "content": p}], True, variables))
+        encoded = [tokenizer.encode_rendered(template.render([{"role": "user", "content": p}], True, variables))
                    for p in prompts]
     else:
         encoded = [(bos if cfg.data.add_bos else []) + tokenizer.encode(p) for p in prompts]

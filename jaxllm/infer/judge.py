@@ -181,7 +181,10 @@ class Judge:
         tok: Tokenizer = self.model.tokenizer
         texts = [self.render(*item) for item in items]
         answers = [label if self.chat is not None else " " + label for label in self.labels]
-        encoded = [tok.encode_batch([text + answer for text in texts]) for answer in ["", *answers]]
+        if self.chat is not None:  # the template's special tokens as their ids, as the judge was trained
+            encoded = [[tok.encode_rendered(text + answer) for text in texts] for answer in ["", *answers]]
+        else:
+            encoded = [tok.encode_batch([text + answer for text in texts]) for answer in ["", *answers]]
         bos = [tok.bos_id] if self.chat is None and self.model.config.data.add_bos and tok.bos_id is not None else []
         return [(bos + ids, tuple(self._label_id(tok, ids, full, answer) for full, answer in zip(fulls, answers)))
                 for ids, *fulls in zip(*encoded)]

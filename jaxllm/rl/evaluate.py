@@ -72,9 +72,9 @@ class PromptEncoder:
             if self.template is None:
                 raise JaxllmError("conversational prompts need a chat template and the model has none; train with "
                                   "data.objective.chat_template or give string prompts")
-            # encode_with_offsets, as training encodes rendered conversations: the template's special tokens
+            # as training encodes rendered conversations: the template's special tokens
             # (`</s>`, `<|im_end|>`) become their ids, not their characters
-            return self.tok.encode_with_offsets(self.template.render(prompt, True, self.tok.special_tokens()))[0]
+            return self.tok.encode_rendered(self.template.render(prompt, True, self.tok.special_tokens()))
         raise JaxllmError(f"a record's {self.field!r} must be a string or a list of messages, got "
                           f"{type(prompt).__name__} (record fields: {', '.join(record)})")
 

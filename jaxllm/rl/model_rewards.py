@@ -35,8 +35,6 @@ class RewardModelReward:
     __name__ = "reward_model"
 
     def __init__(self, path: str | Path, mesh=None, rules=None, batch_size: int = 16):
-        if batch_size < 1:
-            raise ConfigError(f"the reward model's batch_size must be >= 1, got {batch_size}")
         self.model = load_reward_model(path, mesh, rules)
         self.encode = RecordEncoder(self.model)
         self.batch_size, self.path = batch_size, path
@@ -107,6 +105,15 @@ ARGS = {"reward_model": ("path", "batch_size"),
 
 def make(kind: str, args: dict, where: str, *, mesh=None, rules=None):
     """The reward `kind` (reward_model | judge) built from a spec's args; one-line ConfigErrors for bad ones."""
+    check(kind, args, where)
+    rest = {k: v for k, v in args.items() if k != "path"}
+    if kind == "reward_model":
+        return RewardModelReward(args["path"], mesh, rules, **rest)
+    return JudgeReward(args["path"], mesh, rules, **rest)
+
+
+def check(kind: str, args: dict, where: str) -> None:
+    """A model reward's args checked (their names, the path exists, the batch size) without loading the model."""
     unknown = [k for k in args if k not in ARGS[kind]]
     if unknown:
         raise ConfigError(f"{where}.args: {kind} takes no argument {unknown[0]!r}; its arguments: "
@@ -118,6 +125,6 @@ def make(kind: str, args: dict, where: str, *, mesh=None, rules=None):
     if not Path(path).exists():
         raise ConfigError(f"{where}.args.path {path} does not exist; give the {kind}'s run, checkpoint or Hugging "
                           "Face directory")
-    if kind == "reward_model":
-        return RewardModelReward(path, mesh, rules, **{k: v for k, v in args.items() if k != "path"})
-    return JudgeReward(path, mesh, rules, **{k: v for k, v in args.items() if k != "path"})
+    size = args.get("batch_size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"{where}.args.batch_size must be a positive integer, got {size!r}")

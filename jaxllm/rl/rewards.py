@@ -63,10 +63,16 @@ def load_function(target: str, where: str = "rl.rewards") -> Callable:
             raise ConfigError(f"{where}: reward file {module_name} does not exist; give an existing .py file as "
                               "'path/to/file.py:function'")
         name = f"jaxllm_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # an error in the user's file shows with its traceback
+        module = sys.modules.get(name)  # a file named twice (or checked, then built) runs once
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: dataclasses in the file look themselves up there
+            try:
+                spec.loader.exec_module(module)  # an error in the user's file shows with its traceback
+            except BaseException:
+                sys.modules.pop(name, None)  # no half-run module left behind
+                raise
     else:
         try:
             module = importlib.import_module(module_name)
@@ -112,27 +118,38 @@ def reward_functions(specs: Sequence[RewardSpec | dict], *, mesh=None, rules=Non
                      where: str = "rl.rewards") -> list[tuple[str, float, RewardFunction]]:
     """(name, weight, function) for each spec; names are unique (a repeated one gets _2, _3, ...). Model rewards
     are loaded here (on `mesh`/`rules` when given). Bad specs raise a one-line ConfigError."""
+    from jaxllm.rl import model_rewards  # jax and the model loaders: only once rewards are built
+
+    return _build(specs, where, lambda kind, args, at: model_rewards.make(kind, args, at, mesh=mesh, rules=rules))
+
+
+def check_reward_specs(specs: Sequence[RewardSpec | dict], where: str = "rl.rewards") -> list[str]:
+    """The rewards' metric names, after every check `reward_functions` makes but without loading a model: for
+    checking a config when it loads (a bad spec fails then, not at the first rollout)."""
+    from jaxllm.rl import model_rewards
+
+    return [name for name, _, _ in _build(specs, where, model_rewards.check)]
+
+
+def _build(specs: Sequence[RewardSpec | dict], where: str, model_reward: Callable) -> list:
     out: list[tuple[str, float, RewardFunction]] = []
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
         at = f"{where}.{i}"
         if isinstance(spec, dict):
             spec = RewardSpec(**spec)
-        if not isinstance(spec.args, dict):
-            raise ConfigError(f"{at}.args must be a mapping of keyword arguments, got {type(spec.args).__name__} "
-                              f"{spec.args!r}")
-        if not isinstance(spec.weight, (int, float)) or not math.isfinite(spec.weight):
+        args = {} if spec.args is None else spec.args  # `args:` left empty in YAML
+        if not isinstance(args, dict):
+            raise ConfigError(f"{at}.args must be a mapping of keyword arguments, got {type(args).__name__} {args!r}")
+        if isinstance(spec.weight, bool) or not isinstance(spec.weight, (int, float)) or not math.isfinite(spec.weight):
             raise ConfigError(f"{at}.weight must be a finite number, got {spec.weight!r}")
-        args = dict(spec.args)
+        args = dict(args)
         if spec.function in verifiable.VERIFIABLE:
             verifiable.check_args(spec.function, args, at)
             func = _bind(verifiable.VERIFIABLE[spec.function], args, at, builtin=True)
             name = spec.function
         elif spec.function in MODEL_REWARDS:
-            from jaxllm.rl import model_rewards  # loads models: only when asked for
-
-            func = model_rewards.make(spec.function, args, at, mesh=mesh, rules=rules)
-            name = spec.function
+            func, name = model_reward(spec.function, args, at), spec.function
         else:
             func = _bind(load_function(spec.function, at), args, at)
             name = callable_name(func)

@@ -7,7 +7,7 @@ sharded on the training mesh (no host copy, no second copy on the devices); LoRA
 from the adapted model, as the forward pass computes it.
 
 Shapes are bucketed so the loop compiles once per bucket, not once per batch: prompts are left-padded to
-a width from `BUCKETS`-style powers of two (at least `MIN_WIDTH`, at most the context minus max_new_tokens),
+a power-of-two width (at least `MIN_WIDTH`, at most the context minus max_new_tokens: `bucket_width`),
 and the rows to a caller's fixed count (`rows=`), rounded up to a multiple of the data-parallel size under
 a mesh. Filler rows start finished and are dropped from the result.
 """
@@ -42,6 +42,12 @@ class SamplingSettings:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     stop_ids: tuple[int, ...] = ()  # ids that end a completion (EOS, a chat template's end-of-turn), kept in it
+
+    def __post_init__(self):  # a list of stop ids (from YAML) or numpy scalars would not hash
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        for name, kind in (("num_generations", int), ("max_new_tokens", int), ("top_k", int), ("temperature", float),
+                           ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
 
 @dataclasses.dataclass
@@ -104,12 +110,10 @@ def rollout(
     width = bucket_width(max(len(p) for p in repeated), model_cfg, settings.max_new_tokens)
     tokens, mask = left_pad(repeated + [repeated[0]] * (R - N), pad_id, width)
     live = np.arange(R) < N
-    # Row i's key, as raw key data (host values that travel like the tokens); the decode loop folds in the step.
-    keys = np.asarray(jax.random.key_data(jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(R))))
     stops = np.asarray(settings.stop_ids or (-1,), np.int32)
-    inputs = (tokens, mask, keys, stops, np.int32(pad_id), live)
+    inputs = (tokens, mask, np.asarray(jax.random.key_data(key)), stops, np.int32(pad_id), live)
     if mesh is not None:
-        inputs = tuple(_place(a, mesh, rules, batched=i in (0, 1, 2, 5)) for i, a in enumerate(inputs))
+        inputs = tuple(_place(a, mesh, rules, batched=i in (0, 1, 5)) for i, a in enumerate(inputs))
     out, logps = _sample(params, *inputs, graphdef=graphdef, model_cfg=model_cfg, settings=settings,
                          key_impl=str(jax.random.key_impl(key)), mesh=mesh, rules=rules if mesh is not None else None)
     out, logps = np.asarray(out)[:N], np.asarray(logps)[:N]
@@ -125,6 +129,9 @@ def _check(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], settings: S
     if settings.num_generations < 1 or settings.max_new_tokens < 1:
         raise JaxllmError(f"rollout needs num_generations >= 1 and max_new_tokens >= 1, got "
                           f"{settings.num_generations} and {settings.max_new_tokens}")
+    if settings.temperature < 0 or settings.top_k < 0 or not 0 < settings.top_p <= 1:
+        raise JaxllmError(f"rollout sampling needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and top_p in "
+                          f"(0, 1] (1: off), got {settings.temperature}, {settings.top_k} and {settings.top_p}")
 
 
 def _place(array: np.ndarray, mesh: Mesh, rules: sharding.Rules, batched: bool) -> jax.Array:
@@ -135,11 +142,13 @@ def _place(array: np.ndarray, mesh: Mesh, rules: sharding.Rules, batched: bool) 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "settings", "key_impl", "mesh", "rules"))
-def _sample(params, tokens_BP, mask_BP, key_data_B2, stops, pad_id, live_B, *, graphdef, model_cfg, settings, key_impl,
+def _sample(params, tokens_BP, mask_BP, key_data, stops, pad_id, live_B, *, graphdef, model_cfg, settings, key_impl,
             mesh, rules):
     """The decode loop on the batch's shapes: (new tokens [B, T], their log-probs [B, T]); under a mesh the
-    activations (cache included) are placed by the rules and the results replicated."""
-    keys_B = jax.random.wrap_key_data(key_data_B2, impl=key_impl)
+    activations (cache included) are placed by the rules and the results replicated. Row i samples from
+    fold_in(key, i); the decode loop folds in the step."""
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens_BP.shape[0]))
     placed = sharding.activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with placed:
         out_BT, logps_BT = decode(

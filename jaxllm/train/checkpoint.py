@@ -231,7 +231,7 @@ class Checkpointer:
         out = self._restore(step, items)
         data_state = None
         if has_data:
-            blob = out["data"].get("iterator.json")
+            blob = out["data"].get("iterator.json") or _global_data_state(step_dir / "data")
             if blob is None:
                 raise JaxllmError(
                     f"checkpoint {step_dir} has no data state for process {jax.process_index()} of "
@@ -384,3 +384,13 @@ def find_checkpoint(path: str | Path) -> tuple[Checkpointer, int]:
             raise CorruptCheckpointError(f"{e}{hint}") from None
         return ckpt, step
     raise JaxllmError(f"no complete checkpoint found at {path}; train first or pass run_dir/checkpoints/STEP")
+
+
+def _global_data_state(data_dir: Path) -> bytes | None:
+    """Process 0's saved data state when it is a global position (pre-tokenised shards: jaxllm.data.shard_source),
+    which every process of any count resumes from; None otherwise."""
+    for path in sorted(data_dir.glob("process_0-of-*.iterator.json")):
+        blob = path.read_bytes()
+        if json.loads(blob).get("layout", {}).get("position") == "global":
+            return blob
+    return None

@@ -104,3 +104,21 @@ def test_sampling_filters():
     np.testing.assert_allclose(plain, probs, atol=0.03)
     hot = _frequencies(logits, temperature=5.0, top_k=0, top_p=1.0)
     assert hot[3] > plain[3] + 0.1  # higher temperature flattens the distribution
+
+
+def test_chat_prompts_are_tokenized_as_training_tokenizes_conversations(monkeypatch):
+    """`generate_text(chat=True)` reads a template's `</s>` as EOS's id (as jaxllm.data.chat and transformers'
+    apply_chat_template do), not as the characters a document's "</s>" would be."""
+    from jaxllm.config import Config
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.infer import generate as gen_module
+
+    tokenizer = load_tokenizer("builtin:kjv-sp4k")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    seen = []
+    monkeypatch.setattr(gen_module, "generate", lambda graphdef, params, model_cfg, prompts, *a: seen.extend(prompts)
+                        or [[] for _ in prompts])
+    gen_module.generate_text(None, None, Config(), tokenizer, ["Who begat Enos?"], GenerateConfig(), chat=True)
+    assert seen == [tokenizer.encode_rendered("<|user|>\nWho begat Enos?</s>\n<|assistant|>\n")]
+    assert seen[0].count(tokenizer.eos_id) == 1

@@ -103,6 +103,13 @@ def test_label_probabilities_equal_a_direct_forward_pass(runs):
     assert labels == (chat.token_to_id("A"), chat.token_to_id("B"))  # right after "assistant:", no space
     expected = jax.nn.log_softmax(forward(model.params, jnp.asarray([ids])))[jnp.asarray(labels)]
     np.testing.assert_allclose(judge.label_logprobs([(ids, labels)])[0], expected, atol=2e-5)
+    # A template that writes `</s>` (zephyr): the judge reads EOS's id there, as training and transformers'
+    # apply_chat_template tokenize it, not the characters "</s>" (`encode` would give those).
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    ids, _ = Judge(dataclasses.replace(model, tokenizer=chat), short, progress=False).encode(*items[0])
+    assert ids.count(chat.eos_id) == 1
+    assert ids != chat.encode(f"<|user|>\n{fill(short, *items[0])}</s>\n<|assistant|>\n")
 
 
 def test_judge_cli_writes_a_preference_dataset_the_dpo_format_reads(runs, tmp_path, capsys):

@@ -82,7 +82,8 @@ def _ours(rows=slice(None), **kw):
 
 @pytest.mark.parametrize("aggregation,level", list(itertools.product(L.AGGREGATIONS, ("token", "sequence"))))
 def test_policy_loss_matches_trl_grpo(aggregation, level):
-    for eps_high, beta, bias_kl in ((0.2, 0.0, False), (0.28, 0.04, False), (0.28, 0.04, True)):  # + clip-higher, KL
+    # symmetric clip; clip-higher with the k3 KL term (importance-weighted, TRL's use_bias_correction_kl, for dapo)
+    for eps_high, beta, bias_kl in ((0.2, 0.0, False), (0.28, 0.04, aggregation == "dapo")):
         loss_t, grad_t, m_t = _trl_grpo(aggregation, level, 0.2, eps_high, beta, bias_kl=bias_kl)
         loss, grad, metrics = _ours(epsilon_low=0.2, epsilon_high=eps_high, level=level, aggregation=aggregation,
                                     max_completion_length=T, beta=beta, kl_bias_correction=bias_kl)

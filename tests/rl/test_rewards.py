@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from jaxllm.config import ConfigError, JaxllmError, RewardSpec, from_dict
+from jaxllm.config import ConfigError, JaxllmError, RewardSpec, SourceConfig, from_dict
 from jaxllm.data import ASSETS
-from jaxllm.data.sources import BUILTIN_CORPORA
+from jaxllm.data.sources import BUILTIN_CORPORA, make_source
 from jaxllm.rl import verifiable
-from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
+from jaxllm.rl.rewards import check_reward_specs, compute_rewards, reward_functions, reward_metrics
 
 
 def _one(name, completions, answers=None, **args):
@@ -111,8 +111,9 @@ def test_functions_get_the_records_fields_and_completion_ids_as_columns():
 
 def test_module_and_file_functions_with_their_args_and_unique_names(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
-        "def shout(prompts, completions, bonus=0.0, **kw):\n    return [float(c.isupper()) + bonus for c in completions]\n"
-        "NOT_CALLABLE = 3\n")
+        "import dataclasses\nwith open(__file__ + '.runs', 'a') as f:\n    f.write('x')\n"
+        "@dataclasses.dataclass\nclass Settings:\n    bonus: float = 0.0\n"  # needs its module in sys.modules
+        "def shout(prompts, completions, bonus=0.0, **kw):\n    return [float(c.isupper()) + bonus for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     specs = [{"function": "my_rewards:shout"}, {"function": f"{tmp_path}/my_rewards.py:shout", "args": {"bonus": 1}},
              {"function": "exact_match", "name": "em", "weight": 0.5}]
@@ -120,6 +121,9 @@ def test_module_and_file_functions_with_their_args_and_unique_names(tmp_path, mo
     assert [(n, w) for n, w, _ in funcs] == [("shout", 1.0), ("shout_2", 1.0), ("em", 0.5)]
     total, per = compute_rewards(funcs, ["p", "p"], ["HI", "hi"], [{"answer": "HI"}, {"answer": "x"}])
     assert per["shout_2"].tolist() == [2.0, 1.0] and total.tolist() == [3.5, 1.0]
+    file_spec = [{"function": f"{tmp_path}/my_rewards.py:shout"}]
+    check_reward_specs(file_spec), reward_functions(file_spec)
+    assert (tmp_path / "my_rewards.py.runs").read_text() == "xx"  # imported once as my_rewards, once as a file
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -143,6 +147,8 @@ def test_bad_reward_specs_are_one_line_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message) as e:
         reward_functions([spec])
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=message):
+        check_reward_specs([spec])
 
 
 def test_bad_return_values_are_one_line_errors():
@@ -157,6 +163,8 @@ def test_reward_specs_load_from_config_dicts():
     assert spec == RewardSpec("format", 2.0, {"pattern": "x"})
     with pytest.raises(ConfigError, match="unknown config key 'rewards.funtion'"):
         from_dict(RewardSpec, {"funtion": "x"}, "rewards")
+    with pytest.raises(ConfigError, match="rl.rewards is empty; name at least one reward"):
+        reward_functions([])
 
 
 def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
@@ -177,6 +185,9 @@ def test_bundled_prompt_sets_are_the_sft_sets_checkable_tasks():
                          ("last_word", "kjv-rl-valid-last-word")):
         c = BUILTIN_CORPORA[corpus]
         assert {r["task"] for r in valid[c.start:c.stop]} == {task}
+    # the data pipeline's sources read them whole (as online RL reads its prompts)
+    source = make_source(SourceConfig(path="builtin:kjv-rl-valid-last-word"), num_epochs=1, convert=lambda r: r)
+    assert list(source) == valid[464:696]
 
 
 # ------------------------------------------------------------------------------------------ model rewards
@@ -224,6 +235,21 @@ def test_reward_model_reward_is_jaxllm_scores_score_of_the_same_row(model_dirs, 
     reward = funcs[0][2]
     assert reward.sequences(prompts[2:3], completions[2:3])[0] != reward.sequences(prompts[4:5], completions[4:5])[0]
 
+    # every rollout calls the reward again: the scoring program is traced and compiled once, not once per call
+    import jax.monitoring
+
+    events = []
+
+    def listen(name, *args, **kwargs):
+        events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        np.testing.assert_allclose(reward(prompts, completions), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not [e for e in events if "trace" in e or "compile" in e]
+
 
 def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_reference(model_dirs):
     from jaxllm.infer.judge import Judge, open_model
@@ -251,10 +277,19 @@ def test_judge_reward_is_the_judges_probability_that_the_completion_beats_the_re
     ({}, "args.path is missing: the reward_model reward needs"),
     ({"path": "/no/such/run"}, "args.path /no/such/run does not exist"),
     ({"path": ".", "batch": 2}, "reward_model takes no argument 'batch'; its arguments: path, batch_size"),
+    ({"path": ".", "batch_size": 0}, "args.batch_size must be a positive integer, got 0"),
 ])
 def test_bad_model_reward_specs(args, message):
     with pytest.raises(ConfigError, match=message):
         reward_functions([{"function": "reward_model", "args": args}])
+    with pytest.raises(ConfigError, match=message):  # the same checks when a config loads, nothing loaded
+        check_reward_specs([{"function": "reward_model", "args": args}])
+
+
+def test_specs_check_without_loading_models(model_dirs):
+    specs = [{"function": "judge", "args": {"path": str(model_dirs / "judge")}}, {"function": "exact_match",
+                                                                                  "args": None}]
+    assert check_reward_specs(specs) == ["judge", "exact_match"]  # `args:` left empty in YAML is no args
 
 
 # ------------------------------------------------------------------------------------------ held-out reward
@@ -281,11 +316,11 @@ def test_held_out_reward_batches_in_buckets_and_scores_each_prompts_own_completi
     encode = PromptEncoder(model)
     (g_prompts, _, g_ids), (s_prompts, s_completions, s_ids) = seen
     assert g_prompts == [r["prompt"] for r in records] and s_prompts == [r["prompt"] for r in records for _ in "abc"]
-    for record, ids in zip(records, g_ids):  # greedy, batched and sorted = each prompt alone
-        alone = generate(model.graphdef, model.params, model.config.model, [encode(record)],
-                         GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
-                         width=16)
-        assert ids == alone[0]
+    # greedy, sorted by length into a batch: each prompt's own completion (the same batch in record order)
+    assert sorted(records, key=lambda r: len(encode(r))) != records
+    assert g_ids == generate(model.graphdef, model.params, model.config.model, [encode(r) for r in records],
+                             GenerateConfig(max_new_tokens=5, temperature=0.0), encode.stops, model.tokenizer.pad_id,
+                             width=16)
     assert s_completions == [model.tokenizer.decode(ids) for ids in s_ids]
     odd = np.asarray([len(ids) % 2 for ids in g_ids], float)
     assert metrics["greedy/reward"] == pytest.approx(odd.mean()) and metrics["greedy/rewards/odd/mean"] == \

@@ -104,21 +104,23 @@ def test_greedy_equals_generate(model):
     np.testing.assert_allclose(r.logps[r.completion_mask > 0], forward[r.completion_mask > 0], atol=1e-5, rtol=0)
 
 
-def test_one_compilation_per_bucket_and_rows_padding_changes_no_sample(model, sampled):
-    """Batches of 1-3 prompts of 1-16 tokens padded to rows=8 share one compiled loop; a 20-token prompt
-    opens the 32-wide bucket. Filler rows change no real row's sample (one key per row)."""
+def test_one_compilation_per_bucket_and_filler_rows_change_no_sample(model, sampled):
+    """Batches of 1-3 prompts of 1-16 tokens padded to rows=6 share the loop compiled for `sampled` (6 rows,
+    16 wide); a 20-token prompt opens the 32-wide bucket. Filler rows change no real row's sample (row i
+    samples from fold_in(key, i), whatever the batch around it)."""
     cfg, graphdef, params = model
     before = rollout_module._sample._cache_size()
-    padded = rollout(graphdef, params, cfg, PROMPTS, SAMPLED, jax.random.key(3), PAD, rows=8)
-    np.testing.assert_array_equal(padded.completion_tokens, sampled.completion_tokens)
-    np.testing.assert_allclose(padded.logps, sampled.logps, atol=1e-6)
+    assert before >= 1  # `sampled`'s
+    first_two = rollout(graphdef, params, cfg, PROMPTS[:2], SAMPLED, jax.random.key(3), PAD, rows=6)
+    np.testing.assert_array_equal(first_two.completion_tokens, sampled.completion_tokens[:4])
+    np.testing.assert_array_equal(first_two.logps, sampled.logps[:4])
     for batch in ([[9]], [list(range(1, 17)), [7, 8, 9, 10, 11]], [[2] * 12, [3, 4], [5] * 9]):
-        out = rollout(graphdef, params, cfg, batch, SAMPLED, jax.random.key(1), PAD, rows=8)
+        out = rollout(graphdef, params, cfg, batch, SAMPLED, jax.random.key(1), PAD, rows=6)
         assert out.completion_tokens.shape == (2 * len(batch), 12) and out.prompt_tokens.shape[1] == 16
-    assert rollout_module._sample._cache_size() == before + 1
-    wide = rollout(graphdef, params, cfg, [list(range(1, 21))], SAMPLED, jax.random.key(1), PAD, rows=8)
+    assert rollout_module._sample._cache_size() == before
+    wide = rollout(graphdef, params, cfg, [list(range(1, 21))], SAMPLED, jax.random.key(1), PAD, rows=6)
     assert wide.prompt_tokens.shape == (2, 32)
-    assert rollout_module._sample._cache_size() == before + 2
+    assert rollout_module._sample._cache_size() == before + 1
 
 
 def test_bucket_widths_and_bad_requests(model):
@@ -130,6 +132,11 @@ def test_bucket_widths_and_bad_requests(model):
         rollout(graphdef, params, cfg, PROMPTS, SAMPLED, jax.random.key(0), PAD, rows=4)
     with pytest.raises(JaxllmError, match="at least one token"):
         rollout(graphdef, params, cfg, [[1], []], SAMPLED, jax.random.key(0), PAD)
+    with pytest.raises(JaxllmError, match="top_p in \\(0, 1\\] \\(1: off\\), got 0.7, 0 and 0.0"):
+        rollout(graphdef, params, cfg, PROMPTS, SamplingSettings(temperature=0.7, top_p=0), jax.random.key(0), PAD)
+    assert hash(SamplingSettings(stop_ids=[2, np.int64(3)])) == hash(SamplingSettings(stop_ids=(2, 3)))  # static
+    with pytest.raises(JaxllmError, match="sample from a decoder language model .* this model is arch=decoder, head=reward"):
+        rollout(graphdef, params, dataclasses.replace(cfg, head="reward"), PROMPTS, SAMPLED, jax.random.key(0), PAD)
 
 
 def test_on_an_8_device_mesh_samples_equal_one_devices(model, sampled):
