@@ -346,6 +346,8 @@ def bench_post_training(cfg: Config, warmup: int = 3, steps: int = 10, packings:
     from jaxllm.train.objective import check_trainable
 
     objective = check_trainable(cfg)
+    if objective.online is not None:
+        raise JaxllmError(f"{cfg.data.objective.name} trains on rollouts: its TRL peer is jaxllm.bench_rl.bench_online")
     name = cfg.data.objective.name
     check_segments(segments, cfg.data.seq_len, pairs=name in PAIR_OBJECTIVES)
     check_installed()

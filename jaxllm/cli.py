@@ -586,10 +586,19 @@ def _bench_post_training(cfg, args, results: dict) -> int:
     """`jaxllm bench --peer trl`: jaxllm's pretraining, SFT (and the config's objective's) steps next to TRL's."""
     from jaxllm import bench
     from jaxllm.bench_trl import bench_post_training
+    from jaxllm.train.objective import check_trainable
 
     if args.breakdown or args.profile or args.data or args.generate:
         raise JaxllmError("--breakdown, --profile, --data and --generate measure the config's own step: run them "
                           "without --peer trl")
+    if check_trainable(cfg).online is not None:  # online RL: rollout + update cycles against TRL's (bench_rl.py)
+        from jaxllm.bench_rl import bench_online, format_online
+
+        results.update(bench_online(cfg, args.warmup, args.steps))
+        bench.write_report(results, args.out)
+        print(bench.format_table(results))
+        print(format_online(results))
+        return 0
     packings = ("bfd", "padded") if args.trl_packing == "both" else (args.trl_packing,)
     results.update(bench_post_training(cfg, args.warmup, args.steps, packings, args.segments))
     bench.write_report(results, args.out)

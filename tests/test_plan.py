@@ -122,3 +122,27 @@ def test_flops_count_the_parameters_the_model_really_has(config):
     e = estimate(m, Layout(1, 1, 1, "none", 1), CHIPS["v5e"], batch=8, seq_len=seq)
     attention_at_most = 12 * (m.num_layers + 2 * m.decoder_layers) * m.num_heads * m.dim_per_head * seq * tokens
     assert 6 * counts["non_embedding"] * tokens <= e.model_flops <= 6 * counts["total"] * tokens + attention_at_most
+
+
+def test_online_rls_reference_is_held_beside_the_step_and_counted():
+    """grpo with beta > 0 keeps a frozen reference in memory (its log-probs come from the scoring pass before the
+    updates, so the step does not read it): the plan adds its shard to the chip's peak."""
+    import jax
+
+    from jaxllm.plan import compile_step, layout_of
+    from jaxllm.plan.chips import Topology
+
+    micro = ["model.num_layers=1", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
+             "data.seq_len=32", "train.batch_size=8", "data.objective.name=grpo", "train.init_from=runs/not-here",
+             "rl.rewards=[{function: exact_match}]", "rl.num_generations=4", "rl.max_new_tokens=8", "mesh.data=1"]
+    from jaxllm import sharding
+    from jaxllm.plan.compile import abstract_frozen
+
+    devices = jax.devices()[:1]
+    without = load_config("configs/tiny.yaml", [*micro, "rl.beta=0.0"])  # TRL's default: no reference at all
+    assert abstract_frozen(without, sharding.make_mesh(without.mesh, devices), sharding.make_rules()) == {}
+    cfg = load_config("configs/tiny.yaml", [*micro, "rl.beta=0.04"])
+    step = compile_step(cfg, layout_of(cfg, Topology("cpu", CHIPS["v5e"], (1,), 1)), devices)
+    reference = models.param_counts(cfg.model)["total"] * 4  # the policy's shapes, float32, on one device
+    assert step.held_bytes == reference
+    assert step.peak_bytes >= step.argument_bytes + reference

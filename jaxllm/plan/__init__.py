@@ -50,6 +50,10 @@ def format_plan(p: Plan, rows: int = 10) -> str:
         if c.error is not None:
             lines.append(f"    compile error: {c.error}")
     chosen = best(p)
+    held = max((c.compiled.held_bytes for c in p.candidates if c.compiled is not None), default=0)
+    if held:
+        lines.append(f"GiB/chip includes {held / GiB:.2f} GiB of frozen models held beside the step (online RL's "
+                     "reference, read by the scoring pass before the updates)")
     lines.append("")
     if chosen is None:
         lines.append(f"no compiled layout fits in {chip.hbm_bytes / GiB:.0f} GiB per chip (keeping {HEADROOM:.0%} free); "

@@ -8,16 +8,21 @@ TPU compiler: the memory figures are XLA's buffer assignment for one chip, not a
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 
 import jax
 
-from jaxllm import sharding
+from jaxllm import models, sharding
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.objectives import batch_spec
 from jaxllm.plan.chips import Topology
 from jaxllm.plan.estimate import Layout
+from jaxllm.train.frozen import FrozenModel, frozen_shardings, open_pretrained
+from jaxllm.train.objective import check_trainable
 from jaxllm.train.step import jit_train_step, train_state_spec
+
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
@@ -29,6 +34,7 @@ class CompiledStep:
     temp_bytes: int  # activations, gradients and everything else alive during the step
     peak_bytes: int
     compile_seconds: float
+    held_bytes: int = 0  # frozen models held beside the step, which does not read them (online RL's reference)
 
 
 def layout_of(cfg: Config, topology: Topology) -> Layout:
@@ -50,6 +56,27 @@ def apply_layout(cfg: Config, layout: Layout) -> Config:
     )
 
 
+def abstract_frozen(cfg: Config, mesh, rules) -> dict[str, FrozenModel]:
+    """The frozen models the config's objective declares (a reference, a teacher) as arguments of the step:
+    parameters as ShapeDtypeStructs on `mesh`, as the Trainer loads them (`load_frozen`), so their memory is
+    counted. A model's shapes are read from its path (config only); a reference whose path is not here (a plan
+    made before the run) has the policy's shapes, as train.init_from is both the start and the reference."""
+    out = {}
+    for name, source in check_trainable(cfg).frozen_models(cfg).items():
+        if os.path.exists(source.path):
+            model = open_pretrained(source.path).config
+        elif name == "reference":
+            model = dataclasses.replace(cfg.model, lora=None, quant=None, value_head=False)
+        else:
+            raise ConfigError(f"the {name} model {source.path} does not exist here: the plan reads its shapes from "
+                              "it; copy or convert it first (its config is enough)")
+        if source.param_dtype:
+            model = dataclasses.replace(model, param_dtype=source.param_dtype)
+        graphdef, target, _ = models.sharded_spec(model, mesh, rules)
+        out[name] = FrozenModel(target, graphdef, model)
+    return out
+
+
 def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     """Compiles the train step of `cfg` laid out as `layout` on `devices` (compile-only TPU devices)."""
     cfg = apply_layout(cfg, layout)
@@ -66,13 +93,24 @@ def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     batch_sharding = sharding.batch_sharding(mesh, rules, 2)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                       for k, (shape, dtype) in batch_spec(cfg.data, batch).items()}
+    frozen = abstract_frozen(cfg, mesh, rules)
+    # An online objective (grpo, rloo, ppo) reads its reference in the scoring pass before the updates
+    # (jaxllm/rl/online.py), not in the step: the reference is held in memory beside the step, counted apart.
+    held = per_chip_bytes(frozen) if check_trainable(cfg).online is not None else 0
+    if held:
+        frozen = {}
     start = time.perf_counter()
     with sharding.activate(mesh, rules):
-        step = jit_train_step(cfg, spec, batch_sharding)
-        compiled = step.lower(spec.abstract, abstract_batch, {}).compile()
+        step = jit_train_step(cfg, spec, batch_sharding, frozen_shardings(frozen))
+        compiled = step.lower(spec.abstract, abstract_batch, frozen).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     # The state is donated: the new state reuses the old one's buffers (alias), so it is not counted twice.
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) or args + temp + out - alias
-    return CompiledStep(args, out, alias, temp, peak, seconds)
+    peak = (int(getattr(mem, "peak_memory_in_bytes", 0) or 0) or args + temp + out - alias) + held
+    return CompiledStep(args, out, alias, temp, peak, seconds, held)
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (its shard of each array)."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
