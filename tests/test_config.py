@@ -29,10 +29,16 @@ def test_list_override_appends_a_new_source():
 def test_bundled_configs_load():
     from pathlib import Path
 
+    from jaxllm.config.loading import read_yaml
+    from jaxllm.dataprep.prepare import PrepareConfig, load_prepare_config
+
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert configs
-    for path in configs:
-        assert isinstance(load_config(path), Config)
+    for path in configs:  # training configs, and data-preparation configs (`jaxllm data prepare`)
+        if "prepare" in read_yaml(path):
+            assert isinstance(load_prepare_config(path), PrepareConfig)
+        else:
+            assert isinstance(load_config(path), Config)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ NON_ATOMIC = {
     ("utils.py", "probe.write_bytes("): "a throw-away probe of ensure_writable_dir",
     ("train/checkpoint.py", ").write_bytes(data)"): "inside Orbax's temporary step directory, renamed as a whole",
     ("train/checkpoint.py", "self.MANIFEST}\").write_text("): "the item's file list, in the same temporary directory",
-    ("train/metrics.py", "open(run_dir / \"metrics.jsonl\", \"a\""): "an append-only log; a cut last line is dropped",
+    ("train/metrics.py", "open(run_dir / filename, \"a\""): "an append-only log (metrics.jsonl, best-of-n's rounds.jsonl); "
+    "a cut last line is dropped",
     ("dataprep/io.py", "open(self._tmp, \"wb\")"): "ShardWriter's temporary file, renamed into place by commit()",
     ("dataprep/beam.py", "os.fdopen(fd, \"wb\") as out"): "a throw-away local copy of a remote input shard",
 }
