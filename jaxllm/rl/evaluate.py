@@ -28,6 +28,7 @@ from jaxllm.data.readers import json_objects
 from jaxllm.data.sft import chat_template_for
 from jaxllm.data.sources import BUILTIN_CORPORA
 from jaxllm.infer.generate import CHAT_STOP_TOKENS, generate
+from jaxllm.rl.prompts import prompt_ids
 from jaxllm.infer.load import LoadedModel
 from jaxllm.rl.rewards import compute_rewards, reward_metrics
 
@@ -65,18 +66,7 @@ class PromptEncoder:
         self.stops = ids + [i for i in map(tok.token_to_id, CHAT_STOP_TOKENS) if i is not None]
 
     def __call__(self, record: dict) -> list[int]:
-        prompt = record.get(self.field)
-        if isinstance(prompt, str):
-            return self.bos + self.tok.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            if self.template is None:
-                raise JaxllmError("conversational prompts need a chat template and the model has none; train with "
-                                  "data.objective.chat_template or give string prompts")
-            # as training encodes rendered conversations: the template's special tokens
-            # (`</s>`, `<|im_end|>`) become their ids, not their characters
-            return self.tok.encode_rendered(self.template.render(prompt, True, self.tok.special_tokens()))
-        raise JaxllmError(f"a record's {self.field!r} must be a string or a list of messages, got "
-                          f"{type(prompt).__name__} (record fields: {', '.join(record)})")
+        return prompt_ids(record.get(self.field), self.tok, self.template, self.bos, self.field)
 
 
 def _width(n: int, limit: int) -> int:

@@ -14,7 +14,7 @@ import grain
 import numpy as np
 from grain.experimental import WindowShuffleIterDataset
 
-from jaxllm.config import Config, JaxllmError, SourceConfig
+from jaxllm.config import Config, SourceConfig
 from jaxllm.data.pipeline import Pipeline
 from jaxllm.data.readers import RecordError
 from jaxllm.data.sft import chat_template_for
@@ -29,32 +29,35 @@ class PromptEncoder:
     def __init__(self, cfg: Config, tokenizer):
         self._tokenizer, self._field = tokenizer, cfg.data.objective.prompt_field
         self._template = chat_template_for(cfg.data, tokenizer)
-        self._variables = tokenizer.special_tokens() if self._template is not None else {}
         self._bos = [tokenizer.bos_id] if cfg.data.add_bos and tokenizer.bos_id is not None else []
         # prompt + completion - 1 inputs fit a row, and prompt + completion the model's context
         self._room = min(cfg.data.seq_len + 1, cfg.model.max_seq_len) - cfg.rl.max_new_tokens
-        self.conversational = False
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         prompt = record.get(self._field)
-        if isinstance(prompt, str):
-            ids = self._bos + self._tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-            if self._template is None:
-                raise JaxllmError("prompts in the messages format need a chat template; set "
-                                  "data.objective.chat_template (e.g. builtin:zephyr) or start from a model that has one")
-            # encode_with_offsets, as training encodes rendered conversations: the template's special tokens
-            # (`</s>`, `<|im_end|>`) become their ids, not their characters
-            ids = self._tokenizer.encode_with_offsets(self._template.render(prompt, True, self._variables))[0]
-        else:
-            raise RecordError(f"field {self._field!r} must hold the prompt: a string or a list of messages, got "
-                              f"{prompt!r:.60}; set data.objective.prompt_field to the field that holds it")
+        ids = prompt_ids(prompt, self._tokenizer, self._template, self._bos, self._field)
         if not ids:
             raise RecordError("the prompt has no tokens (an empty prompt needs data.add_bos and a BOS token)")
         if len(ids) > self._room:
             raise RecordError(f"the prompt has {len(ids)} tokens, more than the {self._room} data.seq_len leaves beside "
                               "rl.max_new_tokens; raise data.seq_len or lower rl.max_new_tokens")
         return {"ids": np.asarray(ids, np.int32), "prompt": prompt, "record": record}
+
+
+def prompt_ids(prompt: Any, tokenizer, template, bos: list[int], field: str = "prompt") -> list[int]:
+    """The tokens a model continues for a prompt in TRL's format, as it was trained to see prompts: a string
+    encoded as is after `bos`; a list of messages rendered with `template` and its generation prompt, the
+    template's special tokens (`</s>`, `<|im_end|>`) as their ids (`Tokenizer.encode_rendered`, as training
+    encodes conversations). A RecordError for anything else."""
+    if isinstance(prompt, str):
+        return bos + tokenizer.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        if template is None:
+            raise RecordError("prompts in the messages format need a chat template; set data.objective.chat_template "
+                              "(e.g. builtin:zephyr) or start from a model that has one")
+        return tokenizer.encode_rendered(template.render(prompt, True, tokenizer.special_tokens()))
+    raise RecordError(f"field {field!r} must hold the prompt: a string or a list of messages, got {prompt!r:.60}; "
+                      "set data.objective.prompt_field to the field that holds it")
 
 
 def prompt_pipeline(cfg: Config, sources: list[SourceConfig], encode: PromptEncoder, num_epochs: int | None,

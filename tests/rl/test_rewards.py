@@ -341,7 +341,7 @@ def test_conversational_prompts_are_rendered_as_training_renders_them(model_dirs
     from jaxllm.rl.evaluate import PromptEncoder
 
     model = open_model(model_dirs / "judge")
-    with pytest.raises(JaxllmError, match="conversational prompts need a chat template"):
+    with pytest.raises(JaxllmError, match="prompts in the messages format need a chat template"):
         PromptEncoder(model)({"prompt": [{"role": "user", "content": "Hi"}]})
     data = model.config.data
     data = dataclasses.replace(data, objective=dataclasses.replace(data.objective, chat_template="builtin:zephyr"))
