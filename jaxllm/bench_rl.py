@@ -246,11 +246,8 @@ def bench_trl_grpo(cfg: Config, prompts: list[list[int]], warmup: int, steps: in
             ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out_dir:
-        def grpo_config(dataset_num_proc=None, **kwargs):  # GRPOConfig has no dataset_num_proc
-            return GRPOConfig(**kwargs)
-
         args = _training_args(
-            grpo_config, cfg, t.batch_size // t.grad_accum, (warmup + steps) * per_step, out_dir,
+            GRPOConfig, cfg, t.batch_size // t.grad_accum, (warmup + steps) * per_step, out_dir,
             gradient_accumulation_steps=t.grad_accum, steps_per_generation=r.minibatches * t.grad_accum,
             num_iterations=r.epochs, num_generations=r.num_generations, max_completion_length=r.max_new_tokens,
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, beta=_beta(cfg), epsilon=r.epsilon,

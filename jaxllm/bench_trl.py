@@ -90,13 +90,15 @@ def _records(cfg: Config, steps: int, segments: int) -> list[dict[str, list[int]
 
 def _training_args(cls, cfg: Config, per_device_batch: int, max_steps: int, out_dir: str, **extra):
     o, cuda = cfg.optim, _cuda_available()
+    if "dataset_num_proc" in {f.name for f in dataclasses.fields(cls)}:  # the SFT/DPO configs have it, GRPO's not
+        extra = {"dataset_num_proc": None, **extra}
     return cls(
         output_dir=out_dir, per_device_train_batch_size=per_device_batch, max_steps=max_steps,
         learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.b1, adam_beta2=o.b2, adam_epsilon=o.eps,
         max_grad_norm=o.grad_clip or 0.0, lr_scheduler_type="constant",
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         bf16=cfg.model.dtype == "bfloat16",  # TRL defaults to bf16 autocast; follow the config's compute dtype
-        use_cpu=not cuda, report_to="none", save_strategy="no", disable_tqdm=True, seed=0, dataset_num_proc=None,
+        use_cpu=not cuda, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
         **extra,
     )
 

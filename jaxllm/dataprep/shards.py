@@ -222,7 +222,9 @@ class _StreamIterator(grain.DatasetIterator):
         return {"taken": self._taken}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("a tokenize run has no resumable position")
+        # grain's iterator interface asks for it; a tokenize run never restores one (an interrupted run writes no
+        # metadata.json and the next run starts over), so reaching here is a programming error, said plainly
+        raise JaxllmError("a tokenize run has no resumable position: run `jaxllm data tokenize` again from the start")
 
 
 class _ShardWriter:
