@@ -124,15 +124,15 @@ def packed_batch(examples: list[list[tuple[np.ndarray, int]]], seq: int) -> dict
 
 def objective_batch(cfg: Config, batch_size: int, seed: int = 0, packed: bool | None = None,
                     segments: int = 4) -> dict[str, np.ndarray]:
-    """A synthetic batch of `cfg`'s objective, shaped by its batch spec (`data.objectives.batch_spec`): packed
+    """A synthetic batch of `cfg`'s objective, shaped by its step's batch spec (`train.objective.step_batch_spec`): packed
     prompt + completion examples for the objectives in PACKED_EXAMPLE_OBJECTIVES (or when `packed`), `segments`
     preference pairs per row for those in PAIR_OBJECTIVES (unless `packed` is False), one
     random document per row for clm (`synthetic_batch`), otherwise random tokens, one segment per row and
     the loss everywhere (encoder and encoder-decoder objectives: their masking does not change the cost)."""
-    from jaxllm.data.objectives import batch_spec
+    from jaxllm.train.objective import step_batch_spec
 
     name, seq = cfg.data.objective.name, cfg.data.seq_len
-    spec = batch_spec(cfg.data, batch_size)
+    spec = step_batch_spec(cfg, batch_size)
     if packed if packed is not None else name in PACKED_EXAMPLE_OBJECTIVES:
         batch = packed_batch(synthetic_examples(cfg.model.vocab_size, batch_size, seq, segments, seed), seq)
     elif name in PAIR_OBJECTIVES and packed is None:

@@ -92,15 +92,19 @@ def _rates(cfg: Config, times: list[float], sampling: list[float], preparing: li
 
 
 def cycle_flops(cfg: Config, prompt_tokens: float) -> float:
-    """Model FLOPs of one cycle: sampling (a forward of every prompt and completion token: a third of
-    `flops_per_token`), the scoring pass (a forward of the rows) and the updates (forward and backward of the rows,
-    every epoch). Attention at data.seq_len, as `bench.step_flops_per_token`."""
+    """The model FLOPs one cycle needs (the work of the algorithm, not of an implementation: each prompt counted
+    once per group, as rollouts and a shared prefix run it; the scoring pass only when the updates read it):
+    sampling and the scoring pass are forwards (a third of `flops_per_token`) of the prompts and completions, the
+    updates forward and backward passes, every epoch. Attention at data.seq_len, as `bench.step_flops_per_token`;
+    `prompt_tokens`: the mean prompt length."""
     from jaxllm.plan.estimate import flops_per_token
+    from jaxllm.rl.online import needs_reference, on_policy
 
     r = cfg.rl
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    tokens = cfg.train.batch_size * r.minibatches * (prompt_tokens + r.max_new_tokens)
-    return tokens * fpt * (1 / 3 + 1 / 3 + r.epochs)
+    completions = cfg.train.batch_size * r.minibatches
+    tokens = completions / r.num_generations * prompt_tokens + completions * r.max_new_tokens
+    scoring = int(not on_policy(cfg) or cfg.data.objective.name == "ppo") + int(needs_reference(cfg))
+    return tokens * flops_per_token(cfg.model, cfg.data.seq_len) * ((1 + scoring) / 3 + r.epochs)
 
 
 # ------------------------------------------------------------------------------------------------- jaxllm

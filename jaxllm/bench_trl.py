@@ -98,6 +98,8 @@ def _training_args(cls, cfg: Config, per_device_batch: int, max_steps: int, out_
         max_grad_norm=o.grad_clip or 0.0, lr_scheduler_type="constant",
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         bf16=cfg.model.dtype == "bfloat16",  # TRL defaults to bf16 autocast; follow the config's compute dtype
+        # TRL 1.x's configs default to gradient checkpointing; recompute activations only when jaxllm does
+        gradient_checkpointing=cfg.model.remat != "none",
         use_cpu=not cuda, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
         **extra,
     )

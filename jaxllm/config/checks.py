@@ -313,6 +313,13 @@ def _validate_rl(cfg: Config) -> None:
     if t.batch_size % r.num_generations:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.num_generations="
                           f"{r.num_generations}: an update trains on whole groups of one prompt's completions")
+    if r.shared_prefix and (t.batch_size // t.grad_accum) % r.num_generations:
+        raise ConfigError(f"rl.shared_prefix runs each prompt once for its group: the micro-batch of "
+                          f"{t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) must be a multiple of "
+                          f"rl.num_generations={r.num_generations}; change train.grad_accum or set rl.shared_prefix=false")
+    if r.shared_prefix and (t.neftune_noise_alpha > 0 or t.adversarial is not None):
+        raise ConfigError("train.neftune_noise_alpha and train.adversarial perturb whole rows' embeddings; with online "
+                          "RL set rl.shared_prefix=false to use them")
     if cfg.data.seq_len <= r.max_new_tokens:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} leaves no room for a prompt before rl.max_new_tokens="
                           f"{r.max_new_tokens} completion tokens; raise data.seq_len or lower rl.max_new_tokens")

@@ -562,6 +562,10 @@ class RLConfig:
     dynamic_sampling: bool = False  # grpo/rloo: drop groups whose rewards are all equal and sample more (DAPO)
     max_rollout_tries: int = 4  # dynamic_sampling: rollouts tried per buffer before training on what was kept
     normalize_advantages: bool = False  # rloo: advantages to mean 0, std 1 over the rollout (TRL's)
+    # The update's forward pass runs each prompt once for its num_generations completions (they attend to its
+    # keys and values; the gradient flows through it once) instead of once per completion; minibatches then hold
+    # whole groups. false: one row per completion, prompt included (fused attention kernels, long prompts).
+    shared_prefix: bool = True
     # ppo (TRL's PPOConfig): per-token reward -kl_coef * KL(k1) + the score at the last token; GAE(gamma, lam);
     # whitened advantages; value loss vf_coef * clipped (cliprange_value) squared error. kl_target: adaptive
     # coefficient (Ziegler et al.) aiming at this KL per sequence over kl_horizon samples; null = fixed.

@@ -39,7 +39,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> t
 def decode(
     params, tokens_BP, mask_BP, key, eos_id, pad_id, encoder_tokens_BS=None, encoder_mask_BS=None, live_B=None, *,
     graphdef, model_cfg, max_new_tokens, temperature, top_k, top_p, penalties=Penalties(), beams=None,
-    with_logps=False
+    with_logps=False, group=1
 ):
     """Decoder-only: tokens_BP is the prompt. Encoder-decoder: the encoder reads encoder_tokens_BS once
     and tokens_BP holds the decoder's start token; the prefill puts the memory's cross-attention keys and
@@ -52,7 +52,10 @@ def decode(
     longer). `with_logps`:
     also each new token's log-probability [B, T] float32, log_softmax(logits / temperature) at the token
     (log_softmax(logits) when greedy), 0 after a row's stop; read from the logits that chose the token, so no
-    second forward pass. Unjitted: `_generate` is this jitted; callers that place work on a mesh jit it
+    second forward pass. `group` > 1: tokens_BP holds each prompt once, prefilled once, and the cache, the
+    prompt and the encoder memory are then repeated to `group` consecutive rows (n samples of a prompt, online
+    RL's rollouts: the prompt's work is done once, not n times); `key`, `live_B` and the results have B * group
+    rows. Unjitted: `_generate` is this jitted; callers that place work on a mesh jit it
     themselves under `sharding.activate` (the cache then follows the batch's sharding)."""
     model = bind(graphdef, params)
     memory = None
@@ -67,10 +70,22 @@ def decode(
     B, P = tokens_BP.shape
     cache = _constrain_cache(init_cache(model_cfg, B, P + max_new_tokens))
     positions_BP = _positions(mask_BP)
-    logits_BPV, cache = step_with(memory)(tokens_BP, positions_BP, mask_BP, cache)
+    # The prefill fills the cache and projects only the last position to the vocabulary: the logits of the
+    # others would be thrown away (the output projection is a large share of a small model's work).
+    if memory is None:
+        x_BPD, cache, _ = model.hidden(tokens_BP, positions_BP, mask_BP, cache)
+    else:
+        x_BPD, cache, _ = model.decode_hidden(memory, tokens_BP, positions_BP, mask_BP, cache)
+    last_BV = model.logits(x_BPD[:, -1:])[:, 0]
+    if group > 1:
+        cache = _constrain_cache(beam.expand_cache(cache, group))
+        last_BV, positions_BP, tokens_BP, mask_BP = (beam.expand_rows(a, group) for a in
+                                                     (last_BV, positions_BP, tokens_BP, mask_BP))
+        memory = None if memory is None else beam.expand_rows(memory, group)
+        B = B * group
     if beams is not None:
         step = step_with(None if memory is None else beam.expand_rows(memory, beams.num_beams))
-        return beam.search(step, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, tokens_BP, mask_BP, eos_id,
+        return beam.search(step, cache, last_BV, positions_BP[:, -1] + 1, tokens_BP, mask_BP, eos_id,
                            pad_id, max_new_tokens=max_new_tokens, beams=beams, penalties=penalties)
     step = step_with(memory)
     T = max_new_tokens
@@ -101,7 +116,7 @@ def decode(
         key, sub = jax.random.split(key)
     out_BT = jnp.full((B, T), pad_id, jnp.int32)
     live_B = jnp.ones((B,), bool) if live_B is None else live_B
-    first_B, logp_B = choose(logits_BPV[:, -1], out_BT, 0, sub)
+    first_B, logp_B = choose(last_BV, out_BT, 0, sub)
     first_B, logp_B = jnp.where(live_B, first_B, pad_id), jnp.where(live_B, logp_B, 0.0)
     logps_BT = jnp.zeros((B, T if with_logps else 0), jnp.float32)
     state = dict(
@@ -142,7 +157,7 @@ def decode(
 
 
 _generate = jax.jit(decode, static_argnames=("graphdef", "model_cfg", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "penalties", "beams", "with_logps"))
+                                             "top_p", "penalties", "beams", "with_logps", "group"))
 
 
 def _constrain_cache(cache):

@@ -137,16 +137,17 @@ MAX_SEGMENTS = 16
 
 
 def segment_offsets(segment_ids_BL: jax.Array, max_segments: int = MAX_SEGMENTS) -> tuple[jax.Array, jax.Array]:
-    """cuDNN's packed layout of a row of contiguous segments (ids 1, 2, ..., padding 0 at the end):
-    offsets [B, M+1] (start of each segment, -1 after the last) and lengths [B, M] (-1 after the last)."""
+    """cuDNN's packed layout of a row of contiguous segments (ids 1, 2, ...; padding 0 before the first, as online
+    RL's left-padded prompts, or after the last): offsets [B, M+1] (start of each segment, -1 after the last) and
+    lengths [B, M] (-1 after the last)."""
     B, L = segment_ids_BL.shape
     M = min(max_segments, L)
     previous = jnp.pad(segment_ids_BL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
     is_start = (segment_ids_BL != previous) & (segment_ids_BL != 0)
     starts_BM = jax.vmap(lambda row: jnp.nonzero(row, size=M, fill_value=-1)[0])(is_start).astype(jnp.int32)
-    real_B = jnp.sum(segment_ids_BL != 0, axis=1).astype(jnp.int32)
+    end_B = (L - jnp.argmax((segment_ids_BL != 0)[:, ::-1], axis=1)).astype(jnp.int32)  # one past the last real
     following = jnp.concatenate([starts_BM[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
-    ends_BM = jnp.where(following >= 0, following, real_B[:, None])
+    ends_BM = jnp.where(following >= 0, following, end_B[:, None])
     lengths_BM = jnp.where(starts_BM >= 0, ends_BM - starts_BM, -1)
     offsets_BM1 = jnp.concatenate([starts_BM, jnp.full((B, 1), -1, jnp.int32)], axis=1)
     return offsets_BM1, lengths_BM

@@ -16,11 +16,10 @@ import jax
 
 from jaxllm import models, sharding
 from jaxllm.config import Config, ConfigError
-from jaxllm.data.objectives import batch_spec
 from jaxllm.plan.chips import Topology
 from jaxllm.plan.estimate import Layout
 from jaxllm.train.frozen import FrozenModel, frozen_shardings, open_pretrained
-from jaxllm.train.objective import check_trainable
+from jaxllm.train.objective import check_trainable, step_batch_spec
 from jaxllm.train.step import jit_train_step, train_state_spec
 
 
@@ -92,7 +91,7 @@ def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     spec = train_state_spec(cfg, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules, 2)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                      for k, (shape, dtype) in batch_spec(cfg.data, batch).items()}
+                      for k, (shape, dtype) in step_batch_spec(cfg, batch).items()}
     frozen = abstract_frozen(cfg, mesh, rules)
     # An online objective (grpo, rloo, ppo) reads its reference in the scoring pass before the updates
     # (jaxllm/rl/online.py), not in the step: the reference is held in memory beside the step, counted apart.

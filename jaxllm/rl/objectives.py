@@ -2,14 +2,20 @@
 "Online RL: PPO, GRPO, RLOO"): their batch rows and losses. The batches themselves come from rollouts of the live
 policy (jaxllm/rl/online.py, the objectives' `online` data), not from the data pipeline.
 
-A row holds one completion: its prompt's tokens then the completion's (left padding squeezed out, positions from
-0), right-padded to data.seq_len, with the clm fields (`inputs`, `targets`, `segment_ids`, `positions`,
-`loss_mask`: 1 on the completion's targets, stop token included) and, per target position, float32 [B, L]:
-`old_logps` (the sampling policy's, before this rollout's updates), `ref_logps` (the reference's; 0 without one),
-`advantages` (grpo, rloo: the sequence's, on every position; ppo: GAE's, per token) and for ppo `values` (the
-value head's before the updates) and `returns`.
+A row holds one completion, laid out as TRL lays it (prompts.rows): the prompt left-padded to a shape bucket,
+then the completion's window (W positions: the longest completion's bucket), with the clm fields (`inputs`,
+`targets`, `segment_ids`, `positions` from 0 at the prompt's first token, `loss_mask`: 1 on the completion's
+targets, stop token included), [B, L] with L = prompt bucket + W - 1 <= data.seq_len; and, for the W window
+positions (the last ones), float32 [B, W]: `old_logps` (the sampling policy's, before this rollout's updates; 0
+when unused), `ref_logps` (the reference's; 0 without one), `advantages` (grpo, rloo: the sequence's, on every
+position; ppo: GAE's, per token) and for ppo `values` (the value head's before the updates) and `returns`. Only
+the window is projected to the vocabulary (TRL's logits_to_keep). With rl.shared_prefix (the default) the rows
+are cut before the window: `prefix_*` fields [B, prompt bucket - 1] and the clm fields of the window alone
+[B, W]; batches hold whole groups, and each group's prompt runs once (online.shared_prefix_hidden). Rollouts of
+other widths compile their own step; `rollout_spec` gives the widest (what `jaxllm plan` compiles).
 
-Losses, TRL's (jaxllm/rl/losses.py holds the formulas): log-probs of the row's targets under logits /
+Losses, TRL's (jaxllm/rl/losses.py holds the formulas; `entropy` is logged from the update's own forward pass,
+as TRL logs it): log-probs of the row's targets under logits /
 rl.temperature (the sampling distribution, as TRL). With rl.epochs = rl.minibatches = 1 the old log-probs are
 the policy's own, detached (ratio exactly 1: TRL's on-policy shortcut); otherwise the batch's `old_logps`.
 - grpo: the clipped surrogate + beta * k3 KL to the reference, averaged by rl.loss_type (grpo, bnpo, dr_grpo,
@@ -38,18 +44,12 @@ from jaxllm.data.objectives import (
 from jaxllm.models import bind
 from jaxllm.models.moe import moe_objective
 from jaxllm.rl import losses
-from jaxllm.rl.online import OnlineData, beta, needs_reference
+from jaxllm.rl.online import OnlineData, beta, needs_reference, on_policy, window_logps
 from jaxllm.rl.rewards import builtin_names, load_function
-from jaxllm.train.losses import token_logps
 from jaxllm.train.objective import Objective, register
 from jaxllm.train.preference import _reference_source
 
 ONLINE = ("grpo", "rloo", "ppo")
-
-
-def on_policy(cfg: Config) -> bool:
-    """One update per rollout: the old log-probs are the policy's own (TRL's shortcut, ratio 1)."""
-    return cfg.rl.epochs * cfg.rl.minibatches == 1
 
 
 # ------------------------------------------------------------------------------------------ batch rows
@@ -59,9 +59,26 @@ PPO_FIELDS = ("values", "returns")
 
 
 def _rl_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What the data config alone bounds (module docstring): [B, data.seq_len] token fields and RL fields (a
+    window as wide); `rollout_spec` is exact."""
     spec = token_rows_spec(cfg, batch_size)
     fields = RL_FIELDS + (PPO_FIELDS if cfg.objective.name == "ppo" else ())
     return {**spec, **{k: ((batch_size, cfg.seq_len), np.dtype(np.float32)) for k in fields}}
+
+
+def rollout_spec(cfg: Config, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The widest batch cfg's rollouts make (module docstring), the shapes `jaxllm plan` compiles: completion
+    windows of rl.max_new_tokens; rows of data.seq_len, or with rl.shared_prefix windows after prompt prefixes of
+    the data.seq_len - rl.max_new_tokens tokens left."""
+    r, L, T = cfg.rl, cfg.data.seq_len, cfg.rl.max_new_tokens
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    width = T if r.shared_prefix else L
+    spec = {k: ((batch_size, width), f32 if k == "loss_mask" else i32)
+            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    if r.shared_prefix:
+        spec.update({f"prefix_{k}": ((batch_size, L - T), i32) for k in ("inputs", "positions", "segment_ids")})
+    fields = RL_FIELDS + (PPO_FIELDS if cfg.data.objective.name == "ppo" else ())
+    return {**spec, **{k: ((batch_size, T), f32) for k in fields}}
 
 
 def _no_rows(docs, cfg, tokenizer, batch_size, process_index):
@@ -83,18 +100,14 @@ for _name in ONLINE:
 # ------------------------------------------------------------------------------------------ forward passes
 
 
-def policy_logps(model, batch, temperature: float, chunk: int, with_values: bool = False):
-    """(log-probs of the row targets under logits / temperature [B, L] (0 off the loss mask), MoE aux outputs,
-    and with `with_values` the value head's values [B, L])."""
-    x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logps = token_logps(x_BLD, lambda h: model.logits(h).astype(jnp.float32) / temperature, batch["targets"], batch["loss_mask"], chunk)
-    values = model.values(x_BLD) if with_values else None
-    return logps, moe_aux, values
-
-
 def _means(metrics: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """`NAME:sum` metrics divided by the whole batch's count of their kind (`counts`: NAME -> count)."""
     return {name: metrics[f"{name}:sum"] / count for name, count in counts.items() if f"{name}:sum" in metrics}
+
+
+def _window_mask(batch):
+    """The loss mask of the completion window (the last positions of the rows, as wide as the RL fields)."""
+    return batch["loss_mask"][:, -batch["advantages"].shape[1]:]
 
 
 def _old(cfg, logps, batch):
@@ -105,17 +118,19 @@ def grpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     """GRPO and its variants (module docstring)."""
     r = cfg.rl
     model = bind(graphdef, params)
-    logps, moe_aux, _ = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk)
+    logps, entropy, moe_aux, _ = window_logps(model, batch, r.temperature, cfg.train.loss_chunk,
+                                              batch["advantages"].shape[1], group=r.num_generations)
     b = beta(cfg)
     rows = cfg.train.batch_size  # whole-batch counts: gradient accumulation sums exact shares
     loss, m = losses.policy_loss(
-        logps, _old(cfg, logps, batch), batch["advantages"], batch["loss_mask"], epsilon_low=r.epsilon,
+        logps, _old(cfg, logps, batch), batch["advantages"], _window_mask(batch), epsilon_low=r.epsilon,
         epsilon_high=r.epsilon if r.epsilon_high is None else r.epsilon_high, level=r.importance_sampling_level,
         aggregation=r.loss_type, max_completion_length=r.max_new_tokens, ref_logps_BT=batch["ref_logps"], beta=b,
         num_sequences=rows, num_tokens=norms["tokens"], micro_batches=cfg.train.grad_accum)
     per = norms["tokens"] if r.importance_sampling_level == "token" else rows
-    metrics = _means(m, {"clip_ratio/low_mean": per, "clip_ratio/high_mean": per, "clip_ratio/region_mean": per,
-                         "kl": norms["tokens"]})
+    metrics = _means({**m, "entropy:sum": jnp.sum(entropy)},
+                     {"clip_ratio/low_mean": per, "clip_ratio/high_mean": per, "clip_ratio/region_mean": per,
+                      "kl": norms["tokens"], "entropy": norms["tokens"]})
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
     return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
 
@@ -124,13 +139,15 @@ def rloo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     """RLOO: TRL's RLOOTrainer loss (one clipped ratio per sequence of summed log-ratios; mean over sequences)."""
     r = cfg.rl
     model = bind(graphdef, params)
-    logps, moe_aux, _ = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk)
+    logps, entropy, moe_aux, _ = window_logps(model, batch, r.temperature, cfg.train.loss_chunk,
+                                              batch["advantages"].shape[1], group=r.num_generations)
     rows = cfg.train.batch_size
     loss, m = losses.policy_loss(
-        logps, _old(cfg, logps, batch), batch["advantages"][:, 0], batch["loss_mask"], epsilon_low=r.epsilon,
+        logps, _old(cfg, logps, batch), batch["advantages"][:, 0], _window_mask(batch), epsilon_low=r.epsilon,
         epsilon_high=r.epsilon if r.epsilon_high is None else r.epsilon_high, level="sequence_sum",
         aggregation="grpo", num_sequences=rows)
-    metrics = _means(m, {f"clip_ratio/{k}_mean": rows for k in ("low", "high", "region")})
+    metrics = _means({**m, "entropy:sum": jnp.sum(entropy)},
+                     {**{f"clip_ratio/{k}_mean": rows for k in ("low", "high", "region")}, "entropy": norms["tokens"]})
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
     return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
 
@@ -140,8 +157,9 @@ def ppo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     the whole batch's completion tokens."""
     r = cfg.rl
     model = bind(graphdef, params)
-    logps, moe_aux, values = policy_logps(model, batch, r.temperature, cfg.train.loss_chunk, with_values=True)
-    mask = batch["loss_mask"]
+    logps, entropy, moe_aux, values = window_logps(model, batch, r.temperature, cfg.train.loss_chunk,
+                                                   batch["advantages"].shape[1], True, r.num_generations)
+    mask = _window_mask(batch)
     old = jax.lax.stop_gradient(logps) if on_policy(cfg) else batch["old_logps"]
     # Both losses are masked means over this micro-batch; weighted by its share of the batch's tokens they sum
     # to the whole batch's means.
@@ -151,8 +169,9 @@ def ppo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     pg_loss, vf_loss = pg_loss * share, vf_loss * share
     loss = pg_loss + r.vf_coef * vf_loss
     tokens = norms["tokens"]
-    metrics = _means({**pg_m, **vf_m}, {"clip_ratio/region_mean": tokens, "approxkl": tokens, "policykl": tokens,
-                                        "vf_clipfrac": tokens})
+    metrics = _means({**pg_m, **vf_m, "entropy:sum": jnp.sum(entropy)},
+                     {"clip_ratio/region_mean": tokens, "approxkl": tokens, "policykl": tokens, "vf_clipfrac": tokens,
+                      "entropy": tokens})
     metrics["clip_ratio/region_mean"] = pg_m["clipfrac:sum"] / tokens
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
     return loss + moe_loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, **metrics, **moe_metrics}
@@ -179,4 +198,5 @@ def _prepare(cfg: Config, tokenizer) -> Config:
 
 
 for _name, _loss in (("grpo", grpo_loss), ("rloo", rloo_loss), ("ppo", ppo_loss)):
-    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=OnlineData))
+    register(Objective(_name, ("decoder",), _loss, frozen_models=_frozen_models, prepare=_prepare, online=OnlineData,
+                       spec=rollout_spec))

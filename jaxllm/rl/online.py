@@ -8,8 +8,9 @@ makes one rollout and the batches of its updates:
        from `trainer.state.params` (no copy) on the training mesh (jaxllm/rl/rollout.py), key = fold_in(train.seed,
        rollout index) so runs repeat and resume exactly
     -> rewards (rl.rewards, jaxllm/rl/rewards.py) of the decoded completions
-    -> rows (prompt + completion, jaxllm/rl/objectives.py) and one jitted forward pass before the updates: the
-       policy's log-probs (old_logps), the reference's (when a KL is used), the value head's values (ppo), entropy
+    -> rows (left-padded prompt + completion window, prompts.rows) and, when the updates read any of them, one
+       jitted forward pass before the updates: the policy's log-probs (old_logps: several updates per rollout, or
+       ppo), the reference's (when a KL is used), the value head's values (ppo)
     -> advantages: grpo group-relative (rl.scale_rewards), rloo leave-one-out of reward - beta * sum KL(k1),
        ppo GAE(gamma, lam) of -kl_coef * KL(k1) per token + the score at the last token, whitened
     -> rl.epochs passes, each a fresh seeded permutation of the rollout's rows cut into rl.minibatches batches.
@@ -25,6 +26,7 @@ makes exactly the rollouts the uninterrupted one makes. One process (any number 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -37,13 +39,14 @@ import numpy as np
 from jaxllm import sharding
 from jaxllm.config import Config, JaxllmError
 from jaxllm.infer.generate import CHAT_STOP_TOKENS
-from jaxllm.models import bind
+from jaxllm.infer.beam import expand_cache
+from jaxllm.models import bind, init_cache
 from jaxllm.rl import losses
 from jaxllm.rl.prompts import PromptEncoder, prompt_pipeline, rows
 from jaxllm.rl.rewards import compute_rewards, reward_functions, reward_metrics
 from jaxllm.rl.rollout import SamplingSettings, rollout
 from jaxllm.train.frozen import frozen_shardings
-from jaxllm.train.losses import chunked_sums, token_logps
+from jaxllm.train.losses import chunked_sums
 from jaxllm.train.preference import _without_adapters
 
 log = logging.getLogger("jaxllm.rl")
@@ -63,6 +66,50 @@ def needs_reference(cfg: Config) -> bool:
     if cfg.data.objective.name == "ppo":
         return cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None
     return beta(cfg) > 0
+
+
+def on_policy(cfg: Config) -> bool:
+    """One update per rollout: the old log-probs are the policy's own (TRL's shortcut, ratio 1)."""
+    return cfg.rl.epochs * cfg.rl.minibatches == 1
+
+
+def window_logps(model, batch, temperature: float, chunk: int, window: int, with_values: bool = False,
+                 group: int = 1):
+    """The forward pass of online rows (prompts.rows) over the last `window` positions (the completion window),
+    the only ones projected to the vocabulary: log-probs of the targets under logits / temperature and the token
+    entropies (float32 [B, W], 0 off the loss mask), the MoE aux sums, and with `with_values` the value head's
+    values [B, W] (else None). Rows with a shared prefix (`prefix_inputs`): each `group` consecutive rows hold one
+    prompt, which runs once (`shared_prefix_hidden`)."""
+    if "prefix_inputs" in batch:
+        x_BLD, moe_aux = shared_prefix_hidden(model, batch, group)
+    else:
+        x_BLD, _, moe_aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_BWD = x_BLD[:, -window:]
+    targets_BW, mask_BW = batch["targets"][:, -window:], batch["loss_mask"][:, -window:].astype(jnp.float32)
+
+    def piece(x_BCD, t_BC, m_BC):
+        logits = model.logits(x_BCD).astype(jnp.float32) / temperature
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), t_BC[..., None], -1)[..., 0]
+        return (), (logp * m_BC, jax.lax.stop_gradient(losses.token_entropy(logits)) * m_BC)
+
+    _, (logps, entropy) = chunked_sums(piece, (x_BWD, targets_BW, mask_BW), chunk, per_position=True)
+    return logps, entropy, moe_aux, (model.values(x_BWD) if with_values else None)
+
+
+def shared_prefix_hidden(model, batch, group: int):
+    """Hidden states [B, W, D] of the completion windows of rows whose `group` consecutive rows share a prompt
+    (prompts.rows with shared_prefix): the prompts (but their last token) run once, B / group rows, into a KV cache,
+    which is repeated to the group's rows; the windows then attend to it and to themselves. The same values as
+    running each whole row, with the prompt's work (forward and backward) done once per group, not per completion.
+    And the MoE aux sums of both passes."""
+    B, Pp = batch["prefix_inputs"].shape
+    first = lambda a: a.reshape(B // group, group, *a.shape[1:])[:, 0]
+    cache = init_cache(model.cfg, B // group, Pp + batch["inputs"].shape[1])
+    _, cache, prefix_aux = model.hidden(first(batch["prefix_inputs"]), first(batch["prefix_positions"]),
+                                        first(batch["prefix_segment_ids"]), cache)
+    x_BWD, _, aux = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 expand_cache(cache, group))
+    return x_BWD, jax.tree.map(jnp.add, prefix_aux, aux)
 
 
 def reference_model(params, graphdef, frozen):
@@ -100,6 +147,7 @@ class OnlineData:
         self._kl = losses.AdaptiveKL(r.kl_coef, r.kl_target, r.kl_horizon) if r.kl_target is not None else None
         self._metrics: dict[str, float] = {}
         self._busy = 0.0  # seconds spent making rollouts since the last step_metrics()
+        self._tokens = 0  # row positions of the batches handed out since then
         self._score = None
 
     # ---------------------------------------------------------------------------- the pipeline interface
@@ -112,6 +160,8 @@ class OnlineData:
             self._fill()
         batch = self._buffer[self._position]
         self._position += 1
+        self._tokens += batch["inputs"].size  # a shared prefix: its tokens once per group
+        self._tokens += batch["prefix_inputs"].size // self.cfg.rl.num_generations if "prefix_inputs" in batch else 0
         return batch
 
     def at_boundary(self) -> bool:
@@ -138,12 +188,15 @@ class OnlineData:
     def close(self) -> None:
         self._prompts.close()
 
-    def step_metrics(self, seconds: float, train_tokens: int) -> dict[str, float]:
-        """The latest rollout's metrics, with the share of the last `seconds` spent making rollouts and the
-        tokens/s of the training steps in the rest (`train_tokens`: the rows' tokens they read)."""
+    def step_metrics(self, seconds: float) -> dict[str, float]:
+        """The latest rollout's metrics, with the share of the last `seconds` spent making rollouts, and the row
+        positions (tokens) the updates read per second: over the whole interval (tokens_per_sec, the trainer's
+        metric) and over the rest, the training steps' (train_tokens_per_sec)."""
         busy, self._busy = self._busy, 0.0
+        tokens, self._tokens = self._tokens, 0
         return {**self._metrics, "rollout_share": min(busy / max(seconds, 1e-9), 1.0),
-                "train_tokens_per_sec": train_tokens / max(seconds - busy, 1e-9)}
+                "tokens_per_sec": tokens / max(seconds, 1e-9),
+                "train_tokens_per_sec": tokens / max(seconds - busy, 1e-9)}
 
     # ---------------------------------------------------------------------------- rollouts
 
@@ -221,45 +274,50 @@ class OnlineData:
         cat = lambda key: np.concatenate([g[key] for g in groups])
         mask, truncated, reward = cat("mask"), cat("truncated"), cat("reward")
         per = {k: np.concatenate([g["per"][k] for g in groups]) for k in groups[0]["per"]}
-        batch = rows([p for g in groups for p in g["ids"]], cat("tokens"), mask, cfg.data.seq_len)
+        batch, window = rows([p for g in groups for p in g["ids"]], cat("tokens"), mask, cfg.data.seq_len,
+                             shared_prefix=r.shared_prefix)
         if r.mask_truncated_completions:
             batch["loss_mask"] *= ~truncated[:, None]
-        scored = self._scored(batch)
-        loss_mask = batch["loss_mask"]
+        loss_mask = batch["loss_mask"][:, -window:]  # the completion window: what the RL fields are aligned with
+        scored = self._scored(batch, window)
         metrics = reward_metrics(reward, per)
         lengths = mask.sum(1)
         metrics.update({"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                         "completions/max_length": float(lengths.max()),
-                        "completions/clipped_ratio": float(truncated.mean()),
-                        "entropy": float(scored["entropy"].sum() / max(loss_mask.sum(), 1.0))})
+                        "completions/clipped_ratio": float(truncated.mean())})
         n = r.num_generations
         kl_tokens = (scored["old_logps"] - scored["ref_logps"]) * loss_mask  # k1 per token
         if self.name == "grpo":
             adv = np.asarray(losses.group_advantages(reward, n, r.scale_rewards))
-            batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            batch["advantages"] = np.repeat(adv[:, None], window, 1).astype(np.float32)
             metrics["advantages/mean"] = float(adv.mean())
         elif self.name == "rloo":
             shaped = reward - beta(cfg) * kl_tokens.sum(1) if needs_reference(cfg) else reward
             adv = np.asarray(losses.rloo_advantages(shaped, n, r.normalize_advantages))
-            batch["advantages"] = np.repeat(adv[:, None], cfg.data.seq_len, 1).astype(np.float32)
+            batch["advantages"] = np.repeat(adv[:, None], window, 1).astype(np.float32)
             metrics["advantages/mean"] = float(adv.mean())
             if needs_reference(cfg):
                 metrics["kl"] = float(kl_tokens.sum() / max(loss_mask.sum(), 1.0))
         else:
-            self._ppo_advantages(batch, scored, reward, metrics)
+            self._ppo_advantages(batch, scored, reward, loss_mask, metrics)
         batch.update({k: scored[k] for k in ("old_logps", "ref_logps") + (("values",) if self.name == "ppo" else ())})
         self._metrics = metrics
         out = []
         B = cfg.train.batch_size
         for epoch in range(r.epochs):
-            order = np.random.default_rng([cfg.data.seed, self._rollouts, epoch]).permutation(len(reward))
+            rng = np.random.default_rng([cfg.data.seed, self._rollouts, epoch])
+            if r.shared_prefix:  # whole groups, in a random order: each minibatch runs its prompts once
+                order = (rng.permutation(len(reward) // n)[:, None] * n + np.arange(n)).reshape(-1)
+            else:
+                order = rng.permutation(len(reward))
             out += [{k: v[order[i * B:(i + 1) * B]] for k, v in batch.items()} for i in range(r.minibatches)]
         return out
 
-    def _ppo_advantages(self, batch, scored, reward, metrics) -> None:
+    def _ppo_advantages(self, batch, scored, reward, mask, metrics) -> None:
         """PPO (TRL's classic PPOTrainer): per-token rewards -kl_coef * k1 + the score at the last token, GAE,
-        whitened advantages, returns = advantages + values; the adaptive KL coefficient updated after."""
-        r, mask = self.cfg.rl, batch["loss_mask"]
+        whitened advantages, returns = advantages + values; the adaptive KL coefficient updated after. `mask`:
+        the completion window's loss mask."""
+        r = self.cfg.rl
         coef = r.kl_coef if self._kl is None else self._kl.value
         score = np.nan_to_num(reward)  # a sample no function scored: 0
         reference = scored["ref_logps"] if needs_reference(self.cfg) else scored["old_logps"]  # no KL without one
@@ -278,41 +336,43 @@ class OnlineData:
             if self._kl is not None:
                 self._kl.update(kl, len(reward))
 
-    def _scored(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The policy's log-probs and token entropies, the reference's log-probs (0 without a reference) and
-        (ppo) the values, of the rows, before any update: one jitted forward pass per train.batch_size rows."""
-        t, B = self._trainer, self.cfg.train.batch_size
+    def _scored(self, batch: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
+        """The old policy's log-probs, the reference's and (ppo) the values of the rows' completion windows
+        ([N, window] float32), before any update: one jitted forward pass per train.batch_size rows. Only what the
+        updates read: none at all (zeros) for a single on-policy update without a reference (grpo and rloo at
+        beta 0, TRL's defaults), whose old log-probs are the policy's own (objectives.py)."""
+        t, B, cfg = self._trainer, self.cfg.train.batch_size, self.cfg
+        wanted = (("old_logps",) if not on_policy(cfg) or self.name == "ppo" else ()) + \
+                 (("ref_logps",) if needs_reference(cfg) else ()) + (("values",) if self.name == "ppo" else ())
+        zeros = np.zeros((len(batch["inputs"]), window), np.float32)
+        out = {"old_logps": zeros, "ref_logps": zeros}
+        if not wanted:
+            return out
         if self._score is None:
-            self._score = jax.jit(self._score_rows, in_shardings=(t.state_shardings.params, t.batch_sharding,
-                                                                   frozen_shardings(t.frozen)))
+            self._score = jax.jit(functools.partial(self._score_rows, wanted=wanted),
+                                  in_shardings=(t.state_shardings.params, t.batch_sharding, frozen_shardings(t.frozen)))
         parts = []
-        keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+        keys = [k for k in batch if k not in ("advantages", "returns")]  # the rows' token fields
         for i in range(0, len(batch["inputs"]), B):
             chunk = {k: jax.device_put(batch[k][i:i + B], t.batch_sharding) for k in keys}
+            chunk["window"] = jax.device_put(zeros[i:i + B], t.batch_sharding)  # its shape: the window
             with sharding.activate(t.mesh, t.rules):
                 parts.append(jax.device_get(self._score(t.state.params, chunk, t.frozen)))
-        return {k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}
+        return {**out, **{k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}}
 
-    def _score_rows(self, params, batch, frozen):
+    def _score_rows(self, params, batch, frozen, wanted):
         t, cfg = self._trainer, self.cfg
-        T, chunk = cfg.rl.temperature, cfg.train.loss_chunk
-        model = bind(t.graphdef, params)
-        x_BLD, _, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-
-        def piece(x_BCD, t_BC, m_BC):
-            logits = model.logits(x_BCD).astype(jnp.float32) / T
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), t_BC[..., None], -1)[..., 0]
-            return (), (logp * m_BC, losses.token_entropy(logits) * m_BC)
-
-        mask = batch["loss_mask"]
-        _, (logps, entropy) = chunked_sums(piece, (x_BLD, batch["targets"], mask), chunk, per_position=True)
-        out = {"old_logps": logps, "entropy": entropy, "ref_logps": jnp.zeros_like(logps)}
-        if needs_reference(cfg):
+        T, chunk, W = cfg.rl.temperature, cfg.train.loss_chunk, batch["window"].shape[1]
+        out = {}
+        if "old_logps" in wanted or "values" in wanted:
+            logps, _, _, values = window_logps(bind(t.graphdef, params), batch, T, chunk, W, "values" in wanted,
+                                               cfg.rl.num_generations)
+            out["old_logps"] = logps
+            if "values" in wanted:
+                out["values"] = values * batch["loss_mask"][:, -W:]
+        if "ref_logps" in wanted:
             ref = reference_model(params, t.graphdef, frozen)
-            x_ref, _, _ = ref.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-            out["ref_logps"] = token_logps(x_ref, lambda h: ref.logits(h) / T, batch["targets"], mask, chunk)
-        if self.name == "ppo":
-            out["values"] = model.values(x_BLD) * mask
+            out["ref_logps"] = window_logps(ref, batch, T, chunk, W, group=cfg.rl.num_generations)[0]
         return out
 
     # ---------------------------------------------------------------------------- evaluation

@@ -19,6 +19,7 @@ from jaxllm.data.pipeline import Pipeline
 from jaxllm.data.readers import RecordError
 from jaxllm.data.sft import chat_template_for
 from jaxllm.data.sources import make_source
+from jaxllm.rl.rollout import bucket
 
 
 class PromptEncoder:
@@ -75,17 +76,34 @@ def prompt_pipeline(cfg: Config, sources: list[SourceConfig], encode: PromptEnco
     return Pipeline(ds, layout)
 
 
-def rows(prompts: list[np.ndarray], completions: np.ndarray, completion_mask: np.ndarray, seq_len: int
-         ) -> dict[str, np.ndarray]:
-    """One row per completion (objectives.py): prompt + completion tokens (those under the mask), shifted,
-    right-padded to seq_len; loss_mask 1 on the completion's targets."""
-    N = len(prompts)
-    out = {k: np.zeros((N, seq_len), np.float32 if k == "loss_mask" else np.int32)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    for i, (p, c, m) in enumerate(zip(prompts, completions, completion_mask)):
-        seq = np.concatenate([p, c[: int(m.sum())]])
-        n = len(seq) - 1
-        out["inputs"][i, :n], out["targets"][i, :n] = seq[:-1], seq[1:]
-        out["segment_ids"][i, :n], out["positions"][i, :n] = 1, np.arange(n)
-        out["loss_mask"][i, len(p) - 1 : n] = 1.0
-    return out
+def rows(prompts: list[np.ndarray], completions: np.ndarray, completion_mask: np.ndarray, seq_len: int,
+         shared_prefix: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """The training rows of completions (objectives.py) and their completion window W, laid out as TRL lays them:
+    each prompt left-padded to a shape bucket P (rollout.bucket: the longest prompt's), then its completion's first
+    W tokens (the longest completion's bucket, at most the completions' width), shifted by one. Token fields
+    [N, P + W - 1] (at most seq_len): the last W positions predict the completion (loss_mask 1 on its tokens, stop
+    token included); segment_ids 1 on real tokens, 0 on padding; positions from 0 at each prompt's first token.
+    The loss projects only those W positions to the vocabulary.
+
+    `shared_prefix`: the same positions cut in two: `prefix_inputs`, `prefix_positions`, `prefix_segment_ids`
+    [N, P - 1] (the prompt but its last token, which the model runs once per group: online.window_logps) and the
+    token fields [N, W] of the window alone (inputs: the prompt's last token, then the completion's)."""
+    N, T = completions.shape
+    lengths = completion_mask.sum(1).astype(int)
+    window = min(bucket(max(int(lengths.max()), 1)), T)
+    longest = max(len(p) for p in prompts)
+    P = max(min(bucket(longest), seq_len + 1 - window), longest)
+    full = np.zeros((N, P + window), np.int32)
+    real = np.zeros((N, P + window), np.int32)
+    for i, (p, c, n) in enumerate(zip(prompts, completions, lengths)):
+        full[i, P - len(p):P], real[i, P - len(p):P] = p, 1
+        full[i, P:P + n], real[i, P:P + n] = c[:n], 1
+    positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
+    loss_mask = np.zeros((N, P + window - 1), np.float32)
+    loss_mask[:, P - 1:] = completion_mask[:, :window]
+    out = {"inputs": full[:, :-1], "targets": full[:, 1:], "segment_ids": real[:, :-1],
+           "positions": positions[:, :-1], "loss_mask": loss_mask}
+    if not shared_prefix:
+        return out, window
+    prefix = {f"prefix_{k}": out[k][:, :P - 1] for k in ("inputs", "positions", "segment_ids")}
+    return {**prefix, **{k: v[:, P - 1:] for k, v in out.items()}}, window

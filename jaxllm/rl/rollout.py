@@ -7,9 +7,12 @@ sharded on the training mesh (no host copy, no second copy on the devices); LoRA
 from the adapted model, as the forward pass computes it.
 
 Shapes are bucketed so the loop compiles once per bucket, not once per batch: prompts are left-padded to
-a power-of-two width (at least `MIN_WIDTH`, at most the context minus max_new_tokens: `bucket_width`),
-and the rows to a caller's fixed count (`rows=`), rounded up to a multiple of the data-parallel size under
-a mesh. Filler rows start finished and are dropped from the result.
+a bucket width (`bucket`: at least `MIN_WIDTH`, four steps per power of two; at most the context minus
+max_new_tokens: `bucket_width`),
+and the rows to a caller's fixed count (`rows=`), rounded up to whole groups of n (times the data-parallel
+size under a mesh). Each prompt is prefilled once and its KV cache repeated to its n rows (vLLM's prefix
+sharing, for the one case a rollout always has: n samples of the same prompt). Filler rows start finished and
+are dropped from the result.
 """
 
 from __future__ import annotations
@@ -62,19 +65,25 @@ class Rollout:
     truncated: np.ndarray  # [N] bool: max_new_tokens reached without a stop token
 
 
-def bucket_width(longest: int, model_cfg: ModelConfig, max_new_tokens: int) -> int:
-    """The padded prompt width for a batch whose longest prompt has `longest` tokens: the next power of two
-    (at least MIN_WIDTH), capped by the room the context leaves for the completion."""
+def bucket(n: int, least: int = MIN_WIDTH) -> int:
+    """`n` rounded up to a shape bucket: `least`, then four steps per power of two (16, 20, 24, 28, 32, 40, 48, 56,
+    64, 80, 96, ...): at most a quarter of the width is padding, and any range of lengths compiles a few shapes."""
+    if n <= least:
+        return least
+    step = max((1 << ((n - 1).bit_length() - 1)) // 4, 1)
+    return -(-n // step) * step
+
+
+def bucket_width(longest: int, model_cfg: ModelConfig, max_new_tokens: int, limit: int | None = None) -> int:
+    """The padded prompt width for a batch whose longest prompt has `longest` tokens: its `bucket`, capped by the
+    room the context leaves for the completion (and by `limit`, a caller's widest prompt)."""
     room = model_cfg.max_seq_len - max_new_tokens
     if longest > room:
         raise JaxllmError(
             f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
             f"{model_cfg.max_seq_len}; drop or truncate prompts longer than {room} tokens, or sample fewer new tokens"
         )
-    width = MIN_WIDTH
-    while width < longest:
-        width *= 2
-    return min(width, room)
+    return max(min(bucket(longest), room, limit or room), longest)
 
 
 def rollout(
@@ -98,17 +107,16 @@ def rollout(
     so batches of different sizes share one compiled loop."""
     _check(model_cfg, prompts, settings)
     n = settings.num_generations
-    repeated = [list(p) for p in prompts for _ in range(n)]
-    N = len(repeated)
+    G, N = len(prompts), len(prompts) * n
     if rows and rows < N:
-        raise JaxllmError(f"rollout rows={rows} is fewer than the {len(prompts)} prompts x {n} generations = {N}")
-    R = max(rows, N)
+        raise JaxllmError(f"rollout rows={rows} is fewer than the {G} prompts x {n} generations = {N}")
+    unit = n  # whole groups: each prompt is prefilled once, then its cache serves its n rows
     if mesh is not None:
         rules = sharding.make_rules() if rules is None else rules
-        dp = sharding.data_parallel_size(mesh, rules)
-        R = -(-R // dp) * dp
-    width = bucket_width(max(len(p) for p in repeated), model_cfg, settings.max_new_tokens)
-    tokens, mask = left_pad(repeated + [repeated[0]] * (R - N), pad_id, width)
+        unit *= sharding.data_parallel_size(mesh, rules)  # the prefill's prompts split over the batch axes too
+    R = -(-max(rows, N) // unit) * unit
+    width = bucket_width(max(len(p) for p in prompts), model_cfg, settings.max_new_tokens)
+    tokens, mask = left_pad([list(p) for p in prompts] + [list(prompts[0])] * (R // n - G), pad_id, width)
     live = np.arange(R) < N
     stops = np.asarray(settings.stop_ids or (-1,), np.int32)
     inputs = (tokens, mask, np.asarray(jax.random.key_data(key)), stops, np.int32(pad_id), live)
@@ -117,7 +125,7 @@ def rollout(
     out, logps = _sample(params, *inputs, graphdef=graphdef, model_cfg=model_cfg, settings=settings,
                          key_impl=str(jax.random.key_impl(key)), mesh=mesh, rules=rules if mesh is not None else None)
     out, logps = np.asarray(out)[:N], np.asarray(logps)[:N]
-    return _assemble(tokens[:N], mask[:N], out, logps, settings.stop_ids)
+    return _assemble(np.repeat(tokens[:G], n, 0), np.repeat(mask[:G], n, 0), out, logps, settings.stop_ids)
 
 
 def _check(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> None:
@@ -144,17 +152,18 @@ def _place(array: np.ndarray, mesh: Mesh, rules: sharding.Rules, batched: bool) 
 @functools.partial(jax.jit, static_argnames=("graphdef", "model_cfg", "settings", "key_impl", "mesh", "rules"))
 def _sample(params, tokens_BP, mask_BP, key_data, stops, pad_id, live_B, *, graphdef, model_cfg, settings, key_impl,
             mesh, rules):
-    """The decode loop on the batch's shapes: (new tokens [B, T], their log-probs [B, T]); under a mesh the
-    activations (cache included) are placed by the rules and the results replicated. Row i samples from
-    fold_in(key, i); the decode loop folds in the step."""
+    """The decode loop on the batch's shapes: tokens_BP and mask_BP hold each prompt once (prefilled once), the
+    results [B * n, T] n rows per prompt (new tokens, their log-probs); under a mesh the activations (cache
+    included) are placed by the rules and the results replicated. Row i samples from fold_in(key, i); the decode
+    loop folds in the step."""
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens_BP.shape[0]))
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(live_B.shape[0]))
     placed = sharding.activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with placed:
         out_BT, logps_BT = decode(
             params, tokens_BP, mask_BP, keys_B, stops, pad_id, live_B=live_B, graphdef=graphdef, model_cfg=model_cfg,
             max_new_tokens=settings.max_new_tokens, temperature=float(settings.temperature),
-            top_k=int(settings.top_k), top_p=float(settings.top_p), with_logps=True,
+            top_k=int(settings.top_k), top_p=float(settings.top_p), with_logps=True, group=settings.num_generations,
         )
     if mesh is not None:
         everywhere = NamedSharding(mesh, PartitionSpec())

@@ -28,7 +28,7 @@ from jaxllm import models, sharding
 from jaxllm.models.attention import MAX_SEGMENTS, resolve_impl
 from jaxllm.models.layers import DTYPES
 from jaxllm.config import Config, ConfigError, DataConfig, JaxllmError, ModelConfig, SourceConfig, dump_yaml, validate
-from jaxllm.data.objectives import batch_spec, check_vocab_size, special_ids, tokens_to_add
+from jaxllm.data.objectives import check_vocab_size, special_ids, tokens_to_add
 from jaxllm.data.pipeline import Pipeline, process_pipeline
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_from_files
 from jaxllm.models import lora
@@ -38,7 +38,7 @@ from jaxllm.train.checkpoint import Checkpointer, Meta
 from jaxllm.train.frozen import FrozenModel, Pretrained, frozen_shardings, load_frozen, open_pretrained
 from jaxllm.train.metrics import MetricsWriter, truncate_metrics
 from jaxllm.train.monitor import StepMonitor
-from jaxllm.train.objective import check_trainable
+from jaxllm.train.objective import check_trainable, step_batch_spec
 from jaxllm.train.step import (TrainState, bound_loss, eval_step, init_train_state, jit_train_step,
                                train_state_spec)
 from jaxllm.utils import atomic_write_text, ensure_writable_dir
@@ -211,7 +211,7 @@ class Trainer:
 
     def _compile(self) -> None:
         cfg = self.cfg
-        self.batch_spec = batch_spec(cfg.data, cfg.train.batch_size)  # global shapes and dtypes
+        self.batch_spec = step_batch_spec(cfg, cfg.train.batch_size)  # global shapes and dtypes
         # cuDNN's packed attention holds a fixed number of documents per row (see attention.MAX_SEGMENTS).
         uses_cudnn = resolve_impl(cfg.model.attention_impl, DTYPES[cfg.model.dtype], False, False) == "cudnn"
         self._segment_limit = MAX_SEGMENTS if uses_cudnn and cfg.model.positions not in ("alibi", "relative") else None
@@ -239,8 +239,11 @@ class Trainer:
         return self._global_batch(local)
 
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The global arrays of this process's rows: the spec's batch dimension, the rows' own widths (an online
+        objective's rows are as wide as their rollout, jaxllm/rl/objectives.py)."""
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v), self.batch_spec[k][0])
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(v), (self.batch_spec[k][0][0], *np.shape(v)[1:]))
             for k, v in local.items()
         }
 
@@ -369,7 +372,7 @@ class Trainer:
                     m["step_time"] = (now - t_last) / since_log
                     m["tokens_per_sec"] = tokens_per_step * since_log / (now - t_last)
                     if self.objective.online:  # the rollouts' metrics and time (jaxllm/rl/online.py)
-                        m.update(self.data.step_metrics(now - t_last, tokens_per_step * since_log))
+                        m.update(self.data.step_metrics(now - t_last))
                     if do_eval:
                         m.update(self.evaluate())
                         if "eval_loss" in m:

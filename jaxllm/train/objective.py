@@ -18,7 +18,7 @@ An objective is chosen by `data.objective.name` and is
 - for online methods (jaxllm/rl: grpo, ppo, rloo) `online(trainer)`: the data the trainer trains on instead of
   the data pipeline, made from the trainer itself (batches of rollouts from its live parameters), with the
   pipeline's interface (`__next__`, `get_state`, `set_state`, `close`) plus `evaluate()` (the held-out metrics)
-  and `step_metrics(seconds, tokens)` (the rollouts' metrics, merged into each logged row).
+  and `step_metrics(seconds)` (the rollouts' metrics and the tokens its updates read, merged into each logged row).
 
 A new method registers an `Objective` here and a `BatchFormat` in data/, and adds its name to the choices
 of `ObjectiveConfig.name` (config/schema.py); the Trainer, step, checkpoints, resume, faults, meshes, LoRA
@@ -65,6 +65,9 @@ class Objective:
     # (and eval_ppl is logged only for a token loss).
     loss_count: str = "tokens"
     online: Optional[Callable[[Any], Any]] = None  # online methods: trainer -> its data (module docstring)
+    # The batch's shapes when they depend on more than the data config (online methods: rl.max_new_tokens,
+    # rl.shared_prefix): (cfg, batch_size) -> spec; None = the batch format's (`batch_spec(cfg.data, ...)`).
+    spec: Optional[Callable[[Config, int], dict]] = None
 
 
 _OBJECTIVES: dict[str, Objective] = {}
@@ -80,6 +83,15 @@ def objective_for(cfg: Config) -> Objective:
     if name not in _OBJECTIVES:
         raise ConfigError(f"unknown data.objective.name={name}; choose one of {', '.join(_OBJECTIVES)}")
     return _OBJECTIVES[name]
+
+
+def step_batch_spec(cfg: Config, batch_size: int) -> dict:
+    """Shape and dtype of every array of a train step's batch of `batch_size` rows: the objective's own `spec`,
+    else its batch format's (`data.objectives.batch_spec`)."""
+    from jaxllm.data.objectives import batch_spec
+
+    objective = objective_for(cfg)
+    return objective.spec(cfg, batch_size) if objective.spec else batch_spec(cfg.data, batch_size)
 
 
 def check_trainable(cfg: Config) -> Objective:

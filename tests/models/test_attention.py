@@ -45,6 +45,10 @@ def test_segment_offsets_describe_each_document():
     offsets, lengths = segment_offsets(seg, max_segments=4)
     np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
     np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
+    # left padding (prefill of left-padded prompts, online RL's rows): the last segment ends at its last token
+    offsets, lengths = segment_offsets(jnp.array([[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 2, 2, 2, 2, 2]]), max_segments=2)
+    np.testing.assert_array_equal(offsets, [[2, -1, -1], [1, 3, -1]])
+    np.testing.assert_array_equal(lengths, [[3, -1], [2, 5]])
 
 
 def test_the_kernel_is_decided_in_one_place_and_decoding_uses_xla():

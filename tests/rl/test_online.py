@@ -57,14 +57,56 @@ def _run(cfg, devices=None):
     return {row["step"]: row for row in read_metrics(cfg.run_dir)}
 
 
-def test_rows_put_the_prompt_then_the_completion_with_the_loss_on_its_targets():
-    out = rows([np.array([5, 6, 7]), np.array([9])], np.array([[1, 2, 3], [4, 0, 0]]), np.array([[1, 1, 0], [1, 0, 0]]),
-               seq_len=6)
-    np.testing.assert_array_equal(out["inputs"], [[5, 6, 7, 1, 0, 0], [9, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(out["targets"], [[6, 7, 1, 2, 0, 0], [4, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(out["positions"][0], [0, 1, 2, 3, 0, 0])
-    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+def test_rows_left_pad_the_prompt_then_put_the_completion_window_with_the_loss_on_its_targets():
+    out, window = rows([np.array([5, 6, 7]), np.array([9])], np.array([[1, 2, 3], [4, 0, 0]]),
+                       np.array([[1, 1, 0], [1, 0, 0]]), seq_len=6)
+    assert window == 3  # the completions' width (their bucket is wider); the prompts' bucket is cut to 6 + 1 - 3
+    np.testing.assert_array_equal(out["inputs"], [[0, 5, 6, 7, 1, 2], [0, 0, 0, 9, 4, 0]])
+    np.testing.assert_array_equal(out["targets"], [[5, 6, 7, 1, 2, 0], [0, 0, 9, 4, 0, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(out["segment_ids"], [[0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]])
+    # longer prompts and completions: buckets (16 wide prompts here), the window the longest completion's
+    long, window = rows([np.arange(1, 12), np.arange(1, 4)], np.ones((2, 40), np.int32),
+                        np.array([[1] * 17 + [0] * 23, [1] * 3 + [0] * 37]), seq_len=64)
+    assert window == 20 and long["inputs"].shape == (2, 16 + 20 - 1)
+    np.testing.assert_array_equal(long["loss_mask"].sum(1), [17, 3])
+    np.testing.assert_array_equal(long["targets"][0, 15:15 + 17], np.ones(17))
+
+
+def test_a_shared_prefix_gives_the_whole_rows_log_probs_values_and_gradients():
+    """rl.shared_prefix runs each prompt once for its group (online.shared_prefix_hidden): the window's log-probs,
+    entropies, values and the gradient of a loss of them equal those of whole rows (each prompt run per row)."""
+    import jax.numpy as jnp
+
+    from jaxllm.models import bind, model_spec
+    from jaxllm.rl.online import window_logps
+    from tests.conftest import random_params, tiny_model_config
+
+    cfg = tiny_model_config(value_head=True)
+    graphdef, params = model_spec(cfg)[0], random_params(cfg, seed=3)
+    rng, n = np.random.default_rng(0), 3
+    prompts = [p for size in (5, 19, 1) for p in [rng.integers(3, 100, size)] * n]  # three groups of n
+    lengths = rng.integers(1, 9, len(prompts))
+    completions = rng.integers(3, 100, (len(prompts), 8))
+    mask = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
+    (whole, window), (cut, same) = (rows(prompts, completions, mask, 48, shared_prefix=s) for s in (False, True))
+    assert window == same == 8 and cut["prefix_inputs"].shape == (9, 19) and cut["inputs"].shape == (9, 8)
+    weights = jnp.asarray(rng.normal(size=(len(prompts), window)), jnp.float32)
+
+    def run(params, batch):
+        logps, entropy, _, values = window_logps(bind(graphdef, params), batch, 0.7, 0, window, True, n)
+        return jnp.sum(weights * (logps + 0.1 * values * batch["loss_mask"][:, -window:])), (logps, entropy, values)
+
+    (a, (logps_a, entropy_a, values_a)), grads_a = jax.value_and_grad(run, has_aux=True)(params, whole)
+    (b, (logps_b, entropy_b, values_b)), grads_b = jax.value_and_grad(run, has_aux=True)(params, cut)
+    on = whole["loss_mask"][:, -window:] > 0
+    np.testing.assert_allclose(logps_b, logps_a, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(entropy_b, entropy_a, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(values_b)[on], np.asarray(values_a)[on], atol=2e-5, rtol=0)
+    assert np.abs(np.asarray(logps_a)[on]).min() > 0 and float(np.abs(np.asarray(a))) > 0
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(gb, ga, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("objective", [GRPO, ("data.objective.name=rloo",), ("data.objective.name=ppo", "rl.kl_coef=0")],
@@ -130,17 +172,19 @@ def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly
 
 
 def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_path):
-    cfg = _config(tmp_path / "lora", prompts, *GRPO, "rl.beta=0.04", "model.lora.rank=4",
-                  "model.lora.alpha=8", "train.steps=2", "checkpoint.every=1")
+    # two updates per rollout (rl.epochs=2): the old log-probs are scored beside the reference's
+    cfg = _config(tmp_path / "lora", prompts, *GRPO, "rl.beta=0.04", "rl.epochs=2", "model.lora.rank=4",
+                  "model.lora.alpha=8", "train.steps=4", "checkpoint.every=2")
     trainer = Trainer(cfg)
     try:
         assert trainer.frozen == {}  # no second copy of the weights
         first = next(trainer.data)  # adapters start at zero: the reference is the policy itself
-        mask = first["loss_mask"] > 0
+        mask = first["loss_mask"][:, -first["ref_logps"].shape[1]:] > 0  # the completion window's
         np.testing.assert_allclose(first["ref_logps"][mask], first["old_logps"][mask], atol=1e-6)
         trainer.train_step(trainer._global_batch(first))
-        second = next(trainer.data)  # after an update the adapters differ from zero, the reference does not move
-        mask = second["loss_mask"] > 0
+        trainer.train_step(trainer._global_batch(next(trainer.data)))
+        second = next(trainer.data)  # the next rollout's: after updates the adapters differ from zero, the reference does not move
+        mask = second["loss_mask"][:, -second["ref_logps"].shape[1]:] > 0
         assert np.abs(second["ref_logps"][mask] - second["old_logps"][mask]).max() > 1e-4
     finally:
         trainer.close()

@@ -14,7 +14,7 @@ from jaxllm.config import GenerateConfig, JaxllmError, LoraConfig, MeshConfig
 from jaxllm.infer.generate import generate
 from jaxllm.models import lora
 from jaxllm.rl import rollout as rollout_module
-from jaxllm.rl.rollout import SamplingSettings, bucket_width, rollout
+from jaxllm.rl.rollout import SamplingSettings, bucket, bucket_width, rollout
 from tests.conftest import random_params, tiny_model_config
 
 PAD = 0
@@ -106,7 +106,7 @@ def test_greedy_equals_generate(model):
 
 def test_one_compilation_per_bucket_and_filler_rows_change_no_sample(model, sampled):
     """Batches of 1-3 prompts of 1-16 tokens padded to rows=6 share the loop compiled for `sampled` (6 rows,
-    16 wide); a 20-token prompt opens the 32-wide bucket. Filler rows change no real row's sample (row i
+    16 wide); a 20-token prompt opens the 20-wide bucket. Filler rows change no real row's sample (row i
     samples from fold_in(key, i), whatever the batch around it)."""
     cfg, graphdef, params = model
     before = rollout_module._sample._cache_size()
@@ -119,13 +119,16 @@ def test_one_compilation_per_bucket_and_filler_rows_change_no_sample(model, samp
         assert out.completion_tokens.shape == (2 * len(batch), 12) and out.prompt_tokens.shape[1] == 16
     assert rollout_module._sample._cache_size() == before
     wide = rollout(graphdef, params, cfg, [list(range(1, 21))], SAMPLED, jax.random.key(1), PAD, rows=6)
-    assert wide.prompt_tokens.shape == (2, 32)
+    assert wide.prompt_tokens.shape == (2, 20)
     assert rollout_module._sample._cache_size() == before + 1
 
 
 def test_bucket_widths_and_bad_requests(model):
     cfg, graphdef, params = model  # context 64
-    assert [bucket_width(n, cfg, 12) for n in (1, 16, 17, 33, 52)] == [16, 16, 32, 52, 52]
+    assert [bucket_width(n, cfg, 12) for n in (1, 16, 17, 33, 52)] == [16, 16, 20, 40, 52]
+    assert bucket_width(30, cfg, 12, limit=28) == 30  # a limit never cuts a prompt
+    # four steps per power of two: at most a quarter of a row is padding
+    assert [bucket(n) for n in (16, 17, 21, 32, 33, 64, 65, 91, 129, 1000)] == [16, 20, 24, 32, 40, 64, 80, 96, 160, 1024]
     with pytest.raises(JaxllmError, match="a prompt of 53 tokens \\+ max_new_tokens 12 exceeds the model's context"):
         rollout(graphdef, params, cfg, [[1] * 53], SAMPLED, jax.random.key(0), PAD)
     with pytest.raises(JaxllmError, match="rows=4 is fewer than the 3 prompts x 2 generations = 6"):
