@@ -304,6 +304,8 @@ def _validate_rl(cfg: Config) -> None:
     r, name, t = cfg.rl, cfg.data.objective.name, cfg.train
     _positive(r, "rl", ["num_generations", "max_new_tokens", "minibatches", "epochs", "max_rollout_tries",
                         "kl_horizon"])
+    if r.eval_samples < 0:
+        raise ConfigError(f"rl.eval_samples must be >= 0 (0: greedy held-out reward only), got {r.eval_samples}")
     if not r.rewards:
         raise ConfigError(f"data.objective.name={name} needs rl.rewards: list at least one reward function "
                           "(e.g. rl.rewards=[{function: exact_match}])")

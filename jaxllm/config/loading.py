@@ -21,9 +21,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raw = read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
+    _resolve_algorithm(raw, {item.split("=", 1)[0].strip() for item in overrides})
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
+
+
+def _resolve_algorithm(raw: dict[str, Any], overridden: set[str]) -> None:
+    """rl.algorithm and data.objective.name name an online method alike, and either alone decides the other:
+    rl.algorithm ppo | grpo | rloo trains that objective, best_of_n fine-tunes with sft; an online objective
+    (grpo, rloo, ppo) is its own algorithm. An override of one (`overridden`: the dotted keys overridden) replaces
+    the config file's other. Both given and different: checks.py says which to change."""
+    rl, data = raw.get("rl"), raw.get("data")
+    if not isinstance(rl, dict) and rl is not None or not isinstance(data, dict) and data is not None:
+        return  # not sections: from_dict names the error
+    objective = (data or {}).get("objective")
+    if "rl.algorithm" in overridden and "data.objective.name" not in overridden and isinstance(objective, dict):
+        objective.pop("name", None)
+    if "data.objective.name" in overridden and "rl.algorithm" not in overridden and isinstance(rl, dict):
+        rl.pop("algorithm", None)
+    algorithm = (rl or {}).get("algorithm")
+    name = objective.get("name") if isinstance(objective, dict) else None
+    if algorithm is not None and name is None and (objective is None or isinstance(objective, dict)):
+        raw["data"] = {**(data or {}), "objective": {**(objective or {}), "name": "sft" if algorithm == "best_of_n"
+                                                     else algorithm}}
+    elif algorithm is None and name in ("grpo", "rloo", "ppo"):
+        raw["rl"] = {**(rl or {}), "algorithm": name}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -556,7 +556,8 @@ class RLConfig:
     epsilon: float = 0.2  # clip range (lower; and upper unless epsilon_high)
     epsilon_high: Optional[float] = None  # DAPO's clip-higher (e.g. 0.28); null = epsilon
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # grpo: how token losses are averaged (TRL's)
-    importance_sampling_level: Literal["token", "sequence"] = "token"  # grpo: sequence = GSPO
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"  # grpo: sequence = GSPO,
+    # sequence_token = GSPO-token (the sequence's ratio, each token's gradient; not in TRL)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: advantage / std; none = Dr. GRPO
     mask_truncated_completions: bool = False  # completions without a stop token train nothing (DAPO)
     dynamic_sampling: bool = False  # grpo/rloo: drop groups whose rewards are all equal and sample more (DAPO)
@@ -566,6 +567,9 @@ class RLConfig:
     # keys and values; the gradient flows through it once) instead of once per completion; minibatches then hold
     # whole groups. false: one row per completion, prompt included (fused attention kernels, long prompts).
     shared_prefix: bool = True
+    # Held-out evaluation (eval.sources of prompts): eval_reward is greedy; eval_samples = k > 0 also samples k
+    # completions per prompt as the rollouts do and logs their mean reward as eval_reward_sampled (TRL's eval).
+    eval_samples: int = 0
     # ppo (TRL's PPOConfig): per-token reward -kl_coef * KL(k1) + the score at the last token; GAE(gamma, lam);
     # whitened advantages; value loss vf_coef * clipped (cliprange_value) squared error. kl_target: adaptive
     # coefficient (Ziegler et al.) aiming at this KL per sequence over kl_horizon samples; null = fixed.

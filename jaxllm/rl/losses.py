@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LEVELS = ("token", "sequence", "sequence_sum")
+LEVELS = ("token", "sequence", "sequence_token", "sequence_sum")
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 ESTIMATORS = ("k1", "k2", "k3")
 SCALES = ("group", "batch", "none")
@@ -66,7 +66,10 @@ def policy_loss(logps_BT, old_logps_BT, advantages_B_or_BT, mask_BT, *, epsilon_
     """The clipped surrogate of TRL 1.16 `GRPOTrainer._compute_loss` (loss_type grpo/bnpo/dr_grpo/dapo).
 
     ratio = exp(level's log-weight): `token` logps - old per token (PPO/GRPO); `sequence` the masked mean of the
-    per-token log-ratio, one weight per sequence (GSPO, TRL importance_sampling_level="sequence"); `sequence_sum`
+    per-token log-ratio, one weight per sequence (GSPO, TRL importance_sampling_level="sequence"); `sequence_token`
+    GSPO-token (Zheng et al. 2025, eq. 14; Tunix's gspo-token, not in TRL): every token weighted by sg[the
+    sequence's weight] * p / sg[p], the same values as `sequence` with each token's own gradient, so per-token
+    advantages act per token (equal advantages: GSPO's loss and gradient); `sequence_sum`
     the summed log-ratio per sequence (TRL RLOOTrainer._compute_loss; use aggregation "grpo"). old_logps None =
     the on-policy case (stop_gradient(logps)). per-token loss = -min(ratio * A, clip(ratio, 1 - eps_low,
     1 + eps_high) * A) (`delta`: TRL's two-sided cap on the unclipped ratio), + beta * k3 KL to ref_logps
@@ -93,8 +96,10 @@ def policy_loss(logps_BT, old_logps_BT, advantages_B_or_BT, mask_BT, *, epsilon_
     log_ratio = logps_BT - old_logps_BT
     if level == "token":
         log_w = log_ratio
-    elif level == "sequence":
+    elif level in ("sequence", "sequence_token"):
         log_w = (jnp.sum(log_ratio * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))[:, None]
+        if level == "sequence_token":  # GSPO-token: the sequence's weight, each token's own gradient
+            log_w = jax.lax.stop_gradient(log_w) + logps_BT - jax.lax.stop_gradient(logps_BT)
     else:
         log_w = jnp.sum(log_ratio * mask, -1)[:, None]
     coef_1 = jnp.exp(log_w)
@@ -122,7 +127,7 @@ def policy_loss(logps_BT, old_logps_BT, advantages_B_or_BT, mask_BT, *, epsilon_
     low = ((coef_1 < 1.0 - epsilon_low) & (adv < 0)).astype(jnp.float32)
     high = ((coef_1 > 1.0 + epsilon_high) & (adv > 0)).astype(jnp.float32)
     region = jnp.maximum(low, high)
-    if level == "token":
+    if level in ("token", "sequence_token"):  # GSPO-token's weights are per token (equal within a sequence)
         weight, count = mask, jnp.sum(mask)
     else:  # one ratio per sequence: TRL counts every row, [B, 1]
         weight, count = jnp.ones((batch, 1), jnp.float32), float(batch)

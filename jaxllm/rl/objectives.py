@@ -19,7 +19,7 @@ as TRL logs it): log-probs of the row's targets under logits /
 rl.temperature (the sampling distribution, as TRL). With rl.epochs = rl.minibatches = 1 the old log-probs are
 the policy's own, detached (ratio exactly 1: TRL's on-policy shortcut); otherwise the batch's `old_logps`.
 - grpo: the clipped surrogate + beta * k3 KL to the reference, averaged by rl.loss_type (grpo, bnpo, dr_grpo,
-  dapo), ratio per token or per sequence (rl.importance_sampling_level=sequence: GSPO);
+  dapo), ratio per token or per sequence (rl.importance_sampling_level=sequence: GSPO; sequence_token: GSPO-token);
 - rloo: TRL's RLOOTrainer: one ratio per sequence (summed token log-ratios), clipped, mean over sequences; its
   KL (k1, summed) is in the reward (online.py);
 - ppo: TRL's classic PPOTrainer: clipped policy loss on whitened GAE advantages + vf_coef * clipped value loss.
@@ -127,7 +127,7 @@ def grpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
         epsilon_high=r.epsilon if r.epsilon_high is None else r.epsilon_high, level=r.importance_sampling_level,
         aggregation=r.loss_type, max_completion_length=r.max_new_tokens, ref_logps_BT=batch["ref_logps"], beta=b,
         num_sequences=rows, num_tokens=norms["tokens"], micro_batches=cfg.train.grad_accum)
-    per = norms["tokens"] if r.importance_sampling_level == "token" else rows
+    per = rows if r.importance_sampling_level == "sequence" else norms["tokens"]  # GSPO-token clips per token
     metrics = _means({**m, "entropy:sum": jnp.sum(entropy)},
                      {"clip_ratio/low_mean": per, "clip_ratio/high_mean": per, "clip_ratio/region_mean": per,
                       "kl": norms["tokens"], "entropy": norms["tokens"]})

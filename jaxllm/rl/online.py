@@ -26,6 +26,7 @@ makes exactly the rollouts the uninterrupted one makes. One process (any number 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -145,7 +146,8 @@ class OnlineData:
         self._position = 0
         self._rollouts = 0
         self._kl = losses.AdaptiveKL(r.kl_coef, r.kl_target, r.kl_horizon) if r.kl_target is not None else None
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}  # the latest rollout's
+        self._logged: list[dict[str, float]] = []  # the rollouts' metrics since the last step_metrics()
         self._busy = 0.0  # seconds spent making rollouts since the last step_metrics()
         self._tokens = 0  # row positions of the batches handed out since then
         self._score = None
@@ -189,12 +191,15 @@ class OnlineData:
         self._prompts.close()
 
     def step_metrics(self, seconds: float) -> dict[str, float]:
-        """The latest rollout's metrics, with the share of the last `seconds` spent making rollouts, and the row
-        positions (tokens) the updates read per second: over the whole interval (tokens_per_sec, the trainer's
-        metric) and over the rest, the training steps' (train_tokens_per_sec)."""
+        """The rollouts' metrics since the last call, each the mean over those rollouts (TRL averages its logged
+        metrics over the logging interval too; the latest rollout's when none was made since), with the share of
+        the last `seconds` spent making rollouts, and the row positions (tokens) the updates read per second: over
+        the whole interval (tokens_per_sec, the trainer's metric) and over the rest (train_tokens_per_sec)."""
         busy, self._busy = self._busy, 0.0
         tokens, self._tokens = self._tokens, 0
-        return {**self._metrics, "rollout_share": min(busy / max(seconds, 1e-9), 1.0),
+        logged, self._logged = self._logged or [self._metrics], []
+        means = {k: _mean([m[k] for m in logged if k in m]) for k in logged[-1]}
+        return {**means, "rollout_share": min(busy / max(seconds, 1e-9), 1.0),
                 "tokens_per_sec": tokens / max(seconds, 1e-9),
                 "train_tokens_per_sec": tokens / max(seconds - busy, 1e-9)}
 
@@ -265,6 +270,7 @@ class OnlineData:
             self._metrics.update({"dynamic_sampling/dropped_groups": float(dropped),
                                   "dynamic_sampling/rollouts": float(tries)})
         self._metrics["rollout_tokens_per_sec"] = generated / max(generating, 1e-9)
+        self._logged.append(self._metrics)
         self._busy += time.perf_counter() - started
 
     def _batches(self, groups: list[dict]) -> list[dict[str, np.ndarray]]:
@@ -286,6 +292,7 @@ class OnlineData:
                         "completions/max_length": float(lengths.max()),
                         "completions/clipped_ratio": float(truncated.mean())})
         n = r.num_generations
+        metrics["frac_reward_zero_std"] = float(np.mean([_all_equal(g["reward"]) for g in groups]))  # TRL's
         kl_tokens = (scored["old_logps"] - scored["ref_logps"]) * loss_mask  # k1 per token
         if self.name == "grpo":
             adv = np.asarray(losses.group_advantages(reward, n, r.scale_rewards))
@@ -380,12 +387,17 @@ class OnlineData:
     def evaluate(self) -> dict[str, float]:
         """Held-out reward: the mean total reward of greedy completions of eval.sources' prompts (each read once,
         at most eval.batches * train.batch_size prompts), as eval_reward, and each function's as
-        eval_reward/NAME; with several sources also eval_reward/SOURCE."""
-        cfg = self.cfg
-        greedy = SamplingSettings(num_generations=1, max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0,
-                                  stop_ids=self._stops)
-        totals, pers, metrics = [], [], {}
+        eval_reward/NAME; with several sources also eval_reward/SOURCE. With rl.eval_samples = k > 0 also the mean
+        reward of k completions per prompt sampled as the rollouts sample (rl.temperature, top_k, top_p; TRL's
+        evaluation), as eval_reward_sampled (/NAME, /SOURCE alike)."""
+        cfg, r = self.cfg, self.cfg.rl
+        kinds = {"eval_reward": SamplingSettings(num_generations=1, max_new_tokens=r.max_new_tokens,
+                                                 temperature=0.0, stop_ids=self._stops)}
+        if r.eval_samples:
+            kinds["eval_reward_sampled"] = dataclasses.replace(self.settings, num_generations=r.eval_samples,
+                                                               stop_ids=self._stops)
         limit = cfg.eval.batches * cfg.train.batch_size if cfg.eval.batches else None
+        sources = []
         for source in cfg.eval.sources:
             pipeline = prompt_pipeline(cfg, [source], self._encode, 1, shuffle=False)
             try:
@@ -394,21 +406,34 @@ class OnlineData:
                 pipeline.close()
             if not items:
                 raise JaxllmError(f"eval.sources {source.path} holds no usable prompts")
+            sources.append((source.path, items))
+        metrics = {}
+        for prefix, settings in kinds.items():
+            metrics.update(self._held_out(prefix, settings, sources))
+        return metrics
+
+    def _held_out(self, prefix: str, settings: SamplingSettings, sources: list) -> dict[str, float]:
+        """The mean rewards of `settings`' completions of each source's prompts (`evaluate`); sampled ones draw
+        from fixed keys, so every evaluation of a run samples alike."""
+        cfg, n = self.cfg, settings.num_generations
+        per_call = max(cfg.train.batch_size // n, 1)  # prompts per sampling call: train.batch_size rows
+        totals, pers, metrics = [], [], {}
+        for path, items in sources:
             source_totals = []
-            for i in range(0, len(items), cfg.train.batch_size):
-                out, prompts, completions, records = self._sample(items[i:i + cfg.train.batch_size], greedy,
-                                                                  jax.random.key(0), cfg.train.batch_size)
+            for i in range(0, len(items), per_call):
+                out, prompts, completions, records = self._sample(items[i:i + per_call], settings,
+                                                                  jax.random.fold_in(jax.random.key(0), i), per_call * n)
                 total, per = compute_rewards(self._rewards, prompts, completions, records,
                                              completion_ids=_completion_ids(out))
                 source_totals.append(np.asarray(total, np.float64))
                 pers.append({k: np.asarray(v, np.float64) for k, v in per.items()})
             totals += source_totals
-            if len(cfg.eval.sources) > 1:
-                metrics[f"eval_reward/{source.path}"] = float(np.nanmean(np.concatenate(source_totals)))
-        metrics["eval_reward"] = float(np.nanmean(np.concatenate(totals)))
+            if len(sources) > 1:
+                metrics[f"{prefix}/{path}"] = float(np.nanmean(np.concatenate(source_totals)))
+        metrics[prefix] = float(np.nanmean(np.concatenate(totals)))
         for name in pers[0]:
             values = np.concatenate([p[name] for p in pers])
-            metrics[f"eval_reward/{name}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+            metrics[f"{prefix}/{name}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
         return metrics
 
 
@@ -421,3 +446,9 @@ def _all_equal(rewards: np.ndarray) -> bool:
     """No learning signal in a group: its scored rewards are all the same (or none scored)."""
     scored = rewards[~np.isnan(rewards)]
     return scored.size == 0 or bool(np.all(scored == scored[0]))
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")

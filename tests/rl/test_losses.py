@@ -128,6 +128,35 @@ def test_clipped_tokens_get_exactly_zero_gradient():
     assert np.all(grad[MASK == 0] == 0.0)
 
 
+@pytest.mark.parametrize("aggregation", L.AGGREGATIONS)
+def test_gspo_token_is_gspo_with_equal_advantages_and_weights_each_tokens_own_advantage(aggregation):
+    """GSPO-token (Zheng et al. 2025, eq. 14; not in TRL): with one advantage per sequence the loss, gradient and
+    clip metrics are GSPO's (TRL's sequence level, checked against TRL above); with per-token advantages each
+    unclipped token's gradient is its own advantage times the sequence's weight (grpo aggregation)."""
+    kw = dict(epsilon_low=0.2, epsilon_high=0.28, aggregation=aggregation, max_completion_length=T, beta=0.0)
+    loss_s, grad_s, metrics_s = _ours(level="sequence", **kw)
+    loss_t, grad_t, metrics_t = _ours(level="sequence_token", **kw)
+    close(loss_t, loss_s)
+    close(grad_t, grad_s)
+    assert L.metric_means(metrics_t)["clip_ratio/region_mean"] == pytest.approx(
+        float((np.sum(np.broadcast_to(np.asarray(_seq_clipped(0.2, 0.28))[:, None], MASK.shape) * MASK)) / MASK.sum()))
+    per_token = RNG.normal(0.0, 1.0, (B, T)).astype(np.float32)
+
+    def f(logps):
+        return L.policy_loss(logps, jnp.asarray(OLD), jnp.asarray(per_token), jnp.asarray(MASK),
+                             level="sequence_token", aggregation="grpo", epsilon_low=10.0, epsilon_high=10.0)[0]
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(LOGPS)))  # a clip range wide enough that nothing is clipped
+    weight = np.exp(((LOGPS - OLD) * MASK).sum(1) / MASK.sum(1))
+    close(grad, -per_token * weight[:, None] * MASK / MASK.sum(1, keepdims=True) / B)
+
+
+def _seq_clipped(eps_low, eps_high):
+    """Rows whose GSPO weight lies outside the clip range on the side its advantage pushes."""
+    weight = np.exp(((LOGPS - OLD) * MASK).sum(1) / MASK.sum(1))
+    return ((weight < 1 - eps_low) & (ADV < 0)) | ((weight > 1 + eps_high) & (ADV > 0))
+
+
 def test_rloo_sequence_sum_matches_trl_rloo():
     """level="sequence_sum" with aggregation grpo is TRL RLOOTrainer._compute_loss (ratio of summed log-probs)."""
     logps = torch.tensor(LOGPS, requires_grad=True)

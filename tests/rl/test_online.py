@@ -115,16 +115,20 @@ def test_trains_from_the_cli_and_logs_the_rollout_metrics(objective, prompts, tm
     run_dir = tmp_path / "run"
     code = main(["train", "configs/tiny.yaml", *MICRO_RL, f"run_dir={run_dir}", f"data.sources=[{{path: {prompts}}}]",
                  *objective, "train.steps=2", "checkpoint.every=2", f"eval.sources=[{{path: {prompts}}}]",
-                 "eval.batches=1", "eval.at_start=true", "rl.beta=0"])
+                 "eval.batches=1", "eval.at_start=true", "rl.beta=0", "rl.eval_samples=3"])
     assert code == 0
     rows_ = {row["step"]: row for row in read_metrics(run_dir)}
     assert 0 <= rows_[0]["eval_reward"] <= 1 and rows_[0]["eval_reward/share_of_e"] == rows_[0]["eval_reward"]
+    # rl.eval_samples: 3 sampled completions of each of the 8 held-out prompts, beside the greedy ones
+    sampled = rows_[0]["eval_reward_sampled"]
+    assert 0 <= sampled <= 1 and rows_[0]["eval_reward_sampled/share_of_e"] == sampled and sampled != rows_[0]["eval_reward"]
     last = rows_[2]
     for key in ("loss", "reward", "reward_std", "rewards/share_of_e/mean", "rewards/share_of_e/std", "entropy",
                 "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
                 "rollout_tokens_per_sec", "train_tokens_per_sec", "rollout_share", "eval_reward"):
         assert np.isfinite(last[key]), key
     assert 1 <= last["completions/mean_length"] <= 6 and 0 < last["rollout_share"] < 1
+    assert 0 <= last["frac_reward_zero_std"] <= 1 and last["tokens_per_sec"] < last["train_tokens_per_sec"]
     if "data.objective.name=ppo" in objective:  # a value head trained beside the policy
         assert np.isfinite(last["value_loss"]) and np.isfinite(last["vf_clipfrac"]) and last["value_loss"] > 0
     assert (run_dir / "checkpoints" / "2").is_dir()
@@ -196,6 +200,10 @@ def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_pa
     ("rl.rewards=[{function: no_such_reward}]", "is neither a built-in reward"),
     ("checkpoint.every=3", "checkpoint.every=3 must be a multiple of rl.epochs * rl.minibatches = 2"),
     ("rl.rewards=[]", "needs rl.rewards"),
+    ("train.grad_accum=4", "the micro-batch of 2 .train.batch_size / train.grad_accum. must be a multiple of "
+                           "rl.num_generations=4; change train.grad_accum"),
+    ("train.neftune_noise_alpha=5", "with online RL set rl.shared_prefix=false to use them"),
+    ("rl.eval_samples=-1", "rl.eval_samples must be >= 0"),
 ])
 def test_bad_configs_are_one_line_errors(override, message, prompts, tmp_path):
     with pytest.raises(JaxllmError, match=message.replace("[", r"\[").replace("*", r"\*")) as e:
