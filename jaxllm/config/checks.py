@@ -352,16 +352,17 @@ def _validate_rl(cfg: Config) -> None:
 def _validate_ptx(r) -> None:
     """PPO-ptx: rl.ptx_coef and rl.ptx_sources come together."""
     if not r.ptx_coef >= 0:  # also NaN
-        raise ConfigError(f"rl.ptx_coef must be >= 0 (0 = off; the pretraining loss's weight, e.g. 0.5), got {r.ptx_coef}")
+        raise ConfigError(f"rl.ptx_coef must be >= 0 (0 = off; the pretraining loss's weight, e.g. 0.5), got "
+                          f"{r.ptx_coef}")
+    for i, s in enumerate(r.ptx_sources):
+        if not s.weight > 0:
+            raise ConfigError(f"rl.ptx_sources.{i}.weight must be > 0, got {s.weight}")
     if r.ptx_coef > 0 and not r.ptx_sources:
         raise ConfigError(f"rl.ptx_coef={r.ptx_coef} mixes in a pretraining loss but rl.ptx_sources is empty; list its "
                           "text sources (e.g. rl.ptx_sources=[{path: builtin:kjv}]) or set rl.ptx_coef=0")
     if r.ptx_sources and r.ptx_coef == 0:
         raise ConfigError("rl.ptx_sources would be ignored with rl.ptx_coef=0; set rl.ptx_coef > 0 (e.g. 0.5) to mix "
                           "in their pretraining loss, or drop rl.ptx_sources")
-    for i, s in enumerate(r.ptx_sources):
-        if not s.weight > 0:
-            raise ConfigError(f"rl.ptx_sources.{i}.weight must be > 0, got {s.weight}")
 
 
 def _validate_algorithm(cfg: Config) -> None:

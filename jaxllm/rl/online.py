@@ -22,9 +22,10 @@ PPO-ptx (rl.ptx_coef > 0): every update's batch also holds train.batch_size clm 
 rl.ptx_sources, read by the trainer's ordinary data pipeline (objectives.py adds their loss).
 
 The state (`get_state`) is the prompt source's position, the rollout count, the buffer position, the adaptive
-KL coefficient and the ptx pipeline's position; checkpoints happen between rollouts only (the config checks train.steps and checkpoint.every are
-multiples of rl.epochs * rl.minibatches, and a SIGTERM finishes the rollout's updates first), so a resumed run
-makes exactly the rollouts the uninterrupted one makes. One process (any number of devices) for now.
+KL coefficient and the ptx pipeline's position; checkpoints happen between rollouts only (the config checks
+train.steps and checkpoint.every are multiples of rl.epochs * rl.minibatches, and a SIGTERM finishes the
+rollout's updates first), so a resumed run makes exactly the rollouts (and reads the ptx rows) the uninterrupted
+one makes. One process (any number of devices) for now.
 """
 
 from __future__ import annotations

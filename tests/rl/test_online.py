@@ -184,7 +184,7 @@ def test_ptx_adds_its_coefficient_times_the_clm_loss_of_its_pretraining_rows(pro
         params = trainer.state.params
         objective, metrics = grpo_loss(params, trainer.graphdef, batch, normalizers(batch), jax.random.key(0), {}, cfg)
         clm = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-        want, clm_metrics = pretraining_loss(params, trainer.graphdef, clm, normalizers(clm), 0.0, jax.random.key(0))
+        want, _ = pretraining_loss(params, trainer.graphdef, clm, normalizers(clm), 0.0, jax.random.key(0))
         assert float(want) > 1  # a random model's cross-entropy
         np.testing.assert_allclose(metrics["ptx_loss"], want, rtol=1e-5)
         np.testing.assert_allclose(objective, metrics["loss"] + 0.5 * want, rtol=0, atol=1e-5)
@@ -201,6 +201,18 @@ def test_ptx_adds_its_coefficient_times_the_clm_loss_of_its_pretraining_rows(pro
     differ = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
               zip(jax.tree.leaves(with_ptx), jax.tree.leaves(trainer.state.params))]
     assert max(differ) > 1e-4
+
+
+def test_the_rollout_spec_holds_the_ptx_rows_only_when_ptx_is_on(prompts, ptx_text, tmp_path):
+    """What `jaxllm plan` compiles: with rl.ptx_coef > 0 the batch also holds [B, data.seq_len] clm rows."""
+    from jaxllm.rl.objectives import rollout_spec
+
+    on = rollout_spec(_config(tmp_path, prompts, *GRPO, *_ptx(ptx_text), "train.steps=1", "checkpoint.every=1"), 8)
+    assert on["ptx_inputs"] == ((8, 32), np.dtype(np.int32)) and on["ptx_loss_mask"] == ((8, 32), np.dtype(np.float32))
+    assert sorted(k for k in on if k.startswith("ptx_")) == ["ptx_inputs", "ptx_loss_mask", "ptx_positions",
+                                                             "ptx_segment_ids", "ptx_targets"]
+    off = rollout_spec(_config(tmp_path, prompts, *GRPO, "train.steps=1", "checkpoint.every=1"), 8)
+    assert not [k for k in off if k.startswith("ptx_")]
 
 
 def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, ptx_text, tmp_path):
@@ -261,6 +273,7 @@ def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_pa
     ("rl.ptx_coef=-0.5", "rl.ptx_coef must be >= 0"),
     ("rl.ptx_coef=0.5", "rl.ptx_coef=0.5 mixes in a pretraining loss but rl.ptx_sources is empty"),
     ("rl.ptx_sources=[{path: builtin:kjv}]", "rl.ptx_sources would be ignored with rl.ptx_coef=0"),
+    ("rl.ptx_sources=[{path: builtin:kjv, weight: 0}]", "rl.ptx_sources.0.weight must be > 0, got 0"),
 ])
 def test_bad_configs_are_one_line_errors(override, message, prompts, tmp_path):
     with pytest.raises(JaxllmError, match=message.replace("[", r"\[").replace("*", r"\*")) as e:
