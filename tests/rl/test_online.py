@@ -182,12 +182,18 @@ def test_ptx_adds_its_coefficient_times_the_clm_loss_of_its_pretraining_rows(pro
         assert local["ptx_inputs"].shape == local["ptx_loss_mask"].shape == (8, 32)
         batch = trainer._global_batch(local)
         params = trainer.state.params
-        objective, metrics = grpo_loss(params, trainer.graphdef, batch, normalizers(batch), jax.random.key(0), {}, cfg)
+        loss = jax.jit(lambda b, norms: grpo_loss(params, trainer.graphdef, b, norms, jax.random.key(0), {}, cfg))
+        objective, metrics = loss(batch, normalizers(batch))
         clm = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-        want, _ = pretraining_loss(params, trainer.graphdef, clm, normalizers(clm), 0.0, jax.random.key(0))
+        want, _ = jax.jit(lambda c: pretraining_loss(params, trainer.graphdef, c, normalizers(c), 0.0,
+                                                      jax.random.key(0)))(clm)
         assert float(want) > 1  # a random model's cross-entropy
         np.testing.assert_allclose(metrics["ptx_loss"], want, rtol=1e-5)
         np.testing.assert_allclose(objective, metrics["loss"] + 0.5 * want, rtol=0, atol=1e-5)
+        # gradient accumulation: two micro-batches (whole groups) divided by the whole batch's counts sum to it
+        halves = [loss({k: v[rows] for k, v in batch.items()}, normalizers(batch)) for rows in (slice(0, 4), slice(4, 8))]
+        np.testing.assert_allclose(sum(h[1]["ptx_loss"] for h in halves), want, rtol=1e-5)
+        np.testing.assert_allclose(sum(h[0] for h in halves), objective, rtol=0, atol=1e-5)
         # one update with the rows and one without (ptx_coef 0's batch), from the same parameters
         start = jax.tree.map(lambda x: x.copy(), trainer.state)
         logged = jax.device_get(trainer.train_step(batch))
