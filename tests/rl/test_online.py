@@ -221,6 +221,17 @@ def test_the_rollout_spec_holds_the_ptx_rows_only_when_ptx_is_on(prompts, ptx_te
     assert not [k for k in off if k.startswith("ptx_")]
 
 
+def test_ptx_rows_count_against_cudnns_packed_document_limit():
+    """cuDNN's packed attention takes at most a fixed number of documents per row (loop._check_segments): the ptx
+    rows, packed clm rows, are checked as the RL rows are."""
+    from jaxllm.train.loop import _check_segments
+
+    rows = {"segment_ids": np.ones((2, 8), np.int32), "ptx_segment_ids": np.arange(16, dtype=np.int32).reshape(2, 8)}
+    _check_segments({"segment_ids": rows["segment_ids"]}, 8)
+    with pytest.raises(JaxllmError, match="a packed row holds 15 documents, more than the 8 cuDNN's"):
+        _check_segments(rows, 8)
+
+
 def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, ptx_text, tmp_path):
     # with PPO-ptx on: its pretraining rows' position resumes too (the same ptx_loss after the restart)
     extra = (*GRPO, "train.steps=4", "rl.minibatches=2", "checkpoint.every=2", *_ptx(ptx_text))
