@@ -98,6 +98,9 @@ def validate(cfg: Config) -> None:
     validate_generate(cfg.generate)
     if d.objective.name in RL_OBJECTIVES:
         _validate_rl(cfg)
+    elif cfg.rl.ptx_coef != 0 or cfg.rl.ptx_sources:
+        raise ConfigError(f"rl.ptx_coef and rl.ptx_sources mix a pretraining loss into the online objectives (ppo, "
+                          f"grpo, rloo), but data.objective.name={d.objective.name}; drop them")
     if cfg.rl.algorithm is not None:
         _validate_algorithm(cfg)
 
@@ -341,8 +344,25 @@ def _validate_rl(cfg: Config) -> None:
     _fraction(r.lam, "rl.lam")
     if r.kl_target is not None and r.kl_target <= 0:
         raise ConfigError(f"rl.kl_target must be > 0 (adaptive KL) or null (fixed rl.kl_coef), got {r.kl_target}")
+    _validate_ptx(r)
     if cfg.data.objective.name == "ppo" and r.dynamic_sampling:
         raise ConfigError("rl.dynamic_sampling drops groups of equal rewards (grpo, rloo); ppo has no groups: drop it")
+
+
+def _validate_ptx(r) -> None:
+    """PPO-ptx: rl.ptx_coef and rl.ptx_sources come together."""
+    if not r.ptx_coef >= 0:  # also NaN
+        raise ConfigError(f"rl.ptx_coef must be >= 0 (0 = off; the pretraining loss's weight, e.g. 0.5), got "
+                          f"{r.ptx_coef}")
+    for i, s in enumerate(r.ptx_sources):
+        if not s.weight > 0:
+            raise ConfigError(f"rl.ptx_sources.{i}.weight must be > 0, got {s.weight}")
+    if r.ptx_coef > 0 and not r.ptx_sources:
+        raise ConfigError(f"rl.ptx_coef={r.ptx_coef} mixes in a pretraining loss but rl.ptx_sources is empty; list its "
+                          "text sources (e.g. rl.ptx_sources=[{path: builtin:kjv}]) or set rl.ptx_coef=0")
+    if r.ptx_sources and r.ptx_coef == 0:
+        raise ConfigError("rl.ptx_sources would be ignored with rl.ptx_coef=0; set rl.ptx_coef > 0 (e.g. 0.5) to mix "
+                          "in their pretraining loss, or drop rl.ptx_sources")
 
 
 def _validate_algorithm(cfg: Config) -> None:

@@ -581,6 +581,11 @@ class RLConfig:
     vf_coef: float = 0.1
     cliprange_value: float = 0.2
     whiten_rewards: bool = False
+    # PPO-ptx (InstructGPT): the objective adds ptx_coef * the clm loss of train.batch_size rows of ptx_sources
+    # (text documents, read as clm rows of data.seq_len by the ordinary data pipeline) per update; 0 = off.
+    # InstructGPT used it with ppo; grpo and rloo take it too. Logged as ptx_loss (OpenRLHF's names).
+    ptx_coef: float = 0.0
+    ptx_sources: list[SourceConfig] = field(default_factory=list)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)  # rl.algorithm: best_of_n
     # ppo | grpo | rloo: the same as data.objective.name; best_of_n: rounds of sampling and sft (BestOfNConfig);
     # null = data.objective.name decides

@@ -24,6 +24,11 @@ the policy's own, detached (ratio exactly 1: TRL's on-policy shortcut); otherwis
   KL (k1, summed) is in the reward (online.py);
 - ppo: TRL's classic PPOTrainer: clipped policy loss on whitened GAE advantages + vf_coef * clipped value loss.
 Every loss and metric is divided by the whole batch's counts, so gradient accumulation sums exact shares.
+
+PPO-ptx (InstructGPT; rl.ptx_coef > 0, any of the three): each batch also holds train.batch_size clm rows of
+rl.ptx_sources (`ptx_inputs`, `ptx_targets`, `ptx_segment_ids`, `ptx_positions`, `ptx_loss_mask`, [B,
+data.seq_len]); the objective adds ptx_coef * their token-mean cross-entropy (train/losses.py's clm loss, divided
+by the whole batch's `ptx_tokens`), logged as `ptx_loss`; the `loss` metric stays the RL objective's own (TRL's).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from jaxllm.models.moe import moe_objective
 from jaxllm.rl import losses
 from jaxllm.rl.online import OnlineData, beta, needs_reference, on_policy, window_logps
 from jaxllm.rl.rewards import builtin_names, load_function
+from jaxllm.train.losses import chunked_cross_entropy
 from jaxllm.train.objective import Objective, register
 from jaxllm.train.preference import _reference_source
 
@@ -56,6 +62,7 @@ ONLINE = ("grpo", "rloo", "ppo")
 
 RL_FIELDS = ("old_logps", "ref_logps", "advantages")
 PPO_FIELDS = ("values", "returns")
+PTX_FIELDS = tuple(f"ptx_{k}" for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask"))
 
 
 def _rl_spec(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -78,7 +85,10 @@ def rollout_spec(cfg: Config, batch_size: int) -> dict[str, tuple[tuple[int, ...
     if r.shared_prefix:
         spec.update({f"prefix_{k}": ((batch_size, L - T), i32) for k in ("inputs", "positions", "segment_ids")})
     fields = RL_FIELDS + (PPO_FIELDS if cfg.data.objective.name == "ppo" else ())
-    return {**spec, **{k: ((batch_size, T), f32) for k in fields}}
+    spec.update({k: ((batch_size, T), f32) for k in fields})
+    if r.ptx_coef > 0:  # PPO-ptx: clm rows of rl.ptx_sources
+        spec.update({k: ((batch_size, L), f32 if k == "ptx_loss_mask" else i32) for k in PTX_FIELDS})
+    return spec
 
 
 def _no_rows(docs, cfg, tokenizer, batch_size, process_index):
@@ -110,6 +120,17 @@ def _window_mask(batch):
     return batch["loss_mask"][:, -batch["advantages"].shape[1]:]
 
 
+def _ptx(model, batch, norms, cfg: Config):
+    """PPO-ptx (module docstring): (ptx_coef * the clm loss of the batch's pretraining rows, with train.z_loss as
+    the clm objective has it; {"ptx_loss": their token-mean cross-entropy}); (0, {}) without them."""
+    if "ptx_loss_mask" not in batch:
+        return 0.0, {}
+    x_BLD, _, _ = model.hidden(batch["ptx_inputs"], batch["ptx_positions"], batch["ptx_segment_ids"])
+    nll, zl = chunked_cross_entropy(x_BLD, model.logits, batch["ptx_targets"],
+                                    batch["ptx_loss_mask"].astype(jnp.float32), cfg.train.z_loss, cfg.train.loss_chunk)
+    return cfg.rl.ptx_coef * (nll + zl) / norms["ptx_tokens"], {"ptx_loss": nll / norms["ptx_tokens"]}
+
+
 def _old(cfg, logps, batch):
     return None if on_policy(cfg) else batch["old_logps"]
 
@@ -132,7 +153,8 @@ def grpo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
                      {"clip_ratio/low_mean": per, "clip_ratio/high_mean": per, "clip_ratio/region_mean": per,
                       "kl": norms["tokens"], "entropy": norms["tokens"]})
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
-    return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
+    ptx_loss, ptx_metrics = _ptx(model, batch, norms, cfg)
+    return loss + moe_loss + ptx_loss, {"loss": loss, **metrics, **moe_metrics, **ptx_metrics}
 
 
 def rloo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
@@ -149,7 +171,8 @@ def rloo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
     metrics = _means({**m, "entropy:sum": jnp.sum(entropy)},
                      {**{f"clip_ratio/{k}_mean": rows for k in ("low", "high", "region")}, "entropy": norms["tokens"]})
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
-    return loss + moe_loss, {"loss": loss, **metrics, **moe_metrics}
+    ptx_loss, ptx_metrics = _ptx(model, batch, norms, cfg)
+    return loss + moe_loss + ptx_loss, {"loss": loss, **metrics, **moe_metrics, **ptx_metrics}
 
 
 def ppo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
@@ -174,7 +197,9 @@ def ppo_loss(params, graphdef, batch, norms, key, frozen, cfg: Config):
                       "entropy": tokens})
     metrics["clip_ratio/region_mean"] = pg_m["clipfrac:sum"] / tokens
     moe_loss, moe_metrics = moe_objective(moe_aux, norms, model.cfg)
-    return loss + moe_loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, **metrics, **moe_metrics}
+    ptx_loss, ptx_metrics = _ptx(model, batch, norms, cfg)
+    return loss + moe_loss + ptx_loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, **metrics,
+                                        **moe_metrics, **ptx_metrics}
 
 
 # ------------------------------------------------------------------------------------------ startup

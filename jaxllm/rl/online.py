@@ -18,10 +18,14 @@ makes one rollout and the batches of its updates:
 DAPO's dynamic sampling (rl.dynamic_sampling) drops groups whose rewards are all equal (no signal) and rolls out
 more prompts until the buffer is full; after rl.max_rollout_tries rollouts the dropped groups fill what is left.
 
-The state (`get_state`) is the prompt source's position, the rollout count, the buffer position and the adaptive
-KL coefficient; checkpoints happen between rollouts only (the config checks train.steps and checkpoint.every are
-multiples of rl.epochs * rl.minibatches, and a SIGTERM finishes the rollout's updates first), so a resumed run
-makes exactly the rollouts the uninterrupted one makes. One process (any number of devices) for now.
+PPO-ptx (rl.ptx_coef > 0): every update's batch also holds train.batch_size clm rows (`ptx_*` fields) of
+rl.ptx_sources, read by the trainer's ordinary data pipeline (objectives.py adds their loss).
+
+The state (`get_state`) is the prompt source's position, the rollout count, the buffer position, the adaptive
+KL coefficient and the ptx pipeline's position; checkpoints happen between rollouts only (the config checks
+train.steps and checkpoint.every are multiples of rl.epochs * rl.minibatches, and a SIGTERM finishes the
+rollout's updates first), so a resumed run makes exactly the rollouts (and reads the ptx rows) the uninterrupted
+one makes. One process (any number of devices) for now.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import sharding
-from jaxllm.config import Config, JaxllmError
+from jaxllm.config import Config, JaxllmError, ObjectiveConfig
 from jaxllm.infer.generate import CHAT_STOP_TOKENS
 from jaxllm.infer.beam import expand_cache
 from jaxllm.models import bind, init_cache
@@ -140,6 +144,9 @@ class OnlineData:
         self.settings = SamplingSettings(num_generations=r.num_generations, max_new_tokens=r.max_new_tokens,
                                          temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, stop_ids=self._stops)
         self._prompts = prompt_pipeline(cfg, cfg.data.sources, self._encode, None, shuffle=True)
+        # PPO-ptx: clm rows of rl.ptx_sources, the data pipeline's (its reader, shuffle window, on_bad_record)
+        self._ptx = trainer._pipeline(dataclasses.replace(cfg.data, sources=r.ptx_sources, objective=ObjectiveConfig())
+                                      ) if r.ptx_coef > 0 else None
         self._rewards = reward_functions(r.rewards, mesh=trainer.mesh, rules=trainer.rules)
         self._size = cfg.train.batch_size * r.minibatches  # completions per rollout
         self._buffer: list[dict[str, np.ndarray]] = []
@@ -164,6 +171,10 @@ class OnlineData:
         self._position += 1
         self._tokens += batch["inputs"].size  # a shared prefix: its tokens once per group
         self._tokens += batch["prefix_inputs"].size // self.cfg.rl.num_generations if "prefix_inputs" in batch else 0
+        if self._ptx is not None:
+            ptx = {f"ptx_{k}": v for k, v in next(self._ptx).items()}
+            self._tokens += ptx["ptx_inputs"].size
+            batch = {**batch, **ptx}
         return batch
 
     def at_boundary(self) -> bool:
@@ -173,7 +184,8 @@ class OnlineData:
     def get_state(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "objective": self.name, "prompts": self._prompts.get_state(),
                 "rollouts": self._rollouts, "position": self._position, "buffered": len(self._buffer),
-                "kl_coef": None if self._kl is None else self._kl.value}
+                "kl_coef": None if self._kl is None else self._kl.value,
+                "ptx": None if self._ptx is None else self._ptx.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION or state.get("objective") != self.name:
@@ -186,9 +198,13 @@ class OnlineData:
         self._rollouts, self._buffer, self._position = state["rollouts"], [], 0
         if self._kl is not None and state.get("kl_coef") is not None:
             self._kl.value = state["kl_coef"]
+        if self._ptx is not None and state.get("ptx") is not None:  # a run that turned ptx on reads from the start
+            self._ptx.set_state(state["ptx"])
 
     def close(self) -> None:
         self._prompts.close()
+        if self._ptx is not None:
+            self._ptx.close()
 
     def step_metrics(self, seconds: float) -> dict[str, float]:
         """The rollouts' metrics since the last call, each the mean over those rollouts (TRL averages its logged

@@ -434,7 +434,8 @@ def _check_same_model(cfg: Config, saved: Config, run_dir: Path) -> None:
 
 def _check_segments(batch: dict[str, np.ndarray], limit: int) -> None:
     segments = batch.get("segment_ids", batch.get("encoder_segment_ids"))
-    most = int(segments.max()) if segments.size else 0
+    # online RL's pretraining rows (rl.ptx_coef) are packed clm rows too
+    most = max(int(s.max()) if s.size else 0 for s in (segments, batch.get("ptx_segment_ids", segments)))
     if most > limit:
         raise JaxllmError(
             f"a packed row holds {most} documents, more than the {limit} cuDNN's packed attention takes; "

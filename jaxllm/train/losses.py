@@ -62,6 +62,8 @@ def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         for name, weight in (("desirable", label), ("undesirable", 1.0 - label)):
             trained = segment_totals(batch["segment_ids"], loss_mask(batch) * weight) > 0
             counts[name] = jnp.sum(trained).astype(jnp.float32) / 2
+    if "ptx_loss_mask" in batch:  # online RL's pretraining rows (rl.ptx_coef, PPO-ptx): their predicted tokens
+        counts["ptx_tokens"] = jnp.sum(batch["ptx_loss_mask"].astype(jnp.float32))
     return counts
 
 

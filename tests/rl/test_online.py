@@ -1,7 +1,8 @@
 """Online RL in the one Trainer (jaxllm/rl/online.py, rl/objectives.py): grpo and rloo train from the CLI and log
-TRL's metrics; the first update's loss is the policy-loss formula on the batch it trained on; 8 devices give one
-device's losses; a stopped and resumed run makes the same rollouts and losses; with LoRA the reference is the
-adapters-off policy; bad configs are one-line errors."""
+TRL's metrics; the first update's loss is the policy-loss formula on the batch it trained on; PPO-ptx adds
+ptx_coef * the clm loss of its pretraining rows; 8 devices give one device's losses; a stopped and resumed run
+makes the same rollouts, ptx rows and losses; with LoRA the reference is the adapters-off policy; bad configs are
+one-line errors."""
 
 import json
 
@@ -42,6 +43,19 @@ def prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"And God said {i}", "answer": "light"}) + "\n" for i in range(64)))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ptx_text(tmp_path_factory):
+    """PPO-ptx's pretraining documents (rl.ptx_sources)."""
+    path = tmp_path_factory.mktemp("ptx") / "ptx.jsonl"
+    path.write_text("".join(json.dumps({"text": f"In the beginning God created the heaven and the earth {i}. And the "
+                                                "earth was without form, and void."}) + "\n" for i in range(40)))
+    return str(path)
+
+
+def _ptx(path, coef=0.5):
+    return (f"rl.ptx_coef={coef}", f"rl.ptx_sources=[{{path: {path}}}]")
 
 
 def _config(run_dir, prompts, *extra):
@@ -153,14 +167,82 @@ def test_first_update_loss_is_the_dr_grpo_formula(prompts, tmp_path):
     assert metrics["clip_ratio/region_mean"] == 0
 
 
-def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, tmp_path):
-    extra = (*GRPO, "train.steps=4", "rl.minibatches=2", "checkpoint.every=2")
+def test_ptx_adds_its_coefficient_times_the_clm_loss_of_its_pretraining_rows(prompts, ptx_text, tmp_path):
+    """PPO-ptx (rl.ptx_coef): each update's batch holds train.batch_size clm rows of rl.ptx_sources; the objective
+    is the RL loss (still logged as `loss`) + ptx_coef * their token-mean cross-entropy, as the clm objective
+    (jaxllm.train.losses) computes it on the same rows, logged as `ptx_loss`; and the update differs from one
+    without it."""
+    from jaxllm.rl.objectives import grpo_loss
+    from jaxllm.train.losses import normalizers, pretraining_loss
+
+    cfg = _config(tmp_path / "run", prompts, *GRPO, *_ptx(ptx_text, 0.5), "train.steps=1", "checkpoint.every=1")
+    trainer = Trainer(cfg)
+    try:
+        local = next(trainer.data)
+        assert local["ptx_inputs"].shape == local["ptx_loss_mask"].shape == (8, 32)
+        batch = trainer._global_batch(local)
+        params = trainer.state.params
+        loss = jax.jit(lambda b, norms: grpo_loss(params, trainer.graphdef, b, norms, jax.random.key(0), {}, cfg))
+        objective, metrics = loss(batch, normalizers(batch))
+        clm = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
+        want, _ = jax.jit(lambda c: pretraining_loss(params, trainer.graphdef, c, normalizers(c), 0.0,
+                                                      jax.random.key(0)))(clm)
+        assert float(want) > 1  # a random model's cross-entropy
+        np.testing.assert_allclose(metrics["ptx_loss"], want, rtol=1e-5)
+        np.testing.assert_allclose(objective, metrics["loss"] + 0.5 * want, rtol=0, atol=1e-5)
+        # gradient accumulation: two micro-batches (whole groups) divided by the whole batch's counts sum to it
+        halves = [loss({k: v[rows] for k, v in batch.items()}, normalizers(batch)) for rows in (slice(0, 4), slice(4, 8))]
+        np.testing.assert_allclose(sum(h[1]["ptx_loss"] for h in halves), want, rtol=1e-5)
+        np.testing.assert_allclose(sum(h[0] for h in halves), objective, rtol=0, atol=1e-5)
+        # one update with the rows and one without (ptx_coef 0's batch), from the same parameters
+        start = jax.tree.map(lambda x: x.copy(), trainer.state)
+        logged = jax.device_get(trainer.train_step(batch))
+        with_ptx, trainer.state = trainer.state.params, start
+        without = jax.device_get(trainer.train_step({k: v for k, v in batch.items() if not k.startswith("ptx_")}))
+    finally:
+        trainer.close()
+    np.testing.assert_allclose(logged["ptx_loss"], want, rtol=1e-5)
+    assert "ptx_loss" not in without
+    np.testing.assert_allclose(logged["loss"], without["loss"], rtol=1e-6)  # `loss` is the RL loss alone
+    differ = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+              zip(jax.tree.leaves(with_ptx), jax.tree.leaves(trainer.state.params))]
+    assert max(differ) > 1e-4
+
+
+def test_the_rollout_spec_holds_the_ptx_rows_only_when_ptx_is_on(prompts, ptx_text, tmp_path):
+    """What `jaxllm plan` compiles: with rl.ptx_coef > 0 the batch also holds [B, data.seq_len] clm rows."""
+    from jaxllm.rl.objectives import rollout_spec
+
+    on = rollout_spec(_config(tmp_path, prompts, *GRPO, *_ptx(ptx_text), "train.steps=1", "checkpoint.every=1"), 8)
+    assert on["ptx_inputs"] == ((8, 32), np.dtype(np.int32)) and on["ptx_loss_mask"] == ((8, 32), np.dtype(np.float32))
+    assert sorted(k for k in on if k.startswith("ptx_")) == ["ptx_inputs", "ptx_loss_mask", "ptx_positions",
+                                                             "ptx_segment_ids", "ptx_targets"]
+    off = rollout_spec(_config(tmp_path, prompts, *GRPO, "train.steps=1", "checkpoint.every=1"), 8)
+    assert not [k for k in off if k.startswith("ptx_")]
+
+
+def test_ptx_rows_count_against_cudnns_packed_document_limit():
+    """cuDNN's packed attention takes at most a fixed number of documents per row (loop._check_segments): the ptx
+    rows, packed clm rows, are checked as the RL rows are."""
+    from jaxllm.train.loop import _check_segments
+
+    rows = {"segment_ids": np.ones((2, 8), np.int32), "ptx_segment_ids": np.arange(16, dtype=np.int32).reshape(2, 8)}
+    _check_segments({"segment_ids": rows["segment_ids"]}, 8)
+    with pytest.raises(JaxllmError, match="a packed row holds 15 documents, more than the 8 cuDNN's"):
+        _check_segments(rows, 8)
+
+
+def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly(prompts, ptx_text, tmp_path):
+    # with PPO-ptx on: its pretraining rows' position resumes too (the same ptx_loss after the restart)
+    extra = (*GRPO, "train.steps=4", "rl.minibatches=2", "checkpoint.every=2", *_ptx(ptx_text))
     eight = _run(_config(tmp_path / "eight", prompts, *extra))
     one = _run(_config(tmp_path / "one", prompts, *extra), devices=jax.devices()[:1])
     for step in (1, 2, 3, 4):
         np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], atol=1e-4)
         np.testing.assert_allclose(eight[step]["reward"], one[step]["reward"], atol=1e-4)
+        np.testing.assert_allclose(eight[step]["ptx_loss"], one[step]["ptx_loss"], atol=1e-4)
     assert eight[1]["reward"] != eight[3]["reward"]  # two rollouts, of different prompts
+    assert len({eight[step]["ptx_loss"] for step in (1, 2, 3, 4)}) == 4  # other ptx rows at every update
     # A stop (SIGTERM) during the first rollout's updates: the run finishes them, saves at step 2, and resumes.
     resumed_dir = tmp_path / "resumed"
     trainer = Trainer(_config(resumed_dir, prompts, *extra))
@@ -173,6 +255,7 @@ def test_eight_devices_give_one_devices_losses_and_a_stopped_run_resumes_exactly
     resumed = _run(_config(resumed_dir, prompts, *extra))
     for step in (1, 2, 3, 4):
         assert resumed[step]["loss"] == eight[step]["loss"] and resumed[step]["reward"] == eight[step]["reward"]
+        assert resumed[step]["ptx_loss"] == eight[step]["ptx_loss"]
 
 
 def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_path):
@@ -204,12 +287,23 @@ def test_with_lora_the_reference_is_the_policy_with_adapters_off(prompts, tmp_pa
                            "rl.num_generations=4; change train.grad_accum"),
     ("train.neftune_noise_alpha=5", "with online RL set rl.shared_prefix=false to use them"),
     ("rl.eval_samples=-1", "rl.eval_samples must be >= 0"),
+    ("rl.ptx_coef=-0.5", "rl.ptx_coef must be >= 0"),
+    ("rl.ptx_coef=0.5", "rl.ptx_coef=0.5 mixes in a pretraining loss but rl.ptx_sources is empty"),
+    ("rl.ptx_sources=[{path: builtin:kjv}]", "rl.ptx_sources would be ignored with rl.ptx_coef=0"),
+    ("rl.ptx_sources=[{path: builtin:kjv, weight: 0}]", "rl.ptx_sources.0.weight must be > 0, got 0"),
 ])
 def test_bad_configs_are_one_line_errors(override, message, prompts, tmp_path):
     with pytest.raises(JaxllmError, match=message.replace("[", r"\[").replace("*", r"\*")) as e:
         cfg = _config(tmp_path / "bad", prompts, "data.objective.name=grpo", "train.steps=4", "rl.minibatches=2",
                       "checkpoint.every=2", override)
         Trainer(cfg).close()
+    assert "\n" not in str(e.value)
+
+
+def test_ptx_outside_the_online_objectives_is_a_one_line_error(tmp_path):
+    with pytest.raises(JaxllmError, match=r"rl.ptx_coef and rl.ptx_sources mix a pretraining loss into the online "
+                                          r"objectives \(ppo, grpo, rloo\), but data.objective.name=sft") as e:
+        load_config(None, [f"run_dir={tmp_path}", "data.objective.name=sft", *_ptx("builtin:kjv")])
     assert "\n" not in str(e.value)
 
 
