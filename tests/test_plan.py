@@ -146,3 +146,6 @@ def test_online_rls_reference_is_held_beside_the_step_and_counted():
     reference = models.param_counts(cfg.model)["total"] * 4  # the policy's shapes, float32, on one device
     assert step.held_bytes == reference
     assert step.peak_bytes >= step.argument_bytes + reference
+    # ppo: the objective adds its value head to the model before the step compiles (as the Trainer does)
+    ppo = load_config("configs/tiny.yaml", [*micro, "rl.algorithm=ppo", "data.objective.name=ppo", "rl.kl_coef=0"])
+    assert compile_step(ppo, layout_of(ppo, Topology("cpu", CHIPS["v5e"], (1,), 1)), devices).argument_bytes > 0

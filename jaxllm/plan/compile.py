@@ -79,6 +79,8 @@ def abstract_frozen(cfg: Config, mesh, rules) -> dict[str, FrozenModel]:
 def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     """Compiles the train step of `cfg` laid out as `layout` on `devices` (compile-only TPU devices)."""
     cfg = apply_layout(cfg, layout)
+    if check_trainable(cfg).online is not None:  # what the objective adds to the model (ppo: the value head)
+        cfg = check_trainable(cfg).prepare(cfg, None)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.make_rules(cfg.mesh.rules)
     batch = cfg.train.batch_size
