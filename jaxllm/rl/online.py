@@ -13,7 +13,9 @@ makes one rollout and the batches of its updates:
        ppo), the reference's (when a KL is used), the value head's values (ppo)
     -> advantages: grpo group-relative (rl.scale_rewards), rloo leave-one-out of reward - beta * sum KL(k1),
        ppo GAE(gamma, lam) of -kl_coef * KL(k1) per token + the score at the last token, whitened
-    -> rl.epochs passes, each a fresh seeded permutation of the rollout's rows cut into rl.minibatches batches.
+    -> rl.epochs passes, each a fresh seeded permutation of the rollout's rows (of its groups, with
+       rl.shared_prefix: each minibatch runs its prompts once, `shared_prefix_hidden`) cut into rl.minibatches
+       batches.
 
 DAPO's dynamic sampling (rl.dynamic_sampling) drops groups whose rewards are all equal (no signal) and rolls out
 more prompts until the buffer is full; after rl.max_rollout_tries rollouts the dropped groups fill what is left.
