@@ -79,8 +79,9 @@ def abstract_frozen(cfg: Config, mesh, rules) -> dict[str, FrozenModel]:
 def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     """Compiles the train step of `cfg` laid out as `layout` on `devices` (compile-only TPU devices)."""
     cfg = apply_layout(cfg, layout)
-    if check_trainable(cfg).online is not None:  # what the objective adds to the model (ppo: the value head)
-        cfg = check_trainable(cfg).prepare(cfg, None)
+    objective = check_trainable(cfg)
+    if objective.online is not None:  # what the objective adds to the model (ppo: the value head)
+        cfg = objective.prepare(cfg, None)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.make_rules(cfg.mesh.rules)
     batch = cfg.train.batch_size
@@ -97,7 +98,7 @@ def compile_step(cfg: Config, layout: Layout, devices: list) -> CompiledStep:
     frozen = abstract_frozen(cfg, mesh, rules)
     # An online objective (grpo, rloo, ppo) reads its reference in the scoring pass before the updates
     # (jaxllm/rl/online.py), not in the step: the reference is held in memory beside the step, counted apart.
-    held = per_chip_bytes(frozen) if check_trainable(cfg).online is not None else 0
+    held = per_chip_bytes(frozen) if objective.online is not None else 0
     if held:
         frozen = {}
     start = time.perf_counter()

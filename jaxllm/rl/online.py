@@ -159,7 +159,7 @@ class OnlineData:
         self._logged: list[dict[str, float]] = []  # the rollouts' metrics since the last step_metrics()
         self._busy = 0.0  # seconds spent making rollouts since the last step_metrics()
         self._tokens = 0  # row positions of the batches handed out since then
-        self._score = None
+        self._score: dict[int, Any] = {}  # the jitted scoring pass per completion-window width
 
     # ---------------------------------------------------------------------------- the pipeline interface
 
@@ -373,21 +373,21 @@ class OnlineData:
         out = {"old_logps": zeros, "ref_logps": zeros}
         if not wanted:
             return out
-        if self._score is None:
-            self._score = jax.jit(functools.partial(self._score_rows, wanted=wanted),
-                                  in_shardings=(t.state_shardings.params, t.batch_sharding, frozen_shardings(t.frozen)))
+        if window not in self._score:
+            self._score[window] = jax.jit(functools.partial(self._score_rows, wanted=wanted, window=window),
+                                          in_shardings=(t.state_shardings.params, t.batch_sharding,
+                                                        frozen_shardings(t.frozen)))
         parts = []
         keys = [k for k in batch if k not in ("advantages", "returns")]  # the rows' token fields
         for i in range(0, len(batch["inputs"]), B):
             chunk = {k: jax.device_put(batch[k][i:i + B], t.batch_sharding) for k in keys}
-            chunk["window"] = jax.device_put(zeros[i:i + B], t.batch_sharding)  # its shape: the window
             with sharding.activate(t.mesh, t.rules):
-                parts.append(jax.device_get(self._score(t.state.params, chunk, t.frozen)))
+                parts.append(jax.device_get(self._score[window](t.state.params, chunk, t.frozen)))
         return {**out, **{k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}}
 
-    def _score_rows(self, params, batch, frozen, wanted):
+    def _score_rows(self, params, batch, frozen, wanted, window):
         t, cfg = self._trainer, self.cfg
-        T, chunk, W = cfg.rl.temperature, cfg.train.loss_chunk, batch["window"].shape[1]
+        T, chunk, W = cfg.rl.temperature, cfg.train.loss_chunk, window
         out = {}
         if "old_logps" in wanted or "values" in wanted:
             logps, _, _, values = window_logps(bind(t.graphdef, params), batch, T, chunk, W, "values" in wanted,
